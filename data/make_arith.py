@@ -1,0 +1,187 @@
+"""Generate the bundled arithmetic word-problem task (stdlib only, seeded, deterministic).
+
+    python data/make_arith.py --seed 0 --n-train 4000 --n-test 200 --out data/arith
+
+Writes `train.jsonl` and `test.jsonl`, one conversation per line:
+
+    {"messages": [{"role": "user", "content": "Tom has 23 apples and buys 14 more. ..."},
+                  {"role": "assistant", "content": "Tom starts with 23 apples. 23 + 14 = 37. 37 - 9 = 28.\\n#### 28"}],
+     "answer": "28"}
+
+The user turn is the bare problem; the answer format ("#### <integer>" on the last line) is taught by SFT,
+so a base model is scored with a last-number fallback (see common/rewards.py). Every step of a solution is
+written as "a op b = c" with op in + - * / so tests can re-check the arithmetic without the generator.
+All intermediate values are non-negative integers and every division is exact.
+
+The test split is drawn first from the same random stream and train skips any problem text already in test,
+so the two never share a problem and the test split does not change when --n-train does.
+"""
+
+import argparse
+import json
+import os
+import random
+
+NAMES = ["Tom", "Ann", "Mia", "Sam", "Leo", "Zoe", "Max", "Eva", "Ben", "Lily", "Noah", "Emma", "Jack", "Ruby", "Omar", "Nina"]
+OBJECTS = ["apples", "pencils", "stickers", "marbles", "cookies", "books", "cards", "shells", "stamps", "candies", "toys", "coins"]
+GOODS = ["pen", "notebook", "ball", "cup", "kite", "hat", "sandwich", "toy car", "comb", "ruler"]
+CONTAINERS = ["boxes", "bags", "jars", "baskets", "packs"]
+
+
+def _op(a, op, b):
+    """Return (result, equation text) for one step; '-' and '/' callers guarantee a valid integer result."""
+    result = {"+": a + b, "-": a - b, "*": a * b, "/": a // b}[op]
+    return result, f"{a} {op} {b} = {result}."
+
+
+def buy_and_give(rng, max_n):
+    """has a, gains b, gives away c (c <= a + b)."""
+    name, other, obj = rng.choice(NAMES), rng.choice(NAMES), rng.choice(OBJECTS)
+    while other == name:
+        other = rng.choice(NAMES)
+    a, b = rng.randint(2, max_n), rng.randint(2, max_n)
+    total, eq1 = _op(a, "+", b)
+    c = rng.randint(1, total - 1)
+    left, eq2 = _op(total, "-", c)
+    problem = (f"{name} has {a} {obj} and buys {b} more. {name} gives {c} to {other}. "
+               f"How many {obj} does {name} have now?")
+    return problem, f"{name} starts with {a} {obj}. {eq1} {eq2}", left
+
+
+def sell_twice(rng, max_n):
+    """a shop has a, sells b then c (b + c <= a)."""
+    obj = rng.choice(OBJECTS)
+    a = rng.randint(5, max_n + 20)
+    b = rng.randint(1, a // 2)
+    c = rng.randint(1, a - b)
+    mid, eq1 = _op(a, "-", b)
+    left, eq2 = _op(mid, "-", c)
+    problem = (f"A shop has {a} {obj}. It sells {b} in the morning and {c} in the afternoon. "
+               f"How many {obj} are left?")
+    return problem, f"The shop starts with {a} {obj}. {eq1} {eq2}", left
+
+
+def buy_items(rng, max_n):
+    """n items at p dollars each, optionally paid with a bill and asked for change."""
+    name, good = rng.choice(NAMES), rng.choice(GOODS)
+    count, price = rng.randint(2, 9), rng.randint(2, 12)
+    cost, eq1 = _op(count, "*", price)
+    problem = f"Each {good} costs {price} dollars. {name} buys {count} of them."
+    if rng.random() < 0.5:
+        return problem + f" How many dollars does {name} pay?", eq1, cost
+    bill = rng.choice([b for b in (20, 50, 100, 200) if b >= cost])
+    change, eq2 = _op(bill, "-", cost)
+    problem += f" {name} pays with a {bill} dollar bill. How many dollars of change does {name} get?"
+    return problem, f"{eq1} {eq2}", change
+
+
+def share_equally(rng, max_n):
+    """a items (optionally after getting b more) shared equally among k friends: exact division."""
+    name, obj = rng.choice(NAMES), rng.choice(OBJECTS)
+    friends, each = rng.randint(2, 9), rng.randint(2, 12)
+    total = friends * each
+    if rng.random() < 0.5:
+        problem = (f"{name} has {total} {obj} and shares them equally among {friends} friends. "
+                   f"How many {obj} does each friend get?")
+        share, eq = _op(total, "/", friends)
+        return problem, eq, share
+    extra = rng.randint(1, total - 1)
+    start = total - extra
+    problem = (f"{name} has {start} {obj} and finds {extra} more. {name} shares all of them equally "
+               f"among {friends} friends. How many {obj} does each friend get?")
+    total, eq1 = _op(start, "+", extra)
+    share, eq2 = _op(total, "/", friends)
+    return problem, f"{eq1} {eq2}", share
+
+
+def containers(rng, max_n):
+    """k containers with m each, plus or minus a few loose ones."""
+    name, obj, box = rng.choice(NAMES), rng.choice(OBJECTS), rng.choice(CONTAINERS)
+    k, m = rng.randint(2, 9), rng.randint(2, 12)
+    total, eq1 = _op(k, "*", m)
+    if rng.random() < 0.5:
+        extra = rng.randint(1, max_n // 2)
+        final, eq2 = _op(total, "+", extra)
+        problem = (f"{name} has {k} {box} with {m} {obj} in each and {extra} more loose {obj}. "
+                   f"How many {obj} does {name} have in total?")
+    else:
+        lost = rng.randint(1, total - 1)
+        final, eq2 = _op(total, "-", lost)
+        problem = (f"{name} has {k} {box} with {m} {obj} in each. {name} loses {lost} {obj}. "
+                   f"How many {obj} does {name} have left?")
+    return problem, f"{name} has {k} {box} of {m}. {eq1} {eq2}", final
+
+
+def compare_together(rng, max_n):
+    """x has a, y has b more (or fewer) than x; how many together."""
+    obj = rng.choice(OBJECTS)
+    x, y = rng.sample(NAMES, 2)
+    a, d = rng.randint(5, max_n), rng.randint(1, max_n // 2)
+    if rng.random() < 0.5:
+        b, eq1 = _op(a, "+", d)
+        relation = "more"
+    else:
+        d = min(d, a - 1)
+        b, eq1 = _op(a, "-", d)
+        relation = "fewer"
+    together, eq2 = _op(a, "+", b)
+    problem = (f"{x} has {a} {obj}. {y} has {d} {relation} {obj} than {x}. "
+               f"How many {obj} do they have together?")
+    return problem, f"{y} has {eq1[:-1]} {obj}. {eq2}", together
+
+
+TEMPLATES = [buy_and_give, sell_twice, buy_items, share_equally, containers, compare_together]
+
+
+def make_record(rng, max_n):
+    """One conversational record from a uniformly chosen template."""
+    problem, steps, answer = rng.choice(TEMPLATES)(rng, max_n)
+    solution = f"{steps}\n#### {answer}"
+    return {"messages": [{"role": "user", "content": problem}, {"role": "assistant", "content": solution}],
+            "answer": str(answer)}
+
+
+def generate(seed, n_train, n_test, max_n=50):
+    """Return (train, test) lists of records with no problem text shared between or within splits."""
+    rng = random.Random(seed)
+    seen, splits = set(), []
+    for n in (n_test, n_train):
+        split = []
+        for _ in range(1000 * n + 1000):  # bounded: a too-small number space fails loudly instead of looping
+            if len(split) == n:
+                break
+            record = make_record(rng, max_n)
+            problem = record["messages"][0]["content"]
+            if problem not in seen:
+                seen.add(problem)
+                split.append(record)
+        if len(split) < n:
+            raise ValueError(f"could only make {len(split)} unique problems, asked for {n}")
+        splits.append(split)
+    test, train = splits
+    return train, test
+
+
+def write_jsonl(path, records):
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-train", type=int, default=4000)
+    parser.add_argument("--n-test", type=int, default=200)
+    parser.add_argument("--max-n", type=int, default=50, help="largest starting quantity in +/- templates")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "arith"))
+    args = parser.parse_args(argv)
+    train, test = generate(args.seed, args.n_train, args.n_test, args.max_n)
+    os.makedirs(args.out, exist_ok=True)
+    write_jsonl(os.path.join(args.out, "train.jsonl"), train)
+    write_jsonl(os.path.join(args.out, "test.jsonl"), test)
+    print(f"wrote {len(train)} train and {len(test)} test records to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
