@@ -20,6 +20,12 @@ FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 IGNORE = -100  # label value that contributes no loss (torch cross_entropy's default ignore_index)
 
 
+def log(message: str) -> None:
+    """Print once per job: under torchrun only rank 0 speaks."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, flush=True)
+
+
 class DataError(ValueError):
     """Bad input data; the message names the file:line and what was expected."""
 
@@ -180,7 +186,7 @@ def detect_format(records: list[dict]) -> str:
                         "message_answer (message: JSON string of messages, answer), preference (prompt, chosen, rejected)")
     for record in records:
         _validate(record, fmt)
-    print(f"[data] format: {fmt} ({len(records)} records)")
+    log(f"[data] format: {fmt} ({len(records)} records)")
     return fmt
 
 
@@ -255,7 +261,7 @@ def _assistant_spans(messages: list[dict], tokenizer, full: str) -> list[tuple[i
             name = getattr(tokenizer, "name_or_path", "tokenizer")
             if name not in _warned_unstable:
                 _warned_unstable.add(name)
-                print(f"[data] warning: chat template of {name} is not prefix-stable; locating assistant turns by content")
+                log(f"[data] warning: chat template of {name} is not prefix-stable; locating assistant turns by content")
             text = m["content"]
             k = full.find(text, cursor) if text else -1
             if k < 0:
@@ -317,7 +323,7 @@ def build_sft_examples(source: str, tokenizer, *, max_len: int, overlong: str = 
                  n_dropped=n_dropped, n_no_target=n_no_target,
                  n_tokens=sum(len(e["input_ids"]) for e in examples),
                  n_target_tokens=sum(sum(label != IGNORE for label in e["labels"]) for e in examples))
-    print(f"[data] {source}: {fmt}, {len(records)} records -> {len(examples)} examples, {stats['n_tokens']} tokens "
+    log(f"[data] {source}: {fmt}, {len(records)} records -> {len(examples)} examples, {stats['n_tokens']} tokens "
           f"({stats['n_target_tokens']} targets); {n_truncated} truncated, {n_dropped} dropped as over-long, "
           f"{n_no_target} without assistant tokens")
     if not examples:
