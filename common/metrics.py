@@ -19,6 +19,7 @@ def cli(args_cls, argv: list[str] | None = None):
     Keys may be spelled `lr`, `max_len` or `max-len`. An unknown key is an error naming the file and the key."""
     import tyro
 
+    sys.excepthook = _user_error_hook
     argv = list(sys.argv[1:] if argv is None else argv)
     config_path = None
     for i, arg in enumerate(argv):
@@ -29,6 +30,15 @@ def cli(args_cls, argv: list[str] | None = None):
     if config_path is None:
         return tyro.cli(args_cls, args=argv)
     return tyro.cli(args_cls, args=argv, default=args_cls(**read_config(config_path, args_cls)))
+
+
+def _user_error_hook(kind, error, tb):
+    """Bad input (data, model path) is the user's to fix: print the message that names the file/line/field, no
+    traceback. Anything else is a bug and keeps its traceback."""
+    if kind.__name__ in ("DataError", "ModelPathError"):
+        print(f"error: {error}", file=sys.stderr)
+        return
+    sys.__excepthook__(kind, error, tb)
 
 
 def read_config(path: str, args_cls) -> dict:

@@ -228,3 +228,14 @@ def test_real_smollm2_default_few_steps(arith_small, tmp_path):
     assert curve[0] < 4.0 and final_eval < curve[0], (curve, final_eval)
     assert 0.0 <= result["accuracy_before"] <= 1.0 and 0.0 <= result["accuracy_after"] <= 1.0
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "model").config.hidden_size == 576
+
+
+def test_bad_input_from_the_command_line_is_one_clear_line(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": "oops"}\n')
+    for flags, expected in (([f"--model-path={tiny_model_dir}", f"--dataset={bad}"], f"error: {bad}:2: messages: expected"),
+                            (["--model-path=no-such-model"], "error: model path 'no-such-model' does not exist")):
+        run = subprocess.run([sys.executable, "sft.py", *flags, "--dry-run"], cwd=ROOT, env=subprocess_env(),
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 1
+        assert expected in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
