@@ -1,0 +1,782 @@
+"""dpo.py: direct preference optimisation and its family (DPO, cDPO, hinge, IPO, robust, SimPO, ORPO, KTO), in one file.
+
+For a prompt x with a preferred answer y_w and a dispreferred one y_l, every loss here is a function of the policy's
+sequence log-probabilities log pi(y|x) (summed over the answer tokens, or averaged for ipo/simpo/orpo) and, except for
+the reference-free simpo and orpo, of the same quantities under a frozen reference model. The implied reward of an
+answer is r(y) = beta * (log pi(y|x) - log pi_ref(y|x)) (beta * log pi(y|x) when reference-free); see
+`preference_loss` for each formula and its paper.
+
+Launch:
+    python dpo.py                                          # one CPU: SmolLM2-135M-Instruct on the bundled arithmetic pairs
+    python dpo.py --model-path runs/sft/model              # start from sft.py's default run (better: it knows the format)
+    python dpo.py --loss-type ipo --beta 0.5 --lora-r 16 --merge
+    torchrun --nproc_per_node=8 dpo.py --dataset prefs.jsonl   # N GPUs, FSDP2
+    python dpo.py --config run.yaml --dry-run
+
+Data: records {"prompt", "chosen", "rejected"}, each a string or a list of chat messages (common/data.py validates them);
+loss only on the answer tokens (assistant-only labels from the chat template).
+
+Where this departs from the textbook / from TRL's DPOTrainer:
+  * The reference log-probs are computed once, before training, in a no-grad pass over the data, and cached on disk under
+    a key of (reference model identity, tokenised data, max_len, dtype). No reference model sits in memory while training,
+    and a second run with the same model and data skips the pass. TRL by default runs the reference every step.
+  * One forward per micro-batch: the chosen rows, then the rejected rows, in one batch (padded, or packed with
+    `--packing`, where sequences are told apart by restarting position_ids and a per-token sequence index).
+  * The loss is averaged over the pairs of the whole accumulated global batch across ranks, so gradient accumulation and the
+    number of GPUs do not change the gradient. KTO's KL reference point is likewise estimated over the global batch
+    (a no-grad pass over mismatched prompt/answer pairs before the loss forwards).
+  * ORPO's NLL term is the per-pair mean token NLL of the chosen answer (the paper's eq. 6); TRL averages over all chosen
+    tokens of the batch instead.
+  * With LoRA the reference is the base model with the adapters disabled (`model.disable_adapter()`).
+
+Batch layout for images (once the vision issue lands): a pair's two rows share the prompt record (`pair["index"]`), so
+its images are fetched once and repeated for the chosen and the rejected row (rows 0..B-1, then B..2B-1).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common.data import (DataError, IGNORE, detect_format, epoch_batches, load_records, pack_collate, pack_examples,
+                         preference_messages, tokenize_chat)
+from common.logprob import sequence_logprobs
+from common.metrics import RunLogger, cli
+from common.models import cache_dir, load_model, load_tokenizer, pick_dtype, resolve_model_path
+from common.rewards import answer_correct
+
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "simpo", "orpo", "kto")
+REFERENCE_FREE = ("simpo", "orpo")
+LENGTH_AVERAGED = ("ipo", "simpo", "orpo")  # these losses see mean token log-probs, the others summed ones
+
+
+@dataclass
+class Args:
+    model_path: str = "smollm2-135m"
+    """policy to train: an alias (smollm2-135m), a .gguf file, a local HF folder (e.g. runs/sft/model) or a hub id"""
+    ref_model: str | None = None
+    """reference model (same tokenizer as the policy); default: the initial policy (with LoRA: the base model with
+    adapters disabled)"""
+    dataset: str = "data/arith_pref/train.jsonl"
+    """preference pairs (prompt, chosen, rejected): a .jsonl/.json/.parquet file, a folder of them, or a hub name"""
+    eval_dataset: str | None = "data/arith_pref/test.jsonl"
+    """held-out pairs for preference accuracy (and task accuracy when records carry an `answer` field)"""
+    output_dir: str = "runs/dpo"
+    """checkpoints, metrics.jsonl and the exported Hugging Face folder (`<output-dir>/model`) go here"""
+    config: str | None = None
+    """a .yaml or .json file of field: value defaults; command-line flags override them"""
+    dry_run: bool = False
+    """validate arguments, read the data and the model config, print the plan and exit"""
+    seed: int = 0
+    """seed for data order"""
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "simpo", "orpo", "kto"] = "sigmoid"
+    """preference loss (see preference_loss)"""
+    beta: float = 0.1
+    """inverse temperature of the implied reward (ORPO: the weight lambda of the odds-ratio term)"""
+    label_smoothing: float = 0.0
+    """probability that a label is flipped (sigmoid: conservative DPO; robust; simpo); must be < 0.5"""
+    gamma: float = 0.5
+    """SimPO's target reward margin"""
+    lr: float = 5e-6
+    """peak learning rate (AdamW)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """learning-rate decay after warmup"""
+    warmup_steps: int = 5
+    """linear warmup from 0 to --lr over this many steps"""
+    min_lr_ratio: float = 0.1
+    """cosine/linear decay ends at lr * min_lr_ratio"""
+    epochs: int = 1
+    """passes over the training pairs (ignored when --max-steps > 0)"""
+    max_steps: int = 40
+    """optimizer steps to run; 0 means --epochs full passes"""
+    batch_size: int = 8
+    """pairs per micro-batch per process (2x as many rows: chosen, then rejected)"""
+    grad_accum: int = 1
+    """micro-batches accumulated per optimizer step; global batch = batch_size * grad_accum * world_size pairs"""
+    max_len: int = 256
+    """maximum tokens of prompt + answer (and the row length with --packing)"""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """what to do with pairs longer than --max-len"""
+    packing: bool = False
+    """pack the batch's sequences into rows of --max-len tokens instead of padding each to the longest"""
+    max_grad_norm: float = 1.0
+    """gradient clipping threshold (0 disables)"""
+    dtype: str = "auto"
+    """compute dtype: auto (bf16 where the hardware has it), float32 or bfloat16; master weights stay float32"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward to save memory"""
+    lora_r: int = 0
+    """LoRA rank; 0 trains all weights"""
+    lora_alpha: int = 16
+    """LoRA scaling numerator"""
+    lora_targets: tuple[str, ...] | None = None
+    """module names LoRA wraps; default depends on the architecture"""
+    merge: bool = False
+    """with LoRA: also export the merged model to <output-dir>/model (the adapter always goes to <output-dir>/model/adapter)"""
+    logprob_impl: Literal["fused", "naive"] = "fused"
+    """fused: chunked kernel that never builds the logits; naive: log_softmax over full logits"""
+    ref_cache_dir: str | None = None
+    """where reference log-probs are cached (default: $CLEANPOST_CACHE/dpo_ref)"""
+    eval_every: int = 0
+    """held-out preference eval every N steps (0: only before and after training)"""
+    eval_samples: int = 50
+    """held-out prompts answered by greedy generation before and after training for task accuracy (0 disables)"""
+    max_new_tokens: int = 96
+    """generation budget for the task-accuracy eval"""
+    save_every: int = 50
+    """save a resumable checkpoint every N steps (0: only on preemption and at the end)"""
+    keep_checkpoints: int = 2
+    """how many recent checkpoints to keep"""
+    resume: bool = False
+    """continue from the newest complete checkpoint in <output-dir>/checkpoints"""
+    export: bool = True
+    """write a Hugging Face folder to <output-dir>/model at the end"""
+    track: bool = False
+    """log to Weights & Biases (offline mode when no account is configured)"""
+    wandb_project: str = "cleanpost"
+    """wandb project name"""
+    run_name: str | None = None
+    """wandb run name"""
+
+
+# ------------------------------------------------------------------------------------------------ losses
+def _log1mexp(logp: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(logp)) for logp < 0, stable near 0 (expm1) and for very negative logp."""
+    return torch.log(-torch.expm1(logp.clamp(max=-1e-6)))
+
+
+def kto_kl(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z0: mean (policy - reference) logps of mismatched prompt/answer pairs, no gradient, >= 0."""
+    return (policy_kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+
+
+def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
+                    loss_type: str, beta: float, label_smoothing: float = 0.0, gamma: float = 0.5, kl=None):
+    """Per-pair losses [B] and the implied rewards of the chosen and rejected answers ([B] each, no gradient).
+
+    All inputs are [B] sequence log-probs (summed over answer tokens; length-averaged for ipo, simpo, orpo: the caller
+    averages). The reference ones are ignored (may be None) for the reference-free simpo and orpo. With
+    h = (pi_w - ref_w) - (pi_l - ref_l), the difference of log-ratios, and eps = label_smoothing:
+
+    sigmoid  DPO (Rafailov et al. 2023, arXiv:2305.18290, eq. 7): -log sigma(beta h); with eps > 0 conservative DPO
+             (Mitchell 2023, "A note on DPO with noisy preferences"): -(1-eps) log sigma(beta h) - eps log sigma(-beta h).
+    hinge    SLiC (Zhao et al. 2023, arXiv:2305.10425, eq. 3, with delta = 1 and beta = 1/delta): max(0, 1 - beta h).
+    ipo      IPO (Azar et al. 2023, arXiv:2310.12036, eq. 17; length-averaged logps as in TRL):
+             (h - 1/(2 beta))^2, where beta is the paper's tau.
+    robust   robust DPO (Chowdhury et al. 2024, arXiv:2403.00409, eq. 9): an unbiased loss under label flips with rate eps:
+             (-(1-eps) log sigma(beta h) + eps log sigma(-beta h)) / (1 - 2 eps).
+    simpo    SimPO (Meng et al. 2024, arXiv:2405.14734, eq. 6): reference-free, length-averaged logps, target margin gamma:
+             -log sigma(beta (pi_w - pi_l) - gamma) (label-smoothed like sigmoid when eps > 0).
+    orpo     ORPO (Hong et al. 2024, arXiv:2403.07691, eqs. 7-8): with odds(y) = p / (1 - p), p = exp(mean token logp),
+             -beta log sigma(log odds(y_w) - log odds(y_l)); beta is the paper's lambda. The caller adds the chosen
+             answer's NLL (the SFT term of eq. 6).
+    kto      KTO (Ethayarajh et al. 2024, arXiv:2402.01306, eq. 8, as TRL's KTOTrainer computes it), chosen answers
+             desirable and rejected undesirable, with reference point z0 = `kl` (see kto_kl):
+             ((1 - sigma(beta (log-ratio_w - z0))) + (1 - sigma(beta (z0 - log-ratio_l)))) / 2, i.e. the mean over
+             the 2B examples as in TRL, with both weights 1.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    eps = label_smoothing
+    if loss_type in REFERENCE_FREE:
+        chosen_rewards, rejected_rewards = beta * policy_chosen_logps.detach(), beta * policy_rejected_logps.detach()
+    else:
+        chosen_logratios = policy_chosen_logps - ref_chosen_logps  # [B]
+        rejected_logratios = policy_rejected_logps - ref_rejected_logps  # [B]
+        chosen_rewards, rejected_rewards = beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+        h = chosen_logratios - rejected_logratios  # [B]
+
+    if loss_type == "sigmoid":
+        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    elif loss_type == "simpo":
+        z = beta * (policy_chosen_logps - policy_rejected_logps) - gamma
+        losses = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
+    elif loss_type == "orpo":
+        log_odds = (policy_chosen_logps - policy_rejected_logps) - (
+            _log1mexp(policy_chosen_logps) - _log1mexp(policy_rejected_logps))
+        losses = -beta * F.logsigmoid(log_odds)
+    else:  # kto
+        if kl is None:
+            raise ValueError("loss_type='kto' needs kl= (the reference point, see kto_kl)")
+        chosen_losses = 1 - torch.sigmoid(beta * (chosen_logratios - kl))
+        rejected_losses = 1 - torch.sigmoid(beta * (kl - rejected_logratios))
+        losses = (chosen_losses + rejected_losses) / 2
+    return losses, chosen_rewards, rejected_rewards
+
+
+# -------------------------------------------------------------------------------------------------- data
+def build_pairs(source: str, tokenizer, *, max_len: int, overlong: str = "truncate", with_kl: bool = False):
+    """(pairs, records): each pair {"index", "chosen", "rejected"[, "kl"]} of tokenised chats with assistant-only labels.
+
+    With with_kl (KTO), "kl" is the prompt of pair i with the chosen answer of pair i-1 (a fixed mismatched pairing,
+    like TRL's KL dataset), whose log-prob under policy and reference estimates KTO's reference point."""
+    records = load_records(source)
+    fmt = detect_format(records)
+    if fmt != "preference":
+        raise DataError(f"{source}: dpo.py needs preference records (prompt, chosen, rejected), got format {fmt!r}")
+    pairs, kept, n_dropped = [], [], 0
+    for record in records:
+        chosen_msgs, rejected_msgs = preference_messages(record)
+        sides = [tokenize_chat(m, tokenizer, max_len=max_len, overlong=overlong) for m in (chosen_msgs, rejected_msgs)]
+        if any(s is None or all(t == IGNORE for t in s["labels"]) for s in sides):
+            n_dropped += 1  # over-long (with --overlong drop) or the answer was cut off entirely
+            continue
+        pairs.append({"index": len(kept), "chosen": sides[0], "rejected": sides[1]})
+        kept.append(record)
+    if not pairs:
+        raise DataError(f"{source}: no usable pairs ({n_dropped} dropped as over-long or without answer tokens)")
+    if with_kl:
+        for i, pair in enumerate(pairs):
+            prompt = preference_messages(kept[i])[0][: _n_prompt(kept[i])]
+            other_answer = preference_messages(kept[i - 1])[0][_n_prompt(kept[i - 1]) :]
+            pair["kl"] = tokenize_chat(prompt + other_answer, tokenizer, max_len=max_len, overlong="truncate")
+    print(f"[data] {source}: {len(records)} records -> {len(pairs)} pairs ({n_dropped} dropped)")
+    return pairs, kept
+
+
+def _n_prompt(record) -> int:
+    return 1 if isinstance(record["prompt"], str) else len(record["prompt"])
+
+
+def collate_sequences(seqs: list[dict], pad_id: int, *, packing: bool, max_len: int) -> dict:
+    """Rows for one forward, plus seq_index [R, T]: which of the len(seqs) sequences each token belongs to (-1: pad)."""
+    if not packing:
+        T = max(len(s["input_ids"]) for s in seqs)
+        input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # [S, T]
+        labels = torch.full((len(seqs), T), IGNORE, dtype=torch.long)  # [S, T]
+        attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)  # [S, T]
+        seq_index = torch.full((len(seqs), T), -1, dtype=torch.long)  # [S, T]
+        for row, s in enumerate(seqs):
+            n = len(s["input_ids"])
+            input_ids[row, :n], labels[row, :n] = torch.tensor(s["input_ids"]), torch.tensor(s["labels"])
+            attention_mask[row, :n], seq_index[row, :n] = 1, row
+        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # [S, T]
+        return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids,
+                    seq_index=seq_index, n_seqs=len(seqs))
+    packs = pack_examples(seqs, max_len)
+    batch = pack_collate([[seqs[i] for i in pack] for pack in packs], pad_id, max_len)
+    seq_index = torch.full_like(batch["input_ids"], -1)  # [R, max_len]
+    for row, pack in enumerate(packs):
+        t = 0
+        for i in pack:
+            n = len(seqs[i]["input_ids"])
+            seq_index[row, t:t + n] = i
+            t += n
+    return dict(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
+                seq_index=seq_index, n_seqs=len(seqs))
+
+
+def collate_pairs(pairs: list[dict], pad_id: int, *, packing: bool, max_len: int, sides=("chosen", "rejected")):
+    """One batch of the pairs' sequences: all chosen first, then all rejected (sequence k*B + i is side k of pair i)."""
+    return collate_sequences([p[side] for side in sides for p in pairs], pad_id, packing=packing, max_len=max_len)
+
+
+def len_answer(example) -> int:
+    """Answer (target) tokens of a tokenised chat, counted as sequence_logps counts them."""
+    return max(1, sum(t != IGNORE for t in example["labels"][1:]))
+
+
+def sequence_logps(model, batch, impl: str = "fused") -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed answer log-probs [S], answer token counts [S]) of the batch's sequences, from one forward."""
+    device = next(model.parameters()).device
+    to = {k: batch[k].to(device) for k in ("input_ids", "labels", "position_ids", "seq_index")}
+    token_logps = sequence_logprobs(model, to["input_ids"], to["labels"], position_ids=to["position_ids"],
+                                    attention_mask=batch["attention_mask"].to(device) if "attention_mask" in batch else None,
+                                    impl=impl)  # [R, T], out[:, t] scores token t+1, 0 off-target
+    target = torch.zeros_like(to["labels"], dtype=torch.bool)  # [R, T]
+    target[:, :-1] = to["labels"][:, 1:] != IGNORE
+    # token t+1 is in the same sequence as token t for every target (a sequence's first token is never a target)
+    owner = to["seq_index"][target]
+    sums = torch.zeros(batch["n_seqs"], dtype=token_logps.dtype, device=device).index_add(0, owner, token_logps[target])
+    counts = torch.zeros(batch["n_seqs"], dtype=torch.long, device=device).index_add(
+        0, owner, torch.ones_like(owner))
+    return sums, counts
+
+
+# ----------------------------------------------------------------------------------------- reference pass
+def model_identity(path: str) -> dict:
+    """What identifies a model's weights without reading them: config + weight files' names, sizes and mtimes."""
+    resolved = resolve_model_path(path)
+    folder = Path(resolved)
+    if not folder.is_dir():
+        return {"hub_id": resolved}
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    config = (folder / "config.json").read_bytes() if (folder / "config.json").exists() else b""
+    return {"path": str(folder.resolve()), "config_sha1": hashlib.sha1(config).hexdigest(),
+            "weights": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
+
+
+def reference_cache_key(ref_path: str, pairs: list[dict], sides, max_len: int, dtype: torch.dtype) -> str:
+    """Hash of the reference model's identity and the exact tokens scored (which covers data, template and max_len)."""
+    h = hashlib.sha1(json.dumps({"model": model_identity(ref_path), "max_len": max_len, "dtype": str(dtype),
+                                 "sides": list(sides)}, sort_keys=True).encode())
+    for p in pairs:
+        for side in sides:
+            h.update(json.dumps([p[side]["input_ids"], p[side]["labels"]]).encode())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def compute_logps(model, pairs, sides, *, batch_size, pad_id, packing, max_len, impl, autocast, rank=0, world_size=1):
+    """{side: summed answer log-probs [N]} for every pair, no grad; ranks share the work and all-reduce."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = torch.zeros(len(sides), len(pairs), dtype=torch.float32, device=device)  # [sides, N]
+    mine = list(range(rank, len(pairs), world_size))
+    for lo in tqdm(range(0, len(mine), batch_size), desc="reference logps", disable=rank != 0, leave=False):
+        idx = mine[lo : lo + batch_size]
+        with autocast:
+            sums, _ = sequence_logps(model, collate_pairs([pairs[i] for i in idx], pad_id, packing=packing,
+                                                          max_len=max_len, sides=sides), impl)
+        out[:, idx] = sums.float().view(len(sides), len(idx))
+    if dist.is_initialized():
+        dist.all_reduce(out)
+    model.train(was_training)
+    return {side: out[k].cpu() for k, side in enumerate(sides)}
+
+
+def reference_logps(args, name, pairs, sides, policy, tokenizer, autocast, compute_dtype, device, rank, world_size):
+    """Cached reference logps of `pairs` ({side: [N]}), and whether the cache was hit."""
+    ref_path = args.ref_model or args.model_path
+    key = reference_cache_key(ref_path, pairs, sides, args.max_len, compute_dtype)
+    path = Path(args.ref_cache_dir or cache_dir() / "dpo_ref") / f"{key}.pt"
+    hit = torch.tensor(float(path.exists()))
+    if dist.is_initialized():
+        dist.all_reduce(hit, op=dist.ReduceOp.MIN)  # every rank must take the same branch (the pass has collectives)
+    if hit.item():
+        if rank == 0:
+            print(f"[ref] {name}: cached reference logps {path}")
+        return torch.load(path), True
+    kw = dict(batch_size=args.batch_size, pad_id=tokenizer.pad_token_id, packing=args.packing, max_len=args.max_len,
+              impl=args.logprob_impl, autocast=autocast, rank=rank, world_size=world_size)
+    t0 = time.time()
+    if args.ref_model:
+        ref = load_model(args.ref_model, device=device)
+        logps = compute_logps(ref, pairs, sides, **kw)
+        del ref
+    elif args.lora_r > 0:
+        with policy.disable_adapter():  # the base model is the reference: no second copy of the weights
+            logps = compute_logps(policy, pairs, sides, **kw)
+    else:
+        logps = compute_logps(policy, pairs, sides, **kw)  # the initial policy, before any update (and before resume)
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        torch.save(logps, tmp)
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+        print(f"[ref] {name}: computed reference logps of {len(pairs)} pairs in {time.time() - t0:.1f}s -> {path}")
+    return logps, False
+
+
+# --------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def answer_accuracy(model, tokenizer, records, max_new_tokens, dtype, batch_size=25) -> float:
+    """Greedy answers to held-out prompts, checked against each record's `answer` (common/rewards.py)."""
+    model.eval()
+    tokenizer.padding_side = "left"  # generation appends on the right
+    device, correct = next(model.parameters()).device, 0
+    for i in tqdm(range(0, len(records), batch_size), desc="answer accuracy", leave=False):
+        chunk = records[i : i + batch_size]
+        prompts = [tokenizer.apply_chat_template(preference_messages(r)[0][:_n_prompt(r)], add_generation_prompt=True,
+                                                 tokenize=False) for r in chunk]
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                 pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        correct += sum(answer_correct(t, str(r["answer"])) for t, r in zip(texts, chunk))
+    tokenizer.padding_side = "right"
+    model.train()
+    return correct / max(1, len(records))
+
+
+# ------------------------------------------------------------------------- schedule, checkpoints, export
+def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr at `step`: linear warmup, then cosine/linear decay to min_ratio, or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return min_ratio + (1 - min_ratio) * decay
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def checkpoint_dirs(output_dir) -> list[Path]:
+    """Complete checkpoints, oldest first (a folder only gets its step_ name once fully written)."""
+    root = Path(output_dir) / "checkpoints"
+    return sorted(root.glob("step_[0-9]*[0-9]"), key=lambda p: int(p.name.split("_")[1])) if root.exists() else []
+
+
+def save_checkpoint(output_dir, step, model, optimizer, scheduler, rank, keep):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = Path(output_dir) / "checkpoints" / f"step_{step:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))  # each rank writes its shards
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    torch.save(rng, tmp / f"rng_rank{rank}.pt")
+    if rank == 0:
+        torch.save({"step": step, "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
+    barrier()
+    if rank == 0:
+        os.rename(tmp, final)  # atomic: a crash before this line leaves only a .tmp folder, which resume ignores
+        for old in checkpoint_dirs(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(path, model, optimizer, scheduler, rank) -> int:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    rng_file = path / f"rng_rank{rank}.pt"
+    if rng_file.exists():
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return trainer_state["step"]
+
+
+def export_hf(args, model, tokenizer, rank) -> Path | None:
+    """Gathers the full state dict and writes a Hugging Face folder. LoRA: the adapter to model/adapter, and with
+    --merge the merged model to model/; otherwise the full model to model/."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return None
+    base_path = resolve_model_path(args.model_path)
+    config = AutoConfig.from_pretrained(base_path)
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    out, tmp = Path(args.output_dir) / "model", Path(args.output_dir) / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if args.lora_r > 0:
+        from common.models import prepare_model
+
+        plain = prepare_model(plain, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                              lora_targets=list(args.lora_targets) if args.lora_targets else None)
+        plain.load_state_dict(full_sd, assign=True)
+        plain.peft_config["default"].base_model_name_or_path = base_path
+        plain.save_pretrained(tmp / "adapter")
+        plain = plain.merge_and_unload() if args.merge else None
+    else:
+        plain.load_state_dict(full_sd, assign=True)
+    if plain is not None:
+        plain.tie_weights()
+        plain.config.use_cache = True  # for serving
+        plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(tmp, out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(args: Args):
+    if args.loss_type not in LOSS_TYPES:
+        raise SystemExit(f"error: --loss-type must be one of {LOSS_TYPES}")
+    if not 0.0 <= args.label_smoothing < 0.5:
+        raise SystemExit(f"error: --label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
+    # ---- distributed setup and seeding ----
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    compute_dtype = pick_dtype(args.dtype, device)
+    say = print if rank == 0 else (lambda *a, **k: None)
+    needs_ref = args.loss_type not in REFERENCE_FREE
+    sides = ("chosen", "rejected", "kl") if args.loss_type == "kto" else ("chosen", "rejected")
+
+    # ---- data ----
+    tokenizer = load_tokenizer(args.model_path)
+    pairs, _ = build_pairs(args.dataset, tokenizer, max_len=args.max_len, overlong=args.overlong,
+                           with_kl=args.loss_type == "kto")
+    eval_pairs, eval_records = [], []
+    if args.eval_dataset:
+        eval_pairs, records = build_pairs(args.eval_dataset, tokenizer, max_len=args.max_len, overlong="truncate",
+                                          with_kl=args.loss_type == "kto")
+        eval_records = [r for r in records if "answer" in r][: args.eval_samples]
+    global_pairs = args.batch_size * args.grad_accum * world_size
+    steps_per_epoch = len(pairs) // global_pairs
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {len(pairs)} training pairs is less than one global batch of {global_pairs} "
+                         f"(--batch-size {args.batch_size} x --grad-accum {args.grad_accum} x {world_size} processes)")
+    total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
+    ref_desc = "none (reference-free)" if not needs_ref else (args.ref_model or ("base model, adapters off" if args.lora_r else "initial policy"))
+    say(f"[plan] {args.loss_type} (beta {args.beta}) | model {args.model_path} | reference {ref_desc} | "
+        f"{len(pairs)} pairs, eval {len(eval_pairs)} pairs, {len(eval_records)} answer prompts | {total_steps} steps x "
+        f"{global_pairs} pairs ({total_steps / steps_per_epoch:.2f} epochs) | world size {world_size} | {device} {compute_dtype}")
+    if args.dry_run:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(resolve_model_path(args.model_path))
+        say(f"[plan] {config.model_type}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+            f"vocab {config.vocab_size}; dry run, exiting")
+        return None
+
+    # ---- model, reference logps (before any update and before FSDP), task accuracy before ----
+    model = load_model(args.model_path, device=device, gradient_checkpointing=args.gradient_checkpointing,
+                       lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                       lora_targets=list(args.lora_targets) if args.lora_targets else None)
+    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
+    results: dict = {"ref_cache_hit": {}}
+    ref = {}
+    ref_eval = {}
+    if needs_ref:
+        ref, results["ref_cache_hit"]["train"] = reference_logps(
+            args, "train", pairs, sides, model, tokenizer, autocast, compute_dtype, device, rank, world_size)
+        if eval_pairs:
+            ref_eval, results["ref_cache_hit"]["eval"] = reference_logps(
+                args, "eval", eval_pairs, sides, model, tokenizer, autocast, compute_dtype, device, rank, world_size)
+    if eval_records and not args.resume:
+        if rank == 0:
+            results["accuracy_before"] = answer_accuracy(model, tokenizer, eval_records, args.max_new_tokens, compute_dtype)
+            say(f"[eval] held-out answer accuracy before training: {results['accuracy_before']:.3f}")
+        barrier()
+    if world_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(device.type, (world_size,))
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        for layer in model.get_decoder().layers:
+            fully_shard(layer, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)  # root: embeddings, final norm, LM head
+        autocast = nullcontext()  # FSDP2's mixed-precision policy casts instead
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, args.warmup_steps, total_steps, args.schedule, args.min_lr_ratio))
+
+    step = 0
+    if args.resume:
+        found = checkpoint_dirs(args.output_dir)
+        if found:
+            step = load_checkpoint(found[-1], model, optimizer, scheduler, rank)
+            say(f"[resume] from {found[-1]} at step {step}")
+        else:
+            say(f"[resume] no complete checkpoint in {args.output_dir}/checkpoints, starting fresh")
+    logger = RunLogger(args.output_dir, asdict(args), enabled=rank == 0, track=args.track, project=args.wandb_project,
+                       run_name=args.run_name, resume_step=step if args.resume else None)
+
+    stop_signal = []  # set by SIGTERM/SIGUSR1 (cluster preemption): save at the end of the step and exit cleanly
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+
+    pad_id = tokenizer.pad_token_id
+
+    def policy_logps(chunk):
+        """Policy logps of the chunk's chosen [B] and rejected [B] answers (mean per token where the loss wants it)."""
+        with autocast:
+            sums, counts = sequence_logps(model, collate_pairs(chunk, pad_id, packing=args.packing, max_len=args.max_len),
+                                          args.logprob_impl)
+        logps = sums / counts.clamp(min=1) if args.loss_type in LENGTH_AVERAGED else sums
+        return logps.chunk(2)
+
+    def pair_losses(chunk, ref_table, kl):
+        """Per-pair losses [B] and the metric rows [B, 7] of one micro-batch."""
+        pc, pr = policy_logps(chunk)
+        idx = torch.tensor([p["index"] for p in chunk])
+        rc = ref_table["chosen"][idx].to(pc.device) if ref_table else None
+        rr = ref_table["rejected"][idx].to(pc.device) if ref_table else None
+        if rc is not None and args.loss_type in LENGTH_AVERAGED:  # ipo: the reference is averaged like the policy
+            rc = rc / torch.tensor([len_answer(p["chosen"]) for p in chunk], device=pc.device)
+            rr = rr / torch.tensor([len_answer(p["rejected"]) for p in chunk], device=pc.device)
+        losses, cr, rj = preference_loss(pc, pr, rc, rr, loss_type=args.loss_type, beta=args.beta,
+                                         label_smoothing=args.label_smoothing, gamma=args.gamma, kl=kl)
+        if args.loss_type == "orpo":
+            losses = losses - pc  # the SFT term: mean token NLL of the chosen answer
+        rows = torch.stack([losses.detach(), cr, rj, cr - rj, (cr > rj).float(), pc.detach(), pr.detach(),
+                            (pc > pr).float().detach()], 1)  # [B, 8]
+        return losses, rows
+
+    def global_kl(chunks, ref_table, n_global):
+        """KTO's z0 over the global batch: mean policy - reference logp of the mismatched pairs, >= 0, no grad."""
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        with torch.no_grad():
+            for chunk in chunks:
+                with autocast:  # an empty chunk (eval tail) still runs a forward: FSDP ranks must stay in step
+                    sums, _ = sequence_logps(model, collate_pairs(chunk or pairs[:1], pad_id, packing=args.packing,
+                                                                  max_len=args.max_len, sides=("kl",)), args.logprob_impl)
+                if chunk:
+                    idx = torch.tensor([p["index"] for p in chunk])
+                    total += (sums.double() - ref_table["kl"][idx].to(device).double()).sum()
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        return (total / n_global).clamp(min=0).float()
+
+    def run_eval():
+        """Held-out means of loss, rewards and accuracies (reward margin > 0; policy logp of chosen > rejected)."""
+        totals = torch.zeros(9, dtype=torch.float64, device=device)  # 8 metric sums + pair count
+        model.eval()
+        n_batches = math.ceil(len(eval_pairs) / (args.batch_size * world_size))
+        with torch.no_grad():
+            chunks = []
+            for b in range(n_batches):
+                lo = (b * world_size + rank) * args.batch_size
+                chunks.append(eval_pairs[lo : lo + args.batch_size])
+            kl = None
+            if args.loss_type == "kto":
+                kl = global_kl(chunks, ref_eval, len(eval_pairs))
+            for chunk in chunks:
+                _, rows = pair_losses(chunk or eval_pairs[:1], ref_eval, kl)  # ranks run equal forwards for FSDP
+                if chunk:
+                    totals[:8] += rows.double().sum(0)
+                    totals[8] += len(chunk)
+        model.train()
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        means = (totals[:8] / totals[8]).tolist()
+        return dict(zip(("eval/loss", "eval/rewards/chosen", "eval/rewards/rejected", "eval/rewards/margins",
+                         "eval/rewards/accuracies", "eval/logps/chosen", "eval/logps/rejected", "eval/logps_accuracy"),
+                        means))
+
+    if eval_pairs and step == 0:
+        before = run_eval()
+        results.update({"preference_accuracy_before": before["eval/rewards/accuracies"],
+                        "logps_accuracy_before": before["eval/logps_accuracy"]})
+        say(f"[eval] held-out before training: reward accuracy {before['eval/rewards/accuracies']:.3f} (margin > 0; "
+            f"0 when the policy is the reference), policy prefers chosen {before['eval/logps_accuracy']:.3f}")
+        logger.log(before, 0)
+
+    # ---- training loop ----
+    model.train()
+    progress = tqdm(total=total_steps, initial=step, desc=args.loss_type, disable=rank != 0, dynamic_ncols=True)
+    while step < total_steps:
+        t0 = time.time()
+        epoch, position = divmod(step, steps_per_epoch)
+        order = [i for batch in epoch_batches(len(pairs), global_pairs, args.seed, epoch) for i in batch]
+        global_batch = order[position * global_pairs : (position + 1) * global_pairs]
+        per_rank = args.batch_size * args.grad_accum
+        my_pairs = [pairs[i] for i in global_batch[rank * per_rank : (rank + 1) * per_rank]]
+        chunks = [my_pairs[m * args.batch_size : (m + 1) * args.batch_size] for m in range(args.grad_accum)]
+        kl = global_kl(chunks, ref, global_pairs) if args.loss_type == "kto" else None
+        sums = torch.zeros(8, dtype=torch.float64, device=device)
+        for chunk in chunks:
+            losses, rows = pair_losses(chunk, ref, kl)
+            # FSDP2 averages gradients over ranks; scaling by world_size turns that into the global-batch mean
+            (losses.sum() * world_size / global_pairs).backward()
+            sums += rows.double().sum(0)
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        step += 1
+
+        means = (sums / global_pairs).tolist()
+        metrics = dict(zip(("train/loss", "train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins",
+                            "train/rewards/accuracies", "train/logps/chosen", "train/logps/rejected"), means[:7]))
+        metrics.update({"train/lr": lr, "train/grad_norm": grad_norm.item(), "train/epoch": step / steps_per_epoch,
+                        "train/pairs_per_s": global_pairs / (time.time() - t0)})
+        if kl is not None:
+            metrics["train/kl"] = kl.item()
+        if eval_pairs and ((args.eval_every and step % args.eval_every == 0) or step == total_steps):
+            metrics.update(run_eval())
+        logger.log(metrics, step)
+        progress.update(1)
+        progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/rewards/accuracies']:.2f}")
+
+        preempted = torch.tensor(float(bool(stop_signal)), device=device)
+        if dist.is_initialized():
+            dist.all_reduce(preempted)  # every rank must agree to save, or the collective save hangs
+        if preempted.item() or (args.save_every and step % args.save_every == 0) or step == total_steps:
+            path = save_checkpoint(args.output_dir, step, model, optimizer, scheduler, rank, args.keep_checkpoints)
+            if preempted.item():
+                say(f"\n[signal] saved {path} at step {step}; exiting. Continue with --resume.")
+                progress.close()
+                logger.close()
+                return {"step": step, "preempted": True, **results}
+    progress.close()
+    if eval_pairs:
+        final = [metrics[k] for k in ("eval/rewards/accuracies", "eval/logps_accuracy")] if "eval/loss" in metrics else None
+        if final:
+            results.update({"preference_accuracy_after": final[0], "logps_accuracy_after": final[1]})
+            say(f"[eval] held-out after training: reward accuracy {final[0]:.3f}, policy prefers chosen {final[1]:.3f}")
+
+    # ---- export and task accuracy after training ----
+    out = export_hf(args, model, tokenizer, rank) if args.export else None
+    if rank == 0 and out is not None:
+        say(f"[export] Hugging Face folder: {out}")
+    if eval_records and rank == 0:
+        scorer = model
+        if world_size > 1:  # the sharded model can't generate alone: reload the export when it holds full weights
+            scorer = None
+            if out is not None and (out / "config.json").exists():
+                from transformers import AutoModelForCausalLM
+
+                scorer = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device)
+        if scorer is not None:
+            results["accuracy_after"] = answer_accuracy(scorer, tokenizer, eval_records, args.max_new_tokens, compute_dtype)
+            say(f"[eval] held-out answer accuracy after training: {results['accuracy_after']:.3f}"
+                + (f" (before: {results['accuracy_before']:.3f})" if "accuracy_before" in results else ""))
+    if rank == 0:
+        logger.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, float)}, step)
+    barrier()
+    logger.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return {"step": step, **results}
+
+
+
+if __name__ == "__main__":
+    main(cli(Args))
