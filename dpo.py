@@ -773,6 +773,7 @@ def main(args: Args):
     barrier()
     logger.close()
     if dist.is_initialized():
+        dist.barrier()  # gloo aborts a rank whose peer tears down while it is still in a collective
         dist.destroy_process_group()
     return {"step": step, **results}
 

@@ -78,6 +78,7 @@ def main():
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
         print(json.dumps(report))
+    dist.barrier()  # gloo aborts a rank whose peer tears down while it is still in a collective
     dist.destroy_process_group()
     sys.exit(0 if ok else 1)
 
