@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 import torch
@@ -72,7 +73,12 @@ def _read_file(path: Path) -> list[dict]:
 
 
 def load_records(source: str, split: str | None = None) -> list[dict]:
-    """Records from a .jsonl/.json/.parquet file, a folder of them, or a `datasets` hub name."""
+    """Records from a .jsonl/.json/.parquet file, a folder of them, `easy-vqa:<kind>` (the bundled easy-VQA shapes
+    set; kind: captions-train, captions-test, train or test) or a `datasets` hub name."""
+    if source.startswith("easy-vqa:"):
+        from common.vision import easy_vqa_records  # lazy: only the vision scripts need it (it checks the kind)
+
+        return easy_vqa_records(source.split(":", 1)[1])
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in FILE_SUFFIXES)
@@ -99,6 +105,52 @@ def load_records(source: str, split: str | None = None) -> list[dict]:
     return records
 
 
+def parse_source_spec(spec: str) -> tuple[str, float | None]:
+    """`source[:weight]` -> (source, weight or None). The text after the LAST colon is a weight only if it parses as a
+    number (so `easy-vqa:train` is a source). DataError naming the spec for a weight <= 0 or not finite, and for a
+    non-number after a file or easy-vqa source (`a.jsonl:x7` is a mistyped weight, not a file name)."""
+    head, _, tail = spec.rpartition(":")
+    try:
+        weight = float(tail) if head else None
+    except ValueError:
+        if Path(head).suffix in FILE_SUFFIXES or head.startswith("easy-vqa:"):
+            raise DataError(f"dataset {spec!r}: weight {tail!r} is not a number; expected source[:weight], weight > 0") from None
+        weight = None
+    if weight is not None and not 0 < weight < float("inf"):
+        raise DataError(f"dataset {spec!r}: weight must be a positive number, got {tail!r}")
+    return (spec, None) if weight is None else (head, weight)
+
+
+def load_mixture(specs, seed: int = 0, total: int | None = None) -> list[dict]:
+    """Records of `source[:weight]` specs (a sequence, or one comma-separated string), mixed by weight.
+
+    No weights: the sources concatenated in order (one source: exactly load_records(source)). Weights (on all or none):
+    `total` records (default: sum of source sizes) of which source i gives total * w_i / sum(w) (largest-remainder
+    rounding): each of its records floor(n_i / size_i) times plus a seeded random subset for the rest, so a small source
+    is upsampled and a big one subsampled; then shuffled with `seed`. Records keep `_where` (file:line in errors)."""
+    if isinstance(specs, str):
+        specs = [specs] if Path(specs).expanduser().exists() else specs.split(",")
+    parsed = [parse_source_spec(s.strip()) for s in specs if s.strip()]
+    weights = [w for _, w in parsed]
+    if not parsed or len({w is None for w in weights}) > 1:
+        raise DataError(f"datasets {list(specs)}: give at least one source, and a weight to every source or to none")
+    sources = [load_records(source) for source, _ in parsed]
+    if weights[0] is None and total is None:
+        return [r for records in sources for r in records]
+    sizes = [len(records) for records in sources]
+    weights, total = (sizes if weights[0] is None else weights), (sum(sizes) if total is None else total)
+    exact = [total * w / sum(weights) for w in weights]
+    counts = [int(x) for x in exact]  # floors; the largest remainders get the records still missing
+    for i in sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])[: total - sum(counts)]:
+        counts[i] += 1
+    rng, mixture = random.Random(seed), []
+    for records, n in zip(sources, counts):
+        mixture += [dict(r) for r in records * (n // len(records)) + rng.sample(records, n % len(records))]
+    rng.shuffle(mixture)
+    log("[data] mixture: " + ", ".join(f"{s} {n} ({n / len(r):.2f}x)" for (s, _), n, r in zip(parsed, counts, sources)))
+    return mixture
+
+
 # ------------------------------------------------------------------------------------ format detection
 def _check_content(content, where: str, field: str) -> None:
     if isinstance(content, str):
@@ -122,14 +174,6 @@ def _check_messages(messages, where: str, field: str) -> None:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
             raise DataError(f"{where}: {field}[{i}]: expected a message {{'role': str, 'content': ...}}, got {m!r:.80}")
         _check_content(m["content"], where, f"{field}[{i}].content")
-
-
-def _check_text_or_messages(record: dict, field: str) -> None:
-    where, value = record["_where"], record[field]
-    if not isinstance(value, str):
-        if not isinstance(value, list):
-            raise DataError(f"{where}: {field}: expected a string or a list of messages, got {type(value).__name__}")
-        _check_messages(value, where, field)
 
 
 def _parse_message_field(record: dict) -> list[dict]:
@@ -162,7 +206,10 @@ def _validate(record: dict, fmt: str) -> None:
     else:
         fields = ("prompt", "completion") if fmt == "prompt_completion" else ("prompt", "chosen", "rejected")
         for field in fields:
-            _check_text_or_messages(record, field)
+            if not isinstance(record[field], (str, list)):
+                raise DataError(f"{where}: {field}: expected a string or a list of messages, got {type(record[field]).__name__}")
+            if isinstance(record[field], list):
+                _check_messages(record[field], where, field)
         messages = [m for f in fields if isinstance(record[f], list) for m in record[f]]
     image_paths(messages, record.get("_dir", "."), where=where)  # fail now, not deep inside a collator
 
