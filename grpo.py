@@ -60,8 +60,9 @@ AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-
 
 @dataclass
 class Args:
-    model_path: str = "smollm2-135m"
-    """policy to train: an alias (smollm2-135m), a .gguf file, a local HF folder (e.g. runs/sft/model) or a hub id"""
+    model_path: str = "runs/sft/model"
+    """policy to train: a local HF folder, an alias (smollm2-135m), a .gguf file or a hub id. The default is the model
+    `python sft.py` exports: RL sharpens a policy that already solves some problems, it cannot teach the format from zero"""
     dataset: str = "data/arith/train.jsonl"
     """prompts: messages records (the final assistant turn is dropped) or message+answer records; `answer` is the reference"""
     eval_dataset: str | None = "data/arith/test.jsonl"
@@ -350,9 +351,34 @@ class FirstTokenTemperature:
         return scores * self.scale if input_ids.shape[1] == self.prompt_len else scores
 
 
+class SampledTokenLogprobs:
+    """The rollout engine's own log-probability of each token it samples: log_softmax(scores / temperature) at the
+    drawn token (scores after any processor placed before this one, i.e. FIRE's rescaling, before top-p filtering).
+    generate() hands processors the logits of step t before sampling token t, so each call reads the token drawn at the
+    previous step from input_ids; `finish` reads the last one. Memory: one [B, V] row per step, not T x B x V.
+    These logps are only compared with the training model's (rollout/* metrics), never used in the loss: the two
+    differ by numerics (KV cache, batching, bf16), and by design under FIRE or top-p < 1."""
+
+    def __init__(self, temperature):
+        self.temperature, self.prev, self.logps = temperature, None, []
+
+    def __call__(self, input_ids, scores):
+        if self.prev is not None:
+            self.logps.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.prev = torch.log_softmax(scores.float() / self.temperature, dim=-1)  # [B, V]
+        return scores
+
+    def finish(self, new_tokens):
+        """[B, n_new] logps of new_tokens (positions after a sequence's end hold junk: callers cut at EOS)."""
+        if self.prev is not None and len(self.logps) < new_tokens.shape[1]:
+            self.logps.append(self.prev.gather(1, new_tokens[:, len(self.logps) : len(self.logps) + 1]).squeeze(1))
+        return torch.stack(self.logps, 1) if self.logps else torch.zeros(new_tokens.shape[0], 0)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts, args, autocast, *, greedy=False, max_new_tokens=None, synced=None):
-    """Completions for rendered prompt strings: (completion token lists (EOS kept, pads cut), truncated flags).
+    """Completions for rendered prompt strings: (completion token lists (EOS kept, pads cut), truncated flags, the
+    sampler's own logps of those tokens (lists; None when greedy)).
     Left-padded batch, KV cache, stops at EOS. Under FSDP2, synced_gpus keeps every rank stepping until all are done;
     pass synced=False when only this rank generates (rank-0 eval on an unsharded model), or it waits for the others."""
     from transformers import LogitsProcessorList
@@ -368,18 +394,24 @@ def generate(model, tokenizer, prompts, args, autocast, *, greedy=False, max_new
     processors = LogitsProcessorList()
     if not greedy and args.fire_temperature:
         processors.append(FirstTokenTemperature(prompt_len, args.fire_temperature, args.temperature))
+    recorder = None if greedy else SampledTokenLogprobs(args.temperature)
+    if recorder is not None:
+        processors.append(recorder)  # after FIRE: it records the distribution tokens were actually drawn from
     with autocast:
         out = model.generate(**inputs, max_new_tokens=max_new_tokens or args.max_new_tokens, do_sample=not greedy,
                              use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
                              synced_gpus=dist.is_initialized() if synced is None else synced, logits_processor=processors, **sampling)
     tokenizer.padding_side = "right"
     model.train(was_training)
-    completions, truncated = [], []
-    for row in out[:, prompt_len:].tolist():
-        end = next((i for i, t in enumerate(row) if t in eos), None)
+    new_tokens = out[:, prompt_len:]  # [B, n_new]
+    sampler_logps = recorder.finish(new_tokens).tolist() if recorder is not None else None
+    completions, truncated, rollout_logps = [], [], []
+    for i, row in enumerate(new_tokens.tolist()):
+        end = next((j for j, t in enumerate(row) if t in eos), None)
         completions.append(row if end is None else row[: end + 1])
         truncated.append(end is None)
-    return completions, truncated
+        rollout_logps.append(None if sampler_logps is None else sampler_logps[i][: len(completions[-1])])
+    return completions, truncated, rollout_logps
 
 
 def vllm_generate(engine, model, prompts, args):  # pragma: no cover - GPU only
@@ -389,15 +421,17 @@ def vllm_generate(engine, model, prompts, args):  # pragma: no cover - GPU only
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     engine.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(state.items())
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_new_tokens, logprobs=0)
     outs = engine.generate(prompts, params, use_tqdm=False)
     completions = [list(o.outputs[0].token_ids) for o in outs]
-    return completions, [o.outputs[0].finish_reason == "length" for o in outs]
+    logps = [[step[t].logprob for t, step in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs]
+    return completions, [o.outputs[0].finish_reason == "length" for o in outs], logps
 
 
-def build_batch(prompt_ids, completions, pad_id):
+def build_batch(prompt_ids, completions, pad_id, rollout_logps=None):
     """Right-padded training rows prompt + completion: input_ids, attention_mask, position_ids [B, L] and
-    response_mask [B, L], True at t when logps[:, t] (which scores token t+1) scores a completion token."""
+    response_mask [B, L], True at t when logps[:, t] (which scores token t+1) scores a completion token; with the
+    sampler's own logps (lists per completion), rollout_logps [B, L] on the same positions (0 elsewhere)."""
     rows = [p + c for p, c in zip(prompt_ids, completions)]
     L = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), L), pad_id, dtype=torch.long)  # [B, L]
@@ -410,8 +444,13 @@ def build_batch(prompt_ids, completions, pad_id):
     response_mask = torch.zeros((len(rows), L), dtype=torch.bool)  # [B, L]
     response_mask[:, :-1] = labels[:, 1:] != -100
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # [B, L]
-    return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids,
-                response_mask=response_mask)
+    batch = dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids,
+                 response_mask=response_mask)
+    if rollout_logps is not None and all(lp is not None for lp in rollout_logps):
+        batch["rollout_logps"] = torch.zeros((len(rows), L))  # [B, L]
+        for i, (p, lp) in enumerate(zip(prompt_ids, rollout_logps)):
+            batch["rollout_logps"][i, len(p) - 1 : len(p) - 1 + len(lp)] = torch.tensor(lp, dtype=torch.float32)
+    return batch
 
 
 def token_logps(model, mb, args, entropy=False):
@@ -427,8 +466,8 @@ def answer_accuracy(model, tokenizer, items, args, autocast, batch_size=25) -> f
     correct = 0
     for i in range(0, len(items), batch_size):
         chunk = items[i : i + batch_size]
-        completions, _ = generate(model, tokenizer, [render_prompt(tokenizer, m) for m, _ in chunk], args, autocast,
-                                  greedy=True, synced=False)  # rank 0 alone, on an unsharded model
+        completions, _, _ = generate(model, tokenizer, [render_prompt(tokenizer, m) for m, _ in chunk], args, autocast,
+                                     greedy=True, synced=False)  # rank 0 alone, on an unsharded model
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
         correct += sum(answer_correct(t, a) for t, (_, a) in zip(texts, chunk))
     return correct / max(1, len(items))
@@ -497,6 +536,9 @@ def main(args: Args):
     rows = my_prompts * args.group_size  # completions per process per step
     if rows % args.mini_batches:
         raise SystemExit(f"error: {rows} completions per process is not divisible by --mini-batches {args.mini_batches}")
+    if args.model_path == Args.model_path and not Path(args.model_path).is_dir():
+        raise SystemExit(f"error: --model-path {args.model_path} (the default) does not exist yet: run `python sft.py` first, "
+                         "whose default run exports there, or pass another model, e.g. --model-path smollm2-135m")
     tokenizer = load_tokenizer(args.model_path)
     train_items, _ = prompt_records(args.dataset)
     eval_items = []
@@ -587,9 +629,9 @@ def main(args: Args):
             mine = [train_items[i] for i in chosen[rank * my_prompts : (rank + 1) * my_prompts]]
             texts = [render_prompt(tokenizer, m) for m, _ in mine for _ in range(args.group_size)]
             if engine is not None:  # pragma: no cover
-                completions, truncated = vllm_generate(engine, model, texts, args)
+                completions, truncated, rollout_logps = vllm_generate(engine, model, texts, args)
             else:
-                completions, truncated = generate(model, tokenizer, texts, args, autocast)
+                completions, truncated, rollout_logps = generate(model, tokenizer, texts, args, autocast)
             decoded = tokenizer.batch_decode(completions, skip_special_tokens=True)
             prompts_msgs = [m for m, _ in mine for _ in range(args.group_size)]
             answers = [a for _, a in mine for _ in range(args.group_size)]
@@ -606,6 +648,7 @@ def main(args: Args):
             for g in range(my_prompts):
                 sl = slice(g * args.group_size, (g + 1) * args.group_size)
                 group = dict(prompt_ids=prompt_ids[sl], completions=completions[sl], truncated=truncated[sl],
+                             rollout_logps=rollout_logps[sl],
                              reward=total[sl], per_fn=per_fn_t[sl], texts=decoded[sl], prompt_text=texts[sl.start],
                              answer=answers[sl.start])
                 n_generated_groups += 1
@@ -622,6 +665,7 @@ def main(args: Args):
         # -- advantages: on the whole global batch (reinforce_pp whitens over all of it) --
         prompt_ids = [p for g in groups for p in g["prompt_ids"]]
         completions = [c for g in groups for c in g["completions"]]
+        rollout_logps = [lp for g in groups for lp in g["rollout_logps"]]
         truncated = torch.tensor([t for g in groups for t in g["truncated"]])  # [rows]
         rewards = torch.cat([g["reward"] for g in groups])  # [rows]
         lengths = torch.tensor([len(c) for c in completions], dtype=torch.long)  # [rows]
@@ -630,13 +674,12 @@ def main(args: Args):
         advantages_all = group_advantages(all_rewards, length_mask, args.group_size, args.estimator)
         seq_adv_all = advantages_all.sum(1) / all_lengths.clamp(min=1)  # one value per completion
         seq_adv = seq_adv_all[rank * rows : (rank + 1) * rows]  # [rows]
-        batch = build_batch(prompt_ids, completions, tokenizer.pad_token_id)
+        batch = build_batch(prompt_ids, completions, tokenizer.pad_token_id, rollout_logps)
         if args.mask_truncated:
             batch["response_mask"] &= ~truncated[:, None]
         batch["advantages"] = seq_adv[:, None] * batch["response_mask"]  # [rows, L]
 
         # -- mu inner epochs over mini-batches; micro-batches accumulate with global-count normalisation --
-        t_train = time.time()
         order_gen = torch.Generator().manual_seed(args.seed + step)
         reuse = args.mu > 1 or args.mini_batches > 1
         old_logps = torch.zeros(batch["input_ids"].shape)  # [rows, L]
@@ -658,7 +701,8 @@ def main(args: Args):
                             old_logps[idx, :width] = token_logps(model, mb, args).float().cpu()
                         if ref_model is not None:
                             ref_logps[idx, :width] = token_logps(ref_model, mb, args).float().cpu()
-        sums = dict(loss=0.0, kl=0.0, entropy=0.0, clip=0.0, approx_kl=0.0, tokens=0.0)
+        sums = dict(loss=0.0, kl=0.0, entropy=0.0, clip=0.0, approx_kl=0.0, tokens=0.0, engine_tokens=0.0,
+                    engine_abs_diff=0.0, engine_ratio=0.0, engine_max_diff=0.0)
         n_updates, grad_norms = 0, []
         rows_per_mini = rows // args.mini_batches
         for epoch in range(args.mu):
@@ -674,6 +718,12 @@ def main(args: Args):
                     with autocast:
                         logps, entropy = token_logps(model, mb, args, entropy=True)
                     old = old_logps[idx, :width].to(device) if reuse else logps.detach()
+                    if epoch == 0 and "rollout_logps" in mb:  # the sampler's logps vs the training model's: logged only
+                        diff = (old - mb["rollout_logps"]).float()[mb["response_mask"]]
+                        sums["engine_tokens"] += diff.numel()
+                        sums["engine_abs_diff"] += float(diff.abs().sum())
+                        sums["engine_ratio"] += float(diff.exp().sum())
+                        sums["engine_max_diff"] = max(sums["engine_max_diff"], float(diff.abs().max()) if diff.numel() else 0.0)
                     loss, stats = policy_loss(logps, old, mb["advantages"], mb["response_mask"], variant=args.variant,
                                               clip_low=args.clip_low, clip_high=args.clip_high, dual_clip=args.dual_clip,
                                               agg=args.agg, n_tokens=n_tok, n_seqs=n_seq, norm_len=args.max_new_tokens)
@@ -720,6 +770,12 @@ def main(args: Args):
                    "time/completions_per_s": n / (t_end - t0)}
         if ref_model is not None:
             metrics["train/kl"] = kl_sum / max(tok_sum, 1)
+        engine_tok, engine_abs, engine_ratio = all_sum([sums["engine_tokens"], sums["engine_abs_diff"],
+                                                        sums["engine_ratio"]], device)
+        if engine_tok:  # how far the sampler's numerics drift from the training forward's (same weights)
+            metrics["rollout/train_vs_sampler_ratio_mean"] = engine_ratio / engine_tok
+            metrics["rollout/train_vs_sampler_abs_logp_diff_mean"] = engine_abs / engine_tok
+            metrics["rollout/train_vs_sampler_abs_logp_diff_max"] = sums["engine_max_diff"]  # this rank's
         for name, s, sq, fail in zip(reward_names, fn_sum, fn_sq, fn_fail):
             metrics[f"reward/{name}_mean"] = s / n
             metrics[f"reward/{name}_std"] = math.sqrt(max(0.0, sq / n - (s / n) ** 2))

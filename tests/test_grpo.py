@@ -2,12 +2,14 @@
 (computed here with plain Python on small hand-made tensors), accumulation invariance, and end-to-end runs on a tiny
 random-init model (learning, dynamic sampling, failing rewards, rollouts file, resume)."""
 
+import contextlib
 import math
 import os
 import signal
 import statistics
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -222,6 +224,41 @@ def test_build_batch_aligns_response_mask_with_logps():
     # logps[:, t] scores token t+1: the completion tokens are scored at t = len(prompt)-1 ... len(row)-2
     assert batch["response_mask"].tolist() == [[False, False, True, True, False], [True, True, True, False, False]]
     assert batch["position_ids"][1].tolist()[:4] == [0, 1, 2, 3]
+    with_logps = grpo.build_batch([[5, 6, 7], [8]], [[10, 11], [12, 13, 14]], pad_id=0,
+                                  rollout_logps=[[-0.5, -1.5], [-1.0, -2.0, -3.0]])
+    assert with_logps["rollout_logps"].tolist() == [[0, 0, -0.5, -1.5, 0], [-1.0, -2.0, -3.0, 0, 0]]
+    assert (with_logps["rollout_logps"] != 0).eq(with_logps["response_mask"]).all()
+
+
+def test_sampler_logps_equal_the_training_models_logps(sharper_tiny_model_dir):
+    """The logps recorded while sampling (KV cache, left padding) = a fresh training forward on the same tokens (fp32),
+    at the sampling temperature; with FIRE the first token's differ by exactly the temperature change."""
+    from transformers import AutoModelForCausalLM
+
+    from common.logprob import sequence_logprobs
+    from common.models import load_tokenizer
+
+    tokenizer = load_tokenizer(sharper_tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(sharper_tiny_model_dir, dtype=torch.float32)
+    prompts = [grpo.render_prompt(tokenizer, [{"role": "user", "content": q}]) for q in ("2+2?", "What is seven times eight?")]
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    for fire in (None, 3.0):
+        args = types.SimpleNamespace(temperature=0.7, top_p=1.0, fire_temperature=fire, max_new_tokens=6)
+        torch.manual_seed(0)
+        completions, _, sampler_logps = grpo.generate(model, tokenizer, prompts, args, contextlib.nullcontext())
+        batch = grpo.build_batch(prompt_ids, completions, tokenizer.pad_token_id, sampler_logps)
+        with torch.no_grad():
+            train_logps = sequence_logprobs(model, batch["input_ids"], batch["labels"], position_ids=batch["position_ids"],
+                                            attention_mask=batch["attention_mask"], temperature=0.7)
+        diff = (train_logps - batch["rollout_logps"])[batch["response_mask"]]
+        assert diff.numel() == sum(len(c) for c in completions) > 0
+        if fire is None:
+            assert diff.abs().max() < 1e-4
+        else:  # only each completion's first token was drawn at the FIRE temperature
+            first = torch.tensor([len(p) - 1 for p in prompt_ids])
+            first_diff = (train_logps - batch["rollout_logps"])[torch.arange(2), first]
+            assert first_diff.abs().min() > 1e-3
+            assert diff.abs().sort().values[:-2].max() < 1e-4
 
 
 # ------------------------------------------------------------------------------------------- end to end
@@ -277,6 +314,9 @@ def test_tiny_model_learns_a_learnable_reward(sharper_tiny_model_dir, arith_smal
     for key in ("train/entropy", "train/clip_fraction", "train/approx_kl", "completion/length_mean",
                 "time/rollout_share", "reward/test_grpo:vowel_fraction_std"):
         assert key in rows[0], key
+    # fp32, mu=1: the sampler's logps of the first step's rollouts are the training forward's (logged, not used)
+    assert rows[0]["rollout/train_vs_sampler_ratio_mean"] == pytest.approx(1.0, abs=1e-3)
+    assert rows[0]["rollout/train_vs_sampler_abs_logp_diff_max"] < 1e-3
     # the rollouts file: G rows per prompt, advantages = the grpo formula on the logged rewards
     saved = [r for r in read_jsonl(tmp_path / "rollouts.jsonl") if r["step"] == 1]
     assert len(saved) == 32
