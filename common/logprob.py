@@ -268,22 +268,22 @@ def lm_head_params(model):
 
 
 def sequence_logprobs(model, input_ids, labels, *, position_ids=None, attention_mask=None, impl="fused",
-                      temperature=1.0, return_entropy=False):
+                      temperature=1.0, return_entropy=False, **model_kwargs):
     """Per-token log p(labels[:, t+1] | tokens <= t) as [B, T] float32 (and entropy [B, T] if asked).
 
     labels are aligned with input_ids as in HF (-100 = ignore); the shift happens here, so
     out[:, t] scores labels[:, t+1], out[:, -1] is 0 and ignored targets give 0. Sum it and divide by
     (labels[:, 1:] != -100).sum() for the mean token NLL. impl="naive" builds full logits via the model's
-    lm_head for comparison."""
+    lm_head for comparison. model_kwargs (e.g. a VLM's pixel_values) go to the model's forward."""
+    model_kwargs = {"position_ids": position_ids, "attention_mask": attention_mask, **model_kwargs}
     next_labels = torch.full_like(labels, -100)  # [B, T]
     next_labels[:, :-1] = labels[:, 1:]
     if impl == "fused":
-        hidden = forward_hidden(model, input_ids, position_ids=position_ids, attention_mask=attention_mask)
+        hidden = forward_hidden(model, input_ids, **model_kwargs)
         weight, bias = lm_head_params(model)
         return fused_linear_logprobs(hidden, weight, next_labels, bias=bias, temperature=temperature,
                                      return_entropy=return_entropy)
     if impl == "naive":
-        logits = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                       use_cache=False).logits  # [B, T, V]
+        logits = model(input_ids=input_ids, use_cache=False, **model_kwargs).logits  # [B, T, V]
         return _logprobs_from_logits(logits, next_labels, temperature, return_entropy, -100)
     raise ValueError(f"impl must be 'fused' or 'naive', got {impl!r}")
