@@ -279,10 +279,20 @@ def sequence_logprobs(model, input_ids, labels, *, position_ids=None, attention_
     next_labels = torch.full_like(labels, -100)  # [B, T]
     next_labels[:, :-1] = labels[:, 1:]
     if impl == "fused":
-        hidden = forward_hidden(model, input_ids, **model_kwargs)
+        hidden = forward_hidden(model, input_ids, **model_kwargs)  # [B, T, H]
         weight, bias = lm_head_params(model)
-        return fused_linear_logprobs(hidden, weight, next_labels, bias=bias, temperature=temperature,
-                                     return_entropy=return_entropy)
+        valid = next_labels != -100  # [B, T]: the LM head runs only where a token is scored (not on prompts, pads)
+        if not valid.any():
+            valid = torch.ones_like(valid)
+        out = fused_linear_logprobs(hidden[valid], weight, next_labels[valid], bias=bias, temperature=temperature,
+                                    return_entropy=return_entropy)
+
+        def scatter(x):  # [n_valid] -> [B, T], 0 at unscored positions
+            full = x.new_zeros(valid.shape)
+            full[valid] = x
+            return full
+
+        return tuple(scatter(x) for x in out) if return_entropy else scatter(out)
     if impl == "naive":
         logits = model(input_ids=input_ids, use_cache=False, **model_kwargs).logits  # [B, T, V]
         return _logprobs_from_logits(logits, next_labels, temperature, return_entropy, -100)
