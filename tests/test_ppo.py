@@ -1,0 +1,304 @@
+"""ppo.py: GAE, whitening, value clipping, the PPO loss, the adaptive KL controller and the Bradley-Terry loss against
+plain-Python formulas on small hand-made tensors; the reward model (learns easy pairs, exports a folder transformers
+reloads); end-to-end runs on a tiny random-init model (learning, critic warm-up, torchrun FSDP2, exact resume)."""
+
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ppo
+from common.metrics import RunLogger, read_metrics
+from conftest import ROOT, subprocess_env
+
+# uneven masks: a gap inside row 0 (skipped, not a break), row 1 runs to the last column, row 2 is empty
+MASK = torch.tensor([[False, True, True, False, True, False],
+                     [False, False, True, True, True, True],
+                     [False, False, False, False, False, False],
+                     [True, False, False, False, False, False]])
+REWARDS = torch.tensor([[9.0, 0.1, -0.2, 9.0, 1.0, 9.0],  # 9.0 sits at masked positions and must be ignored
+                        [9.0, 9.0, 0.0, 0.3, 0.0, 2.0],
+                        [9.0, 9.0, 9.0, 9.0, 9.0, 9.0],
+                        [0.7, 9.0, 9.0, 9.0, 9.0, 9.0]])
+VALUES = torch.tensor([[5.0, 0.5, 0.2, 5.0, 0.9, 5.0],
+                       [5.0, 5.0, 0.4, -0.1, 0.6, 1.5],
+                       [5.0, 5.0, 5.0, 5.0, 5.0, 5.0],
+                       [0.3, 5.0, 5.0, 5.0, 5.0, 5.0]])
+
+
+def gae_by_hand(rewards, values, mask, gamma, lam):
+    """The textbook backward recursion over each row's response positions only, in plain Python."""
+    adv = [[0.0] * len(row) for row in mask]
+    for b, row in enumerate(mask):
+        steps = [t for t, m in enumerate(row) if m]
+        running, next_value = 0.0, 0.0  # the last response token bootstraps from 0
+        for t in reversed(steps):
+            delta = rewards[b][t] + gamma * next_value - values[b][t]
+            running = delta + gamma * lam * running
+            adv[b][t] = running
+            next_value = values[b][t]
+    return adv
+
+
+@pytest.mark.parametrize("gamma, lam", [(1.0, 0.95), (0.9, 0.8), (0.99, 1.0), (0.9, 0.0)])
+def test_gae_matches_python_loop(gamma, lam):
+    adv, ret = ppo.gae(REWARDS, VALUES, MASK, gamma, lam)
+    expected = gae_by_hand(REWARDS.tolist(), VALUES.tolist(), MASK.tolist(), gamma, lam)
+    for b in range(4):
+        for t in range(6):
+            m = MASK[b, t].item()
+            assert adv[b, t].item() == pytest.approx(expected[b][t] if m else 0.0, abs=1e-6)
+            assert ret[b, t].item() == pytest.approx(expected[b][t] + VALUES[b, t].item() if m else 0.0, abs=1e-6)
+
+
+def test_gae_edge_lambdas():
+    """lam = 1: discounted Monte-Carlo return minus the value; lam = 0: the one-step TD residual."""
+    gamma = 0.9
+    mc, _ = ppo.gae(REWARDS, VALUES, MASK, gamma, 1.0)
+    td, _ = ppo.gae(REWARDS, VALUES, MASK, gamma, 0.0)
+    for b in range(4):
+        steps = [t for t in range(6) if MASK[b, t]]
+        for k, t in enumerate(steps):
+            later = steps[k:]
+            g = sum(gamma ** j * REWARDS[b, s].item() for j, s in enumerate(later))
+            assert mc[b, t].item() == pytest.approx(g - VALUES[b, t].item(), abs=1e-6)
+            next_v = VALUES[b, steps[k + 1]].item() if k + 1 < len(steps) else 0.0
+            assert td[b, t].item() == pytest.approx(REWARDS[b, t].item() + gamma * next_v - VALUES[b, t].item(), abs=1e-6)
+    assert mc[2].abs().sum() == 0 and td[2].abs().sum() == 0  # an empty response gets nothing
+
+
+def test_whiten_over_the_mask():
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(4, 6, generator=g) * 3 + 2
+    out = ppo.whiten(values, MASK)
+    picked = out[MASK].tolist()
+    assert statistics.mean(picked) == pytest.approx(0.0, abs=1e-6)
+    assert statistics.stdev(picked) == pytest.approx(1.0, abs=1e-6)
+    assert out[~MASK].abs().sum() == 0
+    kept = ppo.whiten(values, MASK, shift_mean=False)[MASK].tolist()
+    assert statistics.mean(kept) == pytest.approx(statistics.mean(values[MASK].tolist()), abs=1e-5)
+    assert statistics.stdev(kept) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_value_loss_clipping_by_hand():
+    values = torch.tensor([[1.0, 2.0, 0.5, 3.0, 100.0]])
+    old = torch.tensor([[0.5, 2.1, 1.0, 1.0, -100.0]])
+    returns = torch.tensor([[2.0, 1.0, 0.0, 1.5, 0.0]])
+    mask = torch.tensor([[True, True, True, True, False]])  # the last token is padding
+    # token 0: clipped value 0.7 -> (0.7-2)^2 = 1.69 > (1-2)^2 = 1       (clipped term wins)
+    # token 1: |2.0-2.1| < 0.2, both terms (2-1)^2 = 1                   (not clipped)
+    # token 2: clipped value 0.8 -> 0.64 > 0.25                          (clipped term wins)
+    # token 3: clipped value 1.2 -> 0.09 < (3-1.5)^2 = 2.25              (unclipped wins)
+    loss, clip_fraction = ppo.value_loss(values, old, returns, mask, 0.2)
+    assert loss.item() == pytest.approx(0.5 * (1.69 + 1.0 + 0.64 + 2.25) / 4, rel=1e-6)
+    assert clip_fraction.item() == pytest.approx(2 / 4)
+    plain, none_clipped = ppo.value_loss(values, old, returns, mask, None)
+    assert plain.item() == pytest.approx(0.5 * (1.0 + 1.0 + 0.25 + 2.25) / 4, rel=1e-6)
+    assert none_clipped.item() == 0.0
+    # a global token count (gradient accumulation) only changes the divisor
+    assert ppo.value_loss(values, old, returns, mask, 0.2, n_tokens=8)[0].item() == pytest.approx(loss.item() / 2)
+
+
+def test_policy_loss_matches_formula():
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    logps = torch.tensor([[-1.0, -0.5, 0.0], [-0.1, 0.0, 0.0]])
+    old = torch.tensor([[-1.5, -0.4, -9.0], [-0.9, 0.0, 0.0]])
+    adv = torch.tensor([[1.0, -2.0, 0.0], [0.5, 0.0, 0.0]])
+    loss, stats = ppo.policy_loss(logps, old, adv, mask, clip_low=0.2, clip_high=0.28)
+    terms, clipped = [], 0
+    for b, t in [(0, 0), (0, 1), (1, 0)]:
+        a, r = adv[b, t].item(), math.exp(logps[b, t].item() - old[b, t].item())
+        unclipped, clip_term = -a * r, -a * min(max(r, 0.8), 1.28)
+        terms.append(max(unclipped, clip_term))
+        clipped += clip_term > unclipped
+    assert loss.item() == pytest.approx(sum(terms) / 3, rel=1e-6)
+    assert stats["clip_fraction"].item() == pytest.approx(clipped / 3) and clipped > 0
+
+
+def test_adaptive_kl_controller_and_bradley_terry_by_hand():
+    # KL above target: the error is clipped at +0.2; below: -1/6 unclipped
+    assert ppo.adaptive_kl_coef(0.1, 8.0, 6.0, 256, 10000) == pytest.approx(0.1 * (1 + 0.2 * 256 / 10000))
+    assert ppo.adaptive_kl_coef(0.1, 5.0, 6.0, 256, 10000) == pytest.approx(0.1 * (1 - (1 / 6) * 256 / 10000))
+    loss, acc = ppo.bradley_terry_loss(torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 0.5, 2.0]))
+    expected = [math.log1p(math.exp(-d)) for d in (1.0, -0.5, 0.0)]
+    assert loss.item() == pytest.approx(sum(expected) / 3, rel=1e-6)
+    assert acc.item() == pytest.approx(1 / 3)  # a tie is not a win
+
+
+# ------------------------------------------------------------------------------------------- end to end
+def vowel_fraction(completions, prompts=None, answers=None, **kwargs):
+    """A reward a random-init model can learn: the share of letters that are vowels (tokens differ a lot in it)."""
+    out = []
+    for c in completions:
+        letters = [ch for ch in c.lower() if ch.isalpha()]
+        out.append(sum(ch in "aeiou" for ch in letters) / len(letters) if letters else 0.0)
+    return out
+
+
+def tiny_args(model_dir, arith_small, out, **overrides):
+    base = dict(model_path=model_dir, dataset=str(arith_small / "train.jsonl"), eval_samples=0, output_dir=str(out),
+                max_steps=2, prompts_per_step=4, max_new_tokens=8, lr=1e-3, critic_lr=1e-3, dtype="float32",
+                rewards=("test_ppo:vowel_fraction",), export=False, micro_batch_size=8)
+    return ppo.Args(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def sharper_tiny_model_dir(tmp_path_factory):
+    """The tiny model with its final-norm gain x6: logits a little less flat, so a few steps move sampling visibly."""
+    from common.models import load_tokenizer, tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny-sharper-ppo")
+    model = tiny_model("smollm2-135m", seed=0)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(6.0)
+    model.save_pretrained(folder)
+    load_tokenizer("smollm2-135m").save_pretrained(folder)
+    return str(folder)
+
+
+def test_tiny_model_learns_a_learnable_reward(sharper_tiny_model_dir, arith_small, tmp_path):
+    """One completion per prompt, the critic as the only baseline (lam=1: A = return - V); one update per step."""
+    ppo.main(tiny_args(sharper_tiny_model_dir, arith_small, tmp_path, max_steps=12, prompts_per_step=16, lr=2e-2,
+                       critic_lr=5e-4, lam=1.0, mu=1, mini_batches=1, kl_coef=0.0))
+    rows = [r for r in read_metrics(tmp_path) if "reward/mean" in r]
+    curve = [r["reward/mean"] for r in rows]
+    assert len(curve) == 12
+    first, last = sum(curve[:3]) / 3, sum(curve[-3:]) / 3
+    assert last > first + 0.15, curve  # measured: 0.37 -> 0.67
+    for key in ("reward/std", "train/value_loss", "train/explained_variance", "train/policy_clip_fraction",
+                "train/value_clip_fraction", "train/kl", "train/entropy", "completion/length_mean", "time/rollout_share"):
+        assert key in rows[0] and math.isfinite(rows[0][key]), key
+
+
+def test_critic_warmup_leaves_the_actor_untouched(tiny_model_dir, arith_small, tmp_path):
+    from safetensors.torch import load_file
+
+    ppo.main(tiny_args(tiny_model_dir, arith_small, tmp_path, max_steps=1, critic_warmup_steps=1, export=True))
+    row = read_metrics(tmp_path)[0]
+    assert "train/policy_loss" not in row and row["train/value_loss"] > 0
+    before, after = load_file(f"{tiny_model_dir}/model.safetensors"), load_file(tmp_path / "model" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    critic = load_file(tmp_path / "critic" / "model.safetensors")
+    assert critic["score.weight"].abs().sum() > 0  # the zero-initialised value head did learn
+    assert not torch.equal(critic["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_missing_default_model_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"run `python sft.py` first .* --model-path smollm2-135m"):
+        ppo.main(ppo.Args())
+
+
+def easy_pairs(path, n=32):
+    """Pairs a tiny model can separate: the chosen answer always ends with ' apple', the rejected with ' stone'."""
+    words = ["red", "blue", "green", "small", "big", "old", "new", "fast"]
+    with open(path, "w") as f:
+        for i in range(n):
+            stem = f"{words[i % 8]} {words[(i * 3 + 1) % 8]} {i}"
+            f.write(json.dumps({"prompt": f"Say something, {i}.", "chosen": f"{stem} apple",
+                                "rejected": f"{stem} stone"}) + "\n")
+    return path
+
+
+def test_reward_model_learns_easy_pairs_and_exports(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    data = str(easy_pairs(tmp_path / "pairs.jsonl"))
+    result = ppo.main(ppo.Args(mode="rm", model_path=tiny_model_dir, dataset=data, eval_dataset=data,
+                               output_dir=str(tmp_path / "rm"), max_steps=30, pairs_per_step=8, lr=3e-3,
+                               dtype="float32"))
+    assert result["pair_accuracy_after"] >= 0.9, result
+    losses = [r["train/loss"] for r in read_metrics(tmp_path / "rm") if "train/loss" in r]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    # the exported folder: transformers loads it, scores chosen > rejected, and equals ppo's own last-token score
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "model").eval()
+    assert model.config.num_labels == 1 and model.config.pad_token_id is not None
+    tokenizer = ppo.load_tokenizer(str(tmp_path / "rm" / "model"))
+    pairs = ppo.preference_pairs(data, tokenizer, 512)
+    with torch.no_grad():
+        hf = [[model(input_ids=torch.tensor([ids])).logits.item() for ids in pair] for pair in pairs]
+        ours = ppo.score_rows(model, [c for c, _ in pairs], tokenizer.pad_token_id, "cpu", torch.autocast("cpu", enabled=False), 8)
+    assert sum(c > r for c, r in hf) / len(hf) >= 0.9
+    assert torch.allclose(ours, torch.tensor([c for c, _ in hf]), atol=1e-5)  # batched + padded == one by one
+
+
+@pytest.fixture(scope="module")
+def tiny_reward_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model as a sequence-classification folder (random head): a reward model and critic start."""
+    from transformers import AutoModelForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-rm")
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    model.config.pad_token_id = 2
+    model.save_pretrained(folder)
+    ppo.load_tokenizer(tiny_model_dir).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp2_two_processes(tiny_model_dir, tiny_reward_model_dir, arith_small, tmp_path):
+    """2 ranks under FSDP2: actor, critic (from the reward model), reference and reward model all sharded; adaptive KL;
+    checkpoint and both exports; then --mode rm under FSDP2."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "ppo.py",
+           "--model-path", tiny_model_dir, "--dataset", str(arith_small / "train.jsonl"), "--eval-dataset",
+           str(arith_small / "test.jsonl"), "--eval-samples", "4", "--max-steps", "2", "--prompts-per-step", "4",
+           "--max-new-tokens", "8", "--dtype", "float32", "--kl-target", "1.0", "--reward-model", tiny_reward_model_dir,
+           "--critic-path", tiny_reward_model_dir, "--rewards", "test_ppo:vowel_fraction", "--output-dir", str(tmp_path)]
+    env = {**subprocess_env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [r for r in read_metrics(tmp_path) if "reward/mean" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["train/value_loss"]) and r["reward/reward_model_mean"] != 0 for r in rows)
+    assert rows[1]["train/kl_coef"] != rows[0]["train/kl_coef"]  # the adaptive controller moved beta
+    assert (tmp_path / "model" / "model.safetensors").exists() and (tmp_path / "critic" / "model.safetensors").exists()
+    assert [p.name for p in ppo.checkpoint_dirs(tmp_path)] == ["step_0000002"]
+    assert "accuracy after training" in run.stdout
+
+    data = str(easy_pairs(tmp_path / "pairs.jsonl", n=8))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "ppo.py", "--mode", "rm",
+           "--model-path", tiny_model_dir, "--dataset", data, "--eval-dataset", data, "--max-steps", "2",
+           "--pairs-per-step", "4", "--dtype", "float32", "--output-dir", str(tmp_path / "rm")]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(tmp_path / "rm") if "train/loss" in r] == [1, 2]
+    assert "pair accuracy after training" in run.stdout and (tmp_path / "rm" / "model" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_resume_is_exact(tiny_model_dir, arith_small, tmp_path, monkeypatch):
+    """4 steps straight == 2 steps, SIGTERM (preemption), then --resume: same rollouts, rewards, losses, KL coefficient
+    (adaptive) and weights of both actor and critic."""
+    kw = dict(max_steps=4, export=True, mu=2, mini_batches=2, kl_target=0.5, kl_horizon=100, critic_warmup_steps=1)
+    ppo.main(tiny_args(tiny_model_dir, arith_small, tmp_path / "straight", **kw))
+    original_log = RunLogger.log
+
+    def log_then_preempt(self, metrics, step):
+        original_log(self, metrics, step)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(RunLogger, "log", log_then_preempt)
+    assert ppo.main(tiny_args(tiny_model_dir, arith_small, tmp_path / "resumed", **kw)) == {"step": 2, "preempted": True}
+    monkeypatch.setattr(RunLogger, "log", original_log)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert ppo.main(tiny_args(tiny_model_dir, arith_small, tmp_path / "resumed", resume=True, **kw))["step"] == 4
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for key in ("reward/mean", "train/value_loss", "train/kl", "train/kl_coef", "completion/length_mean",
+                "train/explained_variance"):
+        assert [r[key] for r in a] == pytest.approx([r[key] for r in b], abs=1e-5), key
+    assert [r.get("train/policy_loss") for r in a] == pytest.approx([r.get("train/policy_loss") for r in b], abs=1e-5)
+    assert len({r["train/kl_coef"] for r in a}) == 4  # beta moved every step, so its checkpointed value mattered
+    assert any(r.get("train/policy_clip_fraction", 0) > 0 for r in a)  # mu=2 x 2 mini-batches really reused rollouts
+    from safetensors.torch import load_file
+
+    for folder in ("model", "critic"):
+        wa, wb = (load_file(tmp_path / run / folder / "model.safetensors") for run in ("straight", "resumed"))
+        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6, folder
