@@ -285,7 +285,8 @@ def raise_on_odd_answer(completions, prompts=None, answers=None, **kwargs):
 def tiny_args(tiny_model_dir, arith_small, out, **overrides):
     base = dict(model_path=tiny_model_dir, dataset=str(arith_small / "train.jsonl"), eval_dataset=None,
                 output_dir=str(out), max_steps=2, prompts_per_step=4, group_size=4, max_new_tokens=8, lr=1e-3,
-                dtype="float32", rewards=(), reward_fn=("test_grpo:vowel_fraction",), export=False, micro_batch_size=8)
+                dtype="float32", rewards=(), reward_fn=("test_grpo:vowel_fraction",), export=False, micro_batch_size=8,
+                dynamic_sampling=False)
     return grpo.Args(**{**base, **overrides})
 
 
