@@ -347,17 +347,22 @@ def tokenize_chat(messages: list[dict], tokenizer, *, max_len: int, overlong: st
     return {"input_ids": input_ids[:max_len], "labels": labels[:max_len], "truncated": truncated}
 
 
-def build_sft_examples(source: str, tokenizer, *, max_len: int, overlong: str = "truncate",
-                       split: str | None = None) -> tuple[list[dict], dict]:
-    """load -> detect -> to_messages -> tokenize_chat; returns (examples, stats)."""
-    records = load_records(source, split)
+def build_sft_examples(source, tokenizer, *, max_len: int, overlong: str = "truncate", split: str | None = None,
+                       processor=None, name: str | None = None) -> tuple[list[dict], dict]:
+    """load -> detect -> to_messages -> tokenize_chat; returns (examples, stats). `source`: a load_records source, or
+    records already loaded (load_mixture), called `name` in messages. A VLM `processor` (common.vision) tokenises
+    instead of tokenize_chat: its examples also carry their images, and image tokens count toward max_len."""
+    records = load_records(source, split) if isinstance(source, str) else source
+    source = source if isinstance(source, str) else name or "dataset"
     fmt = detect_format(records)
     if fmt == "preference":
         raise DataError(f"{source}: preference data (prompt/chosen/rejected) is for dpo.py; SFT needs "
                         "messages, prompt_completion or message_answer records")
     examples, n_truncated, n_dropped, n_no_target = [], 0, 0, 0
     for record in records:
-        example = tokenize_chat(to_messages(record, fmt), tokenizer, max_len=max_len, overlong=overlong)
+        messages = to_messages(record, fmt)
+        example = (tokenize_chat(messages, tokenizer, max_len=max_len, overlong=overlong) if processor is None else
+                   processor(messages, base_dir=record.get("_dir", "."), max_len=max_len, overlong=overlong))
         if example is None:
             n_dropped += 1
             continue
