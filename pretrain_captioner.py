@@ -1,0 +1,480 @@
+"""pretrain_captioner.py: caption pretraining of a vision-language model (Molmo's first stage), in one file.
+
+A vision encoder and a projector are put in front of a language model (common/vision.py's ComposedVLM):
+
+    image --encoder--> patches --pixel shuffle + MLP projector--> image tokens --> LM --> caption
+
+and trained on image-caption pairs with the mean NLL of the caption tokens of the whole global batch:
+
+    loss = - sum_{t in caption tokens} log p(x_t | image, x_<t)  /  (caption tokens in the global batch)
+
+Each part has its own learning rate: `--lr` (projector), `--lr-vision`, `--lr-lm`; 0 freezes a part (no gradients,
+no optimizer state). The default is the offline pipeline's stage 1: a random-init `siglip-tiny` encoder + projector
+trained under a frozen SmolLM2-135M-Instruct on the easy-VQA shape captions ("a red circle."), then
+
+    python pretrain_captioner.py                                                # stage 1 (this file)
+    python sft.py --model-path runs/captioner/model --dataset easy-vqa:train \
+        --eval-dataset easy-vqa:test --output-dir runs/vqa_sft                  # stage 2: question answering
+    python eval_vqa.py --model-path runs/vqa_sft/model                          # stage 3: VQA accuracy
+
+Launch:
+    python pretrain_captioner.py                                  # one CPU (bf16 autocast where the CPU has it)
+    python pretrain_captioner.py --vision-encoder ./siglip-base --model-path Qwen/Qwen2.5-0.5B-Instruct \\
+        --dataset caps.jsonl --lr-lm 2e-5                         # one GPU (picked up automatically)
+    torchrun --nproc_per_node=8 pretrain_captioner.py --dataset a.jsonl:0.7 --dataset b.jsonl:0.3   # N GPUs, FSDP2
+    python pretrain_captioner.py --model-path runs/captioner/model --resume   # continue a VLM folder / a checkpoint
+    python pretrain_captioner.py --dry-run                        # check data, model and plan, then exit
+
+Where this departs from Molmo (Deitke et al. 2024, "Molmo and PixMo"), whose stage 1 trains every part on dense,
+long PixMo-Cap captions:
+  * The LM is frozen by default (--lr-lm 0): the run stays cheap on a CPU (no LM weight gradients or optimizer state).
+    Molmo trains all parts, with a higher learning rate and a shorter warmup for the connector; here the
+    per-part learning rates share one warmup and one schedule.
+  * The default encoder is random-init and tiny (offline), so it must train (--lr-vision > 0); Molmo starts from a
+    pretrained CLIP ViT-L/14 and takes features of two of its inner layers, pooled 2x2 by attention. Here: the last
+    layer's patches, pixel-shuffled 2x2 (Idefics3 / SmolVLM) into an MLP (LLaVA-1.5).
+  * One 64x64 image per example: no multi-crop tiling and no length hints; captions are short templated sentences,
+    so examples are packed into rows of --max-len tokens (position_ids restart per example, as in sft.py).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from common.data import IGNORE, DataError, epoch_batches, load_mixture, pack_collate, pack_examples, pad_collate
+from common.logprob import sequence_logprobs
+from common.metrics import RunLogger, cli, exact_match, vqa_normalize
+from common.models import barrier, checkpoint_dirs, load_checkpoint, pick_dtype, save_checkpoint
+from common.vision import (EASY_VQA_COLORS, EASY_VQA_SHAPES, ComposedVLM, build_vlm, is_vlm, load_vlm, param_groups,
+                           save_vlm, vlm_generate)
+
+
+@dataclass
+class Args:
+    model_path: str = "smollm2-135m"
+    """the language model (alias, .gguf, local folder or hub id) to compose with --vision-encoder; or a VLM folder
+    (a save_vlm output or a native HF VLM) to continue training"""
+    vision_encoder: str = "siglip-tiny"
+    """encoder of a new VLM: siglip-tiny, clip-tiny, dinov2-tiny (random init) or a local SigLIP/CLIP/DINOv2 folder"""
+    image_size: int = 64
+    """input resolution of a preset encoder (a local encoder folder keeps its own)"""
+    projector: Literal["mlp", "linear"] = "mlp"
+    """projector of a new VLM: 2-layer GELU MLP (LLaVA-1.5) or one linear layer"""
+    pixel_shuffle: int = 2
+    """merge f x f neighbouring patches into one image token (f^2 fewer tokens)"""
+    dataset: str = "easy-vqa:captions-train"
+    """image-caption records {"image": path relative to the file, "caption": text}: a .jsonl file, a folder,
+    easy-vqa:captions-train, or a weighted mixture (repeat the flag: --dataset a.jsonl:0.7 --dataset b.jsonl:0.3)"""
+    eval_dataset: str | None = "easy-vqa:captions-test"
+    """held-out caption records for the eval loss and caption accuracy"""
+    eval_size: int = 300
+    """held-out records (the first N) the eval loss is computed on"""
+    eval_samples: int = 100
+    """held-out images captioned greedily for caption accuracy (0 disables)"""
+    max_new_tokens: int = 16
+    """generation budget of one caption"""
+    output_dir: str = "runs/captioner"
+    """checkpoints, metrics.jsonl and the exported VLM folder (`<output-dir>/model`, opened by load_vlm) go here"""
+    config: str | None = None
+    """a .yaml or .json file of field: value defaults; command-line flags override them"""
+    dry_run: bool = False
+    """validate arguments, read the data, build the model, print the plan and exit"""
+    seed: int = 0
+    """seed for initialisation, mixture sampling and data order"""
+    lr: float = 2e-3
+    """peak learning rate of the projector (AdamW)"""
+    lr_vision: float = 1e-3
+    """peak learning rate of the vision encoder; 0 freezes it"""
+    lr_lm: float = 0.0
+    """peak learning rate of the language model; 0 freezes it"""
+    weight_decay: float = 0.0
+    """AdamW weight decay (matrices only)"""
+    schedule: Literal["cosine", "linear", "inverse-sqrt"] = "cosine"
+    """learning-rate decay after warmup"""
+    warmup_steps: int = 20
+    """linear warmup from 0 to the peak over this many steps"""
+    min_lr_ratio: float = 0.1
+    """cosine/linear decay ends at lr * min_lr_ratio"""
+    epochs: int = 1
+    """passes over the training data (ignored when --max-steps > 0)"""
+    max_steps: int = 400
+    """optimizer steps to run; 0 means --epochs full passes"""
+    batch_size: int = 2
+    """rows per micro-batch per process (packed rows of --max-len tokens, or examples when --no-packing)"""
+    grad_accum: int = 1
+    """micro-batches accumulated per optimizer step; global batch = batch_size * grad_accum * world_size rows"""
+    max_len: int = 512
+    """maximum tokens per example, and the token budget of a packed row"""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """what to do with examples longer than --max-len (truncation never cuts an image in half)"""
+    packing: bool = True
+    """pack examples into rows of --max-len tokens (composed VLMs only: native ones compute their own positions)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping threshold (0 disables)"""
+    dtype: str = "auto"
+    """compute dtype: auto (bf16 where the hardware has it), float32 or bfloat16; master weights stay float32"""
+    logprob_impl: Literal["fused", "naive"] = "fused"
+    """fused: chunked kernel that never builds the logits; naive: log_softmax over full logits, for comparison"""
+    eval_every: int = 100
+    """eval every N steps and before training (0: only at the end); caption accuracy needs a single process"""
+    save_every: int = 200
+    """save a resumable checkpoint every N steps (0: only on preemption and at the end)"""
+    keep_checkpoints: int = 1
+    """how many recent checkpoints to keep"""
+    resume: bool = False
+    """continue from the newest complete checkpoint in <output-dir>/checkpoints"""
+    export: bool = True
+    """write the trained VLM with save_vlm to <output-dir>/model at the end"""
+    track: bool = False
+    """log to Weights & Biases (offline mode when no account is configured)"""
+    wandb_project: str = "cleanpost"
+    """wandb project name"""
+    run_name: str | None = None
+    """wandb run name"""
+
+
+def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak lr at `step`: linear warmup (step+1)/warmup, then
+    cosine / linear decay to min_ratio at `total`, or inverse-sqrt sqrt(warmup / (step+1)) (Vaswani et al. 2017;
+    continuous with the warmup, no floor)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "inverse-sqrt":
+        return math.sqrt(max(1, warmup) / (step + 1))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return min_ratio + (1 - min_ratio) * decay
+
+
+def caption_chat(record: dict, with_caption: bool = True) -> list[dict]:
+    """The image as the user turn (no text), the caption as the assistant turn."""
+    chat = [{"role": "user", "content": [{"type": "image", "image": record["image"]}]}]
+    return chat + [{"role": "assistant", "content": record["caption"]}] if with_caption else chat
+
+
+def load_caption_records(spec: str, seed: int) -> list[dict]:
+    """Records of a source or weighted mixture (common.data.load_mixture), each checked to be {image, caption}."""
+    records = load_mixture(spec, seed=seed)
+    for r in records:
+        for field in ("image", "caption"):
+            if not isinstance(r.get(field), str) or not r[field].strip():
+                raise DataError(f"{r.get('_where', spec)}: {field}: expected a non-empty string "
+                                f"(caption records are {{\"image\": path, \"caption\": text}})")
+    return records
+
+
+def caption_examples(records, processor, max_len: int, overlong: str) -> list[dict]:
+    """processor(chat) per record: input_ids, labels (caption tokens only), images. Dropped overlong ones are left out."""
+    examples = []
+    for r in tqdm(records, desc="images + captions", leave=False, disable=int(os.environ.get("RANK", 0)) != 0):
+        try:
+            e = processor(caption_chat(r), base_dir=r.get("_dir", "."), max_len=max_len, overlong=overlong)
+        except DataError as error:
+            raise DataError(f"{r.get('_where', '?')}: {error}") from None
+        if e is not None:
+            examples.append(e)
+    return examples
+
+
+def collate(items, processor, packing: bool, max_len: int, device) -> dict:
+    """Packed rows (items are lists of examples) or right-padded examples, plus the images in token order."""
+    examples = [e for pack in items for e in pack] if packing else items
+    batch = pack_collate(items, processor.tokenizer.pad_token_id, max_len) if packing else \
+        pad_collate(items, processor.tokenizer.pad_token_id)
+    batch = {k: v for k, v in batch.items() if k not in ("cu_seqlens", "max_seqlen")}  # flash-attn varlen only
+    batch |= processor.image_inputs(examples, batch["input_ids"])  # a native VLM overrides position_ids here
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def caption_loss_sum(model, batch: dict, impl: str) -> tuple[torch.Tensor, int]:
+    """Sum of caption-token NLL in this micro-batch, and how many tokens it covers."""
+    kwargs = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}  # positions, mask, pixel_values
+    token_logps = sequence_logprobs(model, batch["input_ids"], batch["labels"], impl=impl, **kwargs)  # [B, T]
+    return -token_logps.sum(), int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def caption_correct(prediction: str, reference: str) -> bool:
+    """Colour and shape both right: for each easy-VQA word list (colours, shapes) the reference names, the prediction
+    names exactly the same words. The phrasing is free: the caption template varies per image and can't be read off
+    it, and a reference may leave a part unnamed ("a red shape."). References naming neither need an exact match."""
+    pred, ref = (set(re.findall(r"[a-z]+", text.lower())) for text in (prediction, reference))
+    named = [vocab for vocab in (set(EASY_VQA_COLORS), set(EASY_VQA_SHAPES)) if ref & vocab]
+    if not named:
+        return vqa_normalize(prediction) == vqa_normalize(reference)
+    return all(pred & vocab == ref & vocab for vocab in named)
+
+
+@torch.no_grad()
+def caption_accuracy(model, processor, prompts, references, max_new_tokens, dtype, batch_size=50) -> dict:
+    """Greedy captions of held-out images: colour-and-shape accuracy, exact-match accuracy and a few samples."""
+    model.eval()
+    device, pad = next(model.parameters()).device, processor.tokenizer.pad_token_id
+    texts = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        T = max(len(p["input_ids"]) for p in chunk)  # left padding: generation appends on the right
+        ids = torch.tensor([[pad] * (T - len(p["input_ids"])) + p["input_ids"] for p in chunk], device=device)  # [B, T]
+        mask = torch.tensor([[0] * (T - len(p["input_ids"])) + [1] * len(p["input_ids"]) for p in chunk], device=device)
+        images = {k: v.to(device) if torch.is_tensor(v) else v for k, v in processor.image_inputs(chunk, ids).items()}
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            new = vlm_generate(model, ids, mask, **images, max_new_tokens=max_new_tokens, do_sample=False,
+                               use_cache=True, pad_token_id=pad)  # [B, n_new]
+        texts += [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
+    model.train()
+    n = max(1, len(texts))
+    return {"caption_accuracy": sum(caption_correct(t, r) for t, r in zip(texts, references)) / n,
+            "caption_exact_match": sum(exact_match(t, r) for t, r in zip(texts, references)) / n,
+            "samples": list(zip(texts[:3], references[:3]))}
+
+
+def build_model(args, device):
+    """(model, processor): the VLM folder in --model-path, or --model-path's LM composed with --vision-encoder."""
+    if is_vlm(args.model_path):
+        return load_vlm(args.model_path, dtype=torch.float32, device=device)
+    return build_vlm(args.model_path, args.vision_encoder, image_size=args.image_size, projector=args.projector,
+                     pixel_shuffle=args.pixel_shuffle, dtype=torch.float32, device=device, seed=args.seed)
+
+
+def freeze_unused_vision_params(model) -> list[str]:
+    """Freezes encoder parameters no image feature depends on (SigLIP's attention-pool head, CLIP's post-layernorm:
+    ComposedVLM reads the patch tokens). They would never get a gradient, so AdamW would hold no state for them and
+    a checkpoint would not match the optimizer state a resume expects."""
+    if not isinstance(model, ComposedVLM):
+        return []
+    size = model.vision_encoder.config.image_size
+    device = next(model.parameters()).device
+    model.image_features(torch.zeros(1, 3, size, size, device=device)).sum().backward()
+    unused = [n for n, p in model.named_parameters() if n.startswith("vision_encoder.") and p.requires_grad and p.grad is None]
+    for name, p in model.named_parameters():
+        p.grad = None
+        p.requires_grad_(p.requires_grad and name not in unused)
+    return unused
+
+
+def transformer_blocks(model) -> list[torch.nn.Module]:
+    """Every block of the encoder's and the LM's layer lists (ModuleLists named layers / layer / blocks): the units
+    FSDP2 gathers one at a time."""
+    return [block for name, module in model.named_modules() if isinstance(module, torch.nn.ModuleList)
+            and name.rsplit(".", 1)[-1] in ("layers", "layer", "blocks") for block in module]
+
+
+def export_vlm(args, model, processor, world_size, rank):
+    """save_vlm to <output-dir>/model. Under FSDP2 the full state dict is gathered and rank 0 loads it into a freshly
+    built unsharded model first."""
+    out = os.path.join(args.output_dir, "model")
+    if world_size == 1:
+        return save_vlm(model, processor, out)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return None
+    plain, _ = build_model(args, "cpu")
+    plain.load_state_dict(full_sd)
+    return save_vlm(plain, processor, out)
+
+
+def main(args: Args):
+    # ---- distributed setup and seeding ----
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    compute_dtype = pick_dtype(args.dtype, device)
+    say = print if rank == 0 else (lambda *a, **k: None)
+
+    # ---- data and model: read and check the records first, then preprocess every image and caption once, pack ----
+    records = load_caption_records(args.dataset, args.seed)
+    eval_records = load_caption_records(args.eval_dataset, args.seed) if args.eval_dataset else []
+    model, processor = build_model(args, device)
+    packing = args.packing and isinstance(model, ComposedVLM)
+    examples = caption_examples(records, processor, args.max_len, args.overlong)
+    items = [[examples[i] for i in pack] for pack in pack_examples(examples, args.max_len)] if packing else examples
+    eval_items, eval_prompts, eval_refs = [], [], []
+    if eval_records:
+        eval_examples = caption_examples(eval_records[: args.eval_size], processor, args.max_len, "truncate")
+        eval_items = [[eval_examples[i] for i in p] for p in pack_examples(eval_examples, args.max_len)] if packing else eval_examples
+        if world_size == 1 or rank == 0:
+            eval_prompts = [processor(caption_chat(r, with_caption=False), base_dir=r.get("_dir", "."),
+                                      add_generation_prompt=True) for r in eval_records[: args.eval_samples]]
+            eval_refs = [r["caption"] for r in eval_records[: args.eval_samples]]
+    global_rows = args.batch_size * args.grad_accum * world_size
+    steps_per_epoch = len(items) // global_rows
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: {len(items)} training rows is less than one global batch of {global_rows} "
+                         f"(--batch-size {args.batch_size} x --grad-accum {args.grad_accum} x {world_size} processes)")
+    total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
+    freeze_unused_vision_params(model)
+    groups = param_groups(model, args.lr, lr_vision=args.lr_vision, lr_lm=args.lr_lm, weight_decay=args.weight_decay)
+    if not groups:
+        raise SystemExit("error: --lr, --lr-vision and --lr-lm are all 0: nothing to train")
+    sizes = {g["name"]: 0 for g in groups}  # trainable parameters per part
+    for g in groups:
+        sizes[g["name"]] += sum(p.numel() for p in g["params"])
+    say(f"[plan] {args.model_path}" + ("" if is_vlm(args.model_path) else f" + {args.vision_encoder}")
+        + f" | {len(records)} records -> {len(examples)} examples -> {len(items)} rows "
+        f"({'packed' if packing else 'padded'}, max {args.max_len} tokens) | eval {len(eval_items)} rows, "
+        f"{len(eval_prompts)} images captioned | {total_steps} steps x {global_rows} rows "
+        f"({total_steps / steps_per_epoch:.2f} epochs) | trains "
+        + ", ".join(f"{name} {n / 1e6:.2f}M" for name, n in sizes.items())
+        + f" | world size {world_size} | {device} {compute_dtype}")
+    if args.dry_run:
+        say("[plan] dry run, exiting")
+        return None
+
+    # ---- FSDP2: each encoder and LM block, then the root (embeddings, projector, norms, LM head) ----
+    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
+    if world_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(device.type, (world_size,))
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        for block in transformer_blocks(model):
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+        autocast = nullcontext()  # FSDP2's mixed-precision policy casts instead
+        # sharding replaced the parameters; frozen parts stay frozen (requires_grad was set before)
+        groups = param_groups(model, args.lr, lr_vision=args.lr_vision, lr_lm=args.lr_lm, weight_decay=args.weight_decay)
+    trainable = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_lambda(s, args.warmup_steps, total_steps, args.schedule, args.min_lr_ratio))
+
+    step = 0
+    if args.resume:
+        found = checkpoint_dirs(args.output_dir)
+        if found:
+            step = load_checkpoint(found[-1], model, optimizer, scheduler, rank)
+            say(f"[resume] from {found[-1]} at step {step}")
+        else:
+            say(f"[resume] no complete checkpoint in {args.output_dir}/checkpoints, starting fresh")
+    logger = RunLogger(args.output_dir, asdict(args), enabled=rank == 0, track=args.track, project=args.wandb_project,
+                       run_name=args.run_name, resume_step=step if args.resume else None)
+
+    stop_signal = []  # set by SIGTERM/SIGUSR1 (cluster preemption): save at the end of the step and exit cleanly
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+
+    def run_eval() -> dict:
+        """Eval loss over all ranks; caption accuracy too in a single process (FSDP: on the export, at the end)."""
+        totals = torch.zeros(2, dtype=torch.float64, device=device)  # [nll sum, target tokens]
+        model.eval()
+        n_batches = math.ceil(len(eval_items) / (args.batch_size * world_size))
+        with torch.no_grad():
+            for b in range(n_batches):
+                lo = (b * world_size + rank) * args.batch_size
+                chunk = eval_items[lo : lo + args.batch_size] or eval_items[:1]  # ranks run equal forwards for FSDP
+                with autocast:
+                    nll, n = caption_loss_sum(model, collate(chunk, processor, packing, args.max_len, device), args.logprob_impl)
+                if eval_items[lo : lo + args.batch_size]:
+                    totals += torch.tensor([nll.item(), n], dtype=torch.float64, device=device)
+        model.train()
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        out = {"eval/loss": (totals[0] / totals[1].clamp(min=1)).item()}
+        if world_size == 1 and eval_prompts:
+            acc = caption_accuracy(model, processor, eval_prompts, eval_refs, args.max_new_tokens, compute_dtype)
+            out |= {"eval/caption_accuracy": acc["caption_accuracy"], "eval/caption_exact_match": acc["caption_exact_match"]}
+            say(f"\n[eval] step {step}: loss {out['eval/loss']:.4f}, colour+shape right {acc['caption_accuracy']:.3f}, "
+                f"e.g. " + " | ".join(f"{t!r} (ref {r!r})" for t, r in acc["samples"]))
+        return out
+
+    # ---- training loop ----
+    model.train()
+    metrics = {}
+    if eval_items and args.eval_every and step == 0:
+        logger.log(run_eval(), 0)
+    progress = tqdm(total=total_steps, initial=step, desc="captioner", disable=rank != 0, dynamic_ncols=True)
+    while step < total_steps:
+        t0 = time.time()
+        epoch, position = divmod(step, steps_per_epoch)
+        order = [i for batch in epoch_batches(len(items), global_rows, args.seed, epoch) for i in batch]
+        global_batch = order[position * global_rows : (position + 1) * global_rows]
+        my_rows = global_batch[rank * args.batch_size * args.grad_accum : (rank + 1) * args.batch_size * args.grad_accum]
+        micro_batches = [collate([items[i] for i in my_rows[m * args.batch_size : (m + 1) * args.batch_size]],
+                                 processor, packing, args.max_len, device) for m in range(args.grad_accum)]
+        # normalise by the caption tokens of the whole global batch, known before any forward
+        counts = torch.tensor([sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro_batches),
+                               sum(len(e["input_ids"]) for i in my_rows for e in (items[i] if packing else [items[i]])),
+                               sum(mb["input_ids"].numel() for mb in micro_batches)], dtype=torch.float64, device=device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        if dist.is_initialized():
+            dist.all_reduce(counts)
+        n_target = counts[0].item()
+        for mb in micro_batches:
+            with autocast:
+                nll, _ = caption_loss_sum(model, mb, args.logprob_impl)
+            # FSDP2 averages gradients over ranks; scaling by world_size turns that into the global-batch sum
+            (nll * world_size / n_target).backward()
+            loss_sum += nll.detach().double()
+        if dist.is_initialized():
+            dist.all_reduce(loss_sum)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lrs = {f"train/lr_{g['name']}": lr for g, lr in zip(optimizer.param_groups, scheduler.get_last_lr())}
+        scheduler.step()
+        step += 1
+
+        loss = (loss_sum / n_target).item()
+        metrics = {"train/loss": loss, **lrs, "train/grad_norm": grad_norm.item(), "train/epoch": step / steps_per_epoch,
+                   "train/tokens_per_s": counts[1].item() / (time.time() - t0),
+                   "train/padding_fraction": 1 - counts[1].item() / counts[2].item()}
+        if eval_items and ((args.eval_every and step % args.eval_every == 0) or step == total_steps):
+            metrics |= run_eval()
+        logger.log(metrics, step)
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.4f}")
+
+        preempted = torch.tensor(float(bool(stop_signal)), device=device)
+        if dist.is_initialized():
+            dist.all_reduce(preempted)  # every rank must agree to save, or the collective save hangs
+        if preempted.item() or (args.save_every and step % args.save_every == 0) or step == total_steps:
+            path = save_checkpoint(args.output_dir, step, model, optimizer, scheduler, rank, args.keep_checkpoints)
+            if preempted.item():
+                say(f"\n[signal] saved {path} at step {step}; exiting. Continue with --resume.")
+                progress.close()
+                logger.close()
+                return {"step": step, "preempted": True}
+    progress.close()
+
+    # ---- export (and, after FSDP, caption accuracy of the exported model on rank 0) ----
+    results = {"step": step, **{k.split("/")[1]: v for k, v in metrics.items() if k.startswith("eval/")}}
+    if args.export:
+        out = export_vlm(args, model, processor, world_size, rank)
+        say(f"[export] VLM folder (load_vlm opens it): {out}")
+        if world_size > 1 and rank == 0 and eval_prompts:
+            exported, _ = load_vlm(out, device=device)
+            acc = caption_accuracy(exported, processor, eval_prompts, eval_refs, args.max_new_tokens, compute_dtype)
+            results |= {k: acc[k] for k in ("caption_accuracy", "caption_exact_match")}
+            logger.log({f"eval/{k}": acc[k] for k in ("caption_accuracy", "caption_exact_match")}, step)
+            say(f"[eval] exported model: colour+shape right {acc['caption_accuracy']:.3f}")
+        barrier()
+    logger.close()
+    if dist.is_initialized():
+        dist.barrier()  # gloo aborts a rank whose peer tears down while it is still in a collective
+        dist.destroy_process_group()
+    return results
+
+
+if __name__ == "__main__":
+    main(cli(Args))
