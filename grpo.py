@@ -8,7 +8,7 @@ One step, as in the algorithm box of DeepSeekMath (Shao et al. 2024, arXiv:2402.
         loss = policy_loss(log pi, log pi_old, A) [+ kl_coef * kl_penalty(log pi, log pi_ref)]
 
 Launch:
-    python sft.py && python grpo.py                     # 1 CPU: from sft.py's export, bundled arithmetic task (~15 min)
+    python sft.py && python grpo.py                     # 1 CPU: from sft.py's export, bundled arithmetic task
     python grpo.py --model-path smollm2-135m            # from the instruct model itself
     python grpo.py --estimator dr_grpo --agg seq-mean-token-sum-norm --no-dynamic-sampling  # Dr.GRPO
     python grpo.py --clip-high 0.28 --overlong-buffer 32 --mask-truncated --max-resample 3   # DAPO
