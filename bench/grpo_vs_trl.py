@@ -7,7 +7,8 @@ subprocess, side by side in one run.
     python bench/grpo_vs_trl.py --steps 2 --prompts-per-step 2 --max-new-tokens 32     # a quick check
 
 Both sides: G=4 completions per prompt sampled with Hugging Face `generate` (temperature 1, top_p 1, no top-k), one
-optimizer step per rollout batch (mu=1, one mini-batch: the ratio is 1 and no old-logp pass is made), no KL (beta 0, no
+optimizer step per rollout batch (mu=1, one mini-batch: the ratio is 1 and no old-logp pass is made), no dynamic
+sampling (TRL has none; it is grpo.py's default), no KL (beta 0, no
 reference model), PPO-clip 0.2, AdamW (betas 0.9/0.99, constant lr), grad-norm clip 1, rewards = common.rewards'
 math_reward + format_reward, group-normalised advantages; token-mean aggregation = TRL's loss_type "dapo"
 (seq-mean-token-mean = "grpo"). Precision: float32 master weights with bf16 autocast on both (grpo.py --dtype bfloat16,
@@ -102,7 +103,7 @@ def run_ours(a, work: Path) -> dict:
                         prompts_per_step=a.prompts_per_step, group_size=a.group_size, max_new_tokens=a.max_new_tokens,
                         temperature=1.0, top_p=1.0, lr=a.lr, mu=1, mini_batches=1, micro_batch_size=a.micro_batch_size,
                         estimator="grpo", variant="ppo", clip_low=0.2, clip_high=0.2, agg=a.agg, kl_coef=0.0,
-                        rewards=("math", "format"), dtype=a.dtype, export=False, save_every=0))
+                        dynamic_sampling=False, rewards=("math", "format"), dtype=a.dtype, export=False, save_every=0))
     rows = [r for r in read_metrics(work / "ours") if "train/loss" in r]
     return summarise(stamps, [r["time/step_s"] for r in rows], [r["time/step_s"] * r["time/rollout_share"] for r in rows],
                      [r["completion/length_mean"] for r in rows], a.prompts_per_step * a.group_size, ended[0],
