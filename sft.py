@@ -15,7 +15,7 @@ Launch:
     python sft.py --dry-run                                # check data, model and plan, then exit
     python sft.py --dataset a.jsonl:0.7 --dataset b.jsonl:0.3                   # a weighted mixture (common/data.py)
     python sft.py --model-path runs/captioner/model --dataset easy-vqa:train --eval-dataset easy-vqa:test \
-        --output-dir runs/vqa_sft --lr-vision 0                                 # a VLM folder (common/vision.py)
+        --output-dir runs/vqa_sft --lr-vision 5e-5                              # a VLM folder (common/vision.py)
 
 Where this departs from the textbook / from TRL's SFTTrainer:
   * The loss is normalised by the number of target tokens of the whole accumulated global batch across ranks, not averaged
