@@ -39,6 +39,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -51,12 +52,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common.data import content_text, detect_format, load_records, to_messages
+from common.data import detect_format, load_records, to_messages
 from common.logprob import sequence_logprobs
-from common.metrics import RunLogger, cli
+from common.metrics import RunLogger, cli, exact_match
 from common.models import (barrier, checkpoint_dirs, load_checkpoint, load_model, load_tokenizer, pick_dtype,
                            resolve_model_path, save_checkpoint)
 from common.rewards import VERIFY_STATS, answer_correct, load_reward_fn, remote_reward, safe_rewards
+from common.vision import ComposedVLM, is_vlm, load_vlm, param_groups, save_vlm, vlm_generate
 
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 VARIANTS = ("ppo", "gspo", "gmpo")
@@ -69,7 +71,8 @@ class Args:
     """policy to train: a local HF folder, an alias (smollm2-135m), a .gguf file or a hub id. The default is the model
     `python sft.py` exports: RL sharpens a policy that already solves some problems, it cannot teach the format from zero"""
     dataset: str = "data/arith/train.jsonl"
-    """prompts: messages records (the final assistant turn is dropped) or message+answer records; `answer` is the reference"""
+    """prompts: messages records (the final assistant turn is dropped) or message+answer records; `answer` is the
+    reference. Messages may hold image parts when --model-path is a VLM (e.g. easy-vqa:train)"""
     eval_dataset: str | None = "data/arith/test.jsonl"
     """held-out prompts answered greedily before and after training (answer accuracy)"""
     output_dir: str = "runs/grpo"
@@ -96,6 +99,10 @@ class Args:
     """FIRE sampling: the first completion token is sampled at this (high) temperature, the rest at --temperature"""
     lr: float = 1e-5
     """learning rate (AdamW, constant after warmup)"""
+    lr_projector: float | None = None
+    """VLM only: projector lr (default --lr); 0 freezes it"""
+    lr_vision: float | None = None
+    """VLM only: vision-encoder lr (default --lr); 0 freezes it"""
     warmup_steps: int = 0
     """linear warmup over this many optimizer steps"""
     weight_decay: float = 0.0
@@ -135,7 +142,9 @@ class Args:
     mask_truncated: bool = False
     """DAPO: completions cut at --max-new-tokens (no EOS) get no loss"""
     rewards: tuple[str, ...] = ("math", "format")
-    """built-in reward functions summed into the reward: math (math-verify), format, exact"""
+    """built-in reward functions summed into the reward: math (math-verify), format, exact, vqa (VQA v2 score of short
+    answers; use `--rewards vqa` for image questions). Held-out accuracy checks answers as math when math is among
+    them, else by exact match"""
     reward_weights: tuple[float, ...] | None = None
     """one weight per reward function (built-ins, then --reward-fn, then --reward-url); default all 1"""
     reward_fn: tuple[str, ...] = ()
@@ -318,7 +327,8 @@ def overlong_penalty(lengths, max_len, buffer, penalty):
 
 # ====================================================================================================== rollout
 def prompt_records(source):
-    """(prompt messages, reference answer or None) per record: the chat minus its final assistant turn."""
+    """(prompt messages, reference answer or None) per record: the chat minus its final assistant turn. Relative image
+    paths are resolved against the data file's folder here, so a prompt carries everything it needs."""
     records = load_records(source)
     fmt = detect_format(records)
     if fmt == "preference":
@@ -328,14 +338,33 @@ def prompt_records(source):
         messages = to_messages(r, fmt)
         while messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
+        for m in messages:
+            for part in m["content"] if isinstance(m["content"], list) else []:
+                ref = part.get("image")
+                if part.get("type") == "image" and isinstance(ref, str) and not ref.startswith(("data:", "/", "http")):
+                    part["image"] = str(Path(r.get("_dir", "."), ref.removeprefix("file://")))
         if messages:
-            out.append((messages, None if r.get("answer") is None else str(r["answer"])))
+            out.append((messages, None if r.get("answer") is None else r["answer"]))
     return out, fmt
 
 
 def render_prompt(tokenizer, messages):
-    text_messages = [{"role": m["role"], "content": content_text(m["content"])} for m in messages]
+    """The chat as text up to the assistant header; an image part shows as <image> (rollouts.jsonl, vLLM's prompts)."""
+    text_messages = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else "\n".join(
+        p["text"] if p.get("type") == "text" else "<image>" for p in m["content"])} for m in messages]
     return tokenizer.apply_chat_template(text_messages, add_generation_prompt=True, tokenize=False)
+
+
+def encode_prompt(tokenizer, processor, messages) -> dict:
+    """{"input_ids": the chat rendered up to the assistant header, "images": model inputs per image}. A VLM's processor
+    expands each image part into its image tokens; a text model refuses image parts instead of silently dropping them."""
+    if processor is not None:
+        return processor(messages, add_generation_prompt=True)
+    if any(isinstance(m["content"], list) and any(p.get("type") in ("image", "image_url") for p in m["content"])
+           for m in messages):
+        raise SystemExit("error: a prompt holds an image but --model-path is a text model; pass a VLM folder "
+                         "(pretrain_captioner.py / sft.py export, or a native image-text-to-text model)")
+    return {"input_ids": tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"], "images": []}
 
 
 def stop_ids(tokenizer, model) -> list[int]:
@@ -347,13 +376,15 @@ def stop_ids(tokenizer, model) -> list[int]:
 class FirstTokenTemperature:
     """FIRE sampling (LightRFT): divides the logits of the first generated token by `first_t` instead of the normal
     temperature. Generation divides by `temperature` itself (before or after this processor, the product is the same),
-    so this rescales by temperature / first_t: the first token is sampled from logits / first_t."""
+    so this rescales by temperature / first_t: the first token is sampled from logits / first_t. The first call is
+    the first token (a composed VLM generates from embeddings, so input_ids do not tell the prompt length)."""
 
-    def __init__(self, prompt_len, first_t, temperature):
-        self.prompt_len, self.scale = prompt_len, temperature / first_t
+    def __init__(self, first_t, temperature):
+        self.first, self.scale = True, temperature / first_t
 
     def __call__(self, input_ids, scores):
-        return scores * self.scale if input_ids.shape[1] == self.prompt_len else scores
+        first, self.first = self.first, False
+        return scores * self.scale if first else scores
 
 
 class SampledTokenLogprobs:
@@ -381,34 +412,39 @@ class SampledTokenLogprobs:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, args, autocast, *, greedy=False, max_new_tokens=None, synced=None):
-    """Completions for rendered prompt strings: (completion token lists (EOS kept, pads cut), truncated flags, the
-    sampler's own logps of those tokens (lists; None when greedy)).
+def generate(model, tokenizer, prompts, args, autocast, *, processor=None, greedy=False, max_new_tokens=None, synced=None):
+    """Completions for encoded prompts (encode_prompt): (completion token lists (EOS kept, pads cut), truncated flags,
+    the sampler's own logps of those tokens (lists; None when greedy)).
     Left-padded batch, KV cache, stops at EOS. Under FSDP2, synced_gpus keeps every rank stepping until all are done;
     pass synced=False when only this rank generates (rank-0 eval on an unsharded model), or it waits for the others."""
     from transformers import LogitsProcessorList
 
     was_training = model.training
     model.eval()
-    tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    prompt_len = inputs["input_ids"].shape[1]
+    width = max(len(p["input_ids"]) for p in prompts)  # left-pad: generation appends on the right
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p["input_ids"])) + p["input_ids"] for p in prompts],
+                             device=device)  # [B, T]
+    attention_mask = torch.tensor([[0] * (width - len(p["input_ids"])) + [1] * len(p["input_ids"]) for p in prompts],
+                                  device=device)  # [B, T]
     eos = stop_ids(tokenizer, model)
     sampling = {} if greedy else dict(temperature=args.temperature, top_p=args.top_p, top_k=0)
     processors = LogitsProcessorList()
     if not greedy and args.fire_temperature:
-        processors.append(FirstTokenTemperature(prompt_len, args.fire_temperature, args.temperature))
+        processors.append(FirstTokenTemperature(args.fire_temperature, args.temperature))
     recorder = None if greedy else SampledTokenLogprobs(args.temperature)
     if recorder is not None:
         processors.append(recorder)  # after FIRE: it records the distribution tokens were actually drawn from
+    options = dict(max_new_tokens=max_new_tokens or args.max_new_tokens, do_sample=not greedy, use_cache=True,
+                   pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, logits_processor=processors,
+                   synced_gpus=dist.is_initialized() if synced is None else synced, **sampling)
     with autocast:
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens or args.max_new_tokens, do_sample=not greedy,
-                             use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
-                             synced_gpus=dist.is_initialized() if synced is None else synced, logits_processor=processors, **sampling)
-    tokenizer.padding_side = "right"
+        if processor is not None:  # a VLM: its images' inputs in the order their tokens appear row by row
+            images = {k: v.to(device) if torch.is_tensor(v) else v for k, v in processor.image_inputs(prompts, input_ids).items()}
+            new_tokens = vlm_generate(model, input_ids, attention_mask, **images, **options)  # [B, n_new]
+        else:
+            new_tokens = model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)[:, width:]  # [B, n_new]
     model.train(was_training)
-    new_tokens = out[:, prompt_len:]  # [B, n_new]
     sampler_logps = recorder.finish(new_tokens).tolist() if recorder is not None else None
     completions, truncated, rollout_logps = [], [], []
     for i, row in enumerate(new_tokens.tolist()):
@@ -458,23 +494,29 @@ def build_batch(prompt_ids, completions, pad_id, rollout_logps=None):
     return batch
 
 
-def token_logps(model, mb, args, entropy=False):
-    """log pi(completion tokens) [B, L] at the sampling temperature (and entropy [B, L]), via common/logprob.py."""
+def token_logps(model, mb, args, entropy=False, image_inputs=None):
+    """log pi(completion tokens) [B, L] at the sampling temperature (and entropy [B, L]), via common/logprob.py.
+    image_inputs: a VLM's processor.image_inputs for these rows (they may override position_ids, as Qwen-VL's do)."""
     return sequence_logprobs(model, mb["input_ids"], mb["labels"], position_ids=mb["position_ids"],
                              attention_mask=mb["attention_mask"], impl=args.logprob_impl, temperature=args.temperature,
-                             return_entropy=entropy)
+                             return_entropy=entropy, **(image_inputs or {}))
+
+
+def is_correct(text, answer, rewards) -> bool:
+    """Held-out check: math answers as sft.py's eval checks them; otherwise (VQA) exact match after normalisation."""
+    return answer_correct(text, str(answer)) if "math" in rewards else exact_match(text.strip(), answer) > 0
 
 
 @torch.no_grad()
-def answer_accuracy(model, tokenizer, items, args, autocast, batch_size=25) -> float:
-    """Greedy answers to held-out prompts checked with answer_correct (the same check as sft.py's eval)."""
+def answer_accuracy(model, tokenizer, items, args, autocast, processor=None, batch_size=25) -> float:
+    """Fraction of held-out prompts whose greedy answer is_correct."""
     correct = 0
     for i in range(0, len(items), batch_size):
         chunk = items[i : i + batch_size]
-        completions, _, _ = generate(model, tokenizer, [render_prompt(tokenizer, m) for m, _ in chunk], args, autocast,
-                                     greedy=True, synced=False)  # rank 0 alone, on an unsharded model
+        completions, _, _ = generate(model, tokenizer, [encode_prompt(tokenizer, processor, m) for m, _ in chunk], args,
+                                     autocast, processor=processor, greedy=True, synced=False)  # rank 0, unsharded model
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-        correct += sum(answer_correct(t, a) for t, (_, a) in zip(texts, chunk))
+        correct += sum(is_correct(t, a, args.rewards) for t, (_, a) in zip(texts, chunk))
     return correct / max(1, len(items))
 
 
@@ -500,6 +542,19 @@ def export_hf(args, model, tokenizer, rank) -> Path | None:
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)
     return out
+
+
+def export_vlm(args, model, processor, rank) -> Path | None:
+    """save_vlm of the trained weights to <output-dir>/model; sharded (FSDP2) weights are gathered into a fresh copy."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if dist.is_initialized():
+        full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank != 0:
+            return None
+        model = load_vlm(args.model_path)[0]
+        model.load_state_dict(full_sd)
+    return save_vlm(model, processor, Path(args.output_dir) / "model")
 
 
 def all_sum(values: list[float], device) -> list[float]:
@@ -544,7 +599,11 @@ def main(args: Args):
     if args.model_path == Args.model_path and not Path(args.model_path).is_dir():
         raise SystemExit(f"error: --model-path {args.model_path} (the default) does not exist yet: run `python sft.py` first, "
                          "whose default run exports there, or pass another model, e.g. --model-path smollm2-135m")
-    tokenizer = load_tokenizer(args.model_path)
+    vlm = is_vlm(args.model_path)
+    if vlm and args.vllm:
+        raise SystemExit("error: --vllm rollouts are for text models here; drop --vllm for a VLM")
+    model, processor = load_vlm(args.model_path, device=device) if vlm else (None, None)  # master weights float32
+    tokenizer = processor.tokenizer if vlm else load_tokenizer(args.model_path)
     train_items, _ = prompt_records(args.dataset)
     eval_items = []
     if args.eval_dataset and args.eval_samples:
@@ -556,27 +615,29 @@ def main(args: Args):
     weights = list(args.reward_weights) if args.reward_weights else [1.0] * len(reward_fns)
     if len(weights) != len(reward_fns) or not reward_fns:
         raise SystemExit(f"error: {len(reward_fns)} reward functions ({', '.join(reward_names)}) but {len(weights)} weights")
-    say(f"[plan] model {args.model_path} | {len(train_items)} prompts, {len(eval_items)} held-out | {args.max_steps} steps x "
+    say(f"[plan] model {args.model_path}{' (VLM)' if vlm else ''} | {len(train_items)} prompts, {len(eval_items)} held-out | {args.max_steps} steps x "
         f"{args.prompts_per_step} prompts x G={args.group_size} | {args.estimator} + {args.variant} ({args.agg}), "
         f"mu={args.mu}, {args.mini_batches} mini-batch(es) | rewards {', '.join(reward_names)} | kl {args.kl_coef} | "
         f"world size {world_size} | {device} {compute_dtype}")
     if args.dry_run:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(resolve_model_path(args.model_path))
+        config = model.config if vlm else AutoConfig.from_pretrained(resolve_model_path(args.model_path))
         say(f"[plan] {config.model_type}: {config.num_hidden_layers} layers, hidden {config.hidden_size}; dry run, exiting")
         return None
 
     # ---- models: policy (and reference when KL is on), accuracy before, FSDP2 ----
-    model = load_model(args.model_path, device=device, gradient_checkpointing=args.gradient_checkpointing)
+    if not vlm:
+        model = load_model(args.model_path, device=device, gradient_checkpointing=args.gradient_checkpointing)
     ref_model = None
     if args.kl_coef > 0:
-        ref_model = load_model(args.model_path, device=device).eval().requires_grad_(False)
+        ref_model = (load_vlm(args.model_path, device=device)[0] if vlm else load_model(args.model_path, device=device))
+        ref_model.eval().requires_grad_(False)
     autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
     results = {}
     if eval_items and not args.resume:
         if rank == 0:
-            results["accuracy_before"] = answer_accuracy(model, tokenizer, eval_items, args, autocast)
+            results["accuracy_before"] = answer_accuracy(model, tokenizer, eval_items, args, autocast, processor)
             say(f"[eval] held-out answer accuracy before training: {results['accuracy_before']:.3f}")
         barrier()
     if world_size > 1:
@@ -586,17 +647,21 @@ def main(args: Args):
         mesh = init_device_mesh(device.type, (world_size,))
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         for m in [model] + ([ref_model] if ref_model is not None else []):
-            for layer in m.get_decoder().layers:
+            # a VLM's vision encoder blocks too: the first ModuleList under vision/visual (as in sft.py)
+            blocks = [b for n, b in m.named_modules() if isinstance(b, torch.nn.ModuleList) and re.search("vision|visual", n)]
+            for layer in [*m.get_decoder().layers, *(blocks[0] if vlm and blocks else [])]:
                 fully_shard(layer, mesh=mesh, mp_policy=mp)
-            fully_shard(m, mesh=mesh, mp_policy=mp)  # root: embeddings, final norm, LM head
+            fully_shard(m, mesh=mesh, mp_policy=mp)  # root: embeddings, final norm, LM head (a VLM's projector too)
         autocast = nullcontext()  # FSDP2's mixed-precision policy casts instead
     engine = None
     if args.vllm:  # pragma: no cover - GPU only, untested
         from vllm import LLM
 
         engine = LLM(model=resolve_model_path(args.model_path), gpu_memory_utilization=0.3, enable_sleep_mode=True)
+    # a VLM gets one lr per module (projector, vision, LM); a module at lr 0 is frozen and left out
+    groups = param_groups(model, args.lr, args.lr_projector, args.lr_vision, None, args.weight_decay) if vlm else None
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
+    optimizer = torch.optim.AdamW(groups or trainable, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
 
     step = 0
@@ -632,11 +697,12 @@ def main(args: Args):
             picker = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 101 + attempt)
             chosen = torch.randperm(len(train_items), generator=picker)[: args.prompts_per_step].tolist()
             mine = [train_items[i] for i in chosen[rank * my_prompts : (rank + 1) * my_prompts]]
-            texts = [render_prompt(tokenizer, m) for m, _ in mine for _ in range(args.group_size)]
+            encoded = [encode_prompt(tokenizer, processor, m) for m, _ in mine for _ in range(args.group_size)]
             if engine is not None:  # pragma: no cover
+                texts = [render_prompt(tokenizer, m) for m, _ in mine for _ in range(args.group_size)]
                 completions, truncated, rollout_logps = vllm_generate(engine, model, texts, args)
             else:
-                completions, truncated, rollout_logps = generate(model, tokenizer, texts, args, autocast)
+                completions, truncated, rollout_logps = generate(model, tokenizer, encoded, args, autocast, processor=processor)
             decoded = tokenizer.batch_decode(completions, skip_special_tokens=True)
             prompts_msgs = [m for m, _ in mine for _ in range(args.group_size)]
             answers = [a for _, a in mine for _ in range(args.group_size)]
@@ -649,13 +715,11 @@ def main(args: Args):
             total = per_fn_t @ torch.tensor(weights, dtype=torch.float32)  # [rows]
             total += overlong_penalty([len(c) for c in completions], args.max_new_tokens, args.overlong_buffer,
                                       args.overlong_penalty)
-            prompt_ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
             for g in range(my_prompts):
                 sl = slice(g * args.group_size, (g + 1) * args.group_size)
-                group = dict(prompt_ids=prompt_ids[sl], completions=completions[sl], truncated=truncated[sl],
-                             rollout_logps=rollout_logps[sl],
-                             reward=total[sl], per_fn=per_fn_t[sl], texts=decoded[sl], prompt_text=texts[sl.start],
-                             answer=answers[sl.start])
+                group = dict(prompts=encoded[sl], completions=completions[sl], truncated=truncated[sl],
+                             rollout_logps=rollout_logps[sl], reward=total[sl], per_fn=per_fn_t[sl], texts=decoded[sl],
+                             prompt_text=render_prompt(tokenizer, prompts_msgs[sl.start]), answer=answers[sl.start])
                 n_generated_groups += 1
                 degenerate = args.dynamic_sampling and bool((group["reward"] == group["reward"][0]).all())
                 (dropped if degenerate else kept).append(group)
@@ -668,7 +732,8 @@ def main(args: Args):
         t_rollout = time.time() - t0
 
         # -- advantages: on the whole global batch (reinforce_pp whitens over all of it) --
-        prompt_ids = [p for g in groups for p in g["prompt_ids"]]
+        row_prompts = [p for g in groups for p in g["prompts"]]  # encoded prompts (token ids, images) per row
+        prompt_ids = [p["input_ids"] for p in row_prompts]
         completions = [c for g in groups for c in g["completions"]]
         rollout_logps = [lp for g in groups for lp in g["rollout_logps"]]
         truncated = torch.tensor([t for g in groups for t in g["truncated"]])  # [rows]
@@ -694,18 +759,23 @@ def main(args: Args):
         def micro(rows_idx):
             mb = {k: v[rows_idx] for k, v in batch.items()}
             width = int(mb["attention_mask"].sum(1).max())  # trim right padding to this micro-batch's longest row
-            return {k: v[:, :width].to(device) for k, v in mb.items()}, width
+            mb = {k: v[:, :width].to(device) for k, v in mb.items()}
+            images = None
+            if processor is not None:  # a VLM: these rows' images, in row order
+                images = processor.image_inputs([row_prompts[i] for i in rows_idx.tolist()], mb["input_ids"])
+                images = {k: v.to(device) if torch.is_tensor(v) else v for k, v in images.items()}
+            return mb, width, images
 
         if reuse or ref_model is not None:
             with torch.no_grad():
                 for i in range(0, rows, mb_size):
                     idx = torch.arange(i, min(i + mb_size, rows))
-                    mb, width = micro(idx)
+                    mb, width, images = micro(idx)
                     with autocast:
                         if reuse:
-                            old_logps[idx, :width] = token_logps(model, mb, args).float().cpu()
+                            old_logps[idx, :width] = token_logps(model, mb, args, image_inputs=images).float().cpu()
                         if ref_model is not None:
-                            ref_logps[idx, :width] = token_logps(ref_model, mb, args).float().cpu()
+                            ref_logps[idx, :width] = token_logps(ref_model, mb, args, image_inputs=images).float().cpu()
         sums = dict(loss=0.0, kl=0.0, entropy=0.0, clip=0.0, approx_kl=0.0, tokens=0.0, engine_tokens=0.0,
                     engine_abs_diff=0.0, engine_ratio=0.0, engine_max_diff=0.0)
         n_updates, grad_norms = 0, []
@@ -719,9 +789,9 @@ def main(args: Args):
                                         float(batch["response_mask"][mini].any(1).sum())], device)
                 for i in range(0, len(mini), mb_size):
                     idx = mini[i : i + mb_size]
-                    mb, width = micro(idx)
+                    mb, width, images = micro(idx)
                     with autocast:
-                        logps, entropy = token_logps(model, mb, args, entropy=True)
+                        logps, entropy = token_logps(model, mb, args, entropy=True, image_inputs=images)
                     old = old_logps[idx, :width].to(device) if reuse else logps.detach()
                     if epoch == 0 and "rollout_logps" in mb:  # the sampler's logps vs the training model's: logged only
                         diff = (old - mb["rollout_logps"]).float()[mb["response_mask"]]
@@ -792,7 +862,7 @@ def main(args: Args):
             if key != "verified":
                 metrics[f"reward/math_verify_{key}"] = all_sum([v], device)[0]
         if args.eval_every and step % args.eval_every == 0 and step < args.max_steps and eval_items and world_size == 1:
-            metrics["eval/accuracy"] = answer_accuracy(model, tokenizer, eval_items, args, autocast)
+            metrics["eval/accuracy"] = answer_accuracy(model, tokenizer, eval_items, args, autocast, processor)
         logger.log(metrics, step)
         if args.save_rollouts and rank == 0:  # rank 0's share of the rollouts
             with rollout_file.open("a") as f:
@@ -820,18 +890,19 @@ def main(args: Args):
 
     # ---- export and answer accuracy after training ----
     if args.export:
-        out = export_hf(args, model, tokenizer, rank)
-        say(f"[export] Hugging Face folder: {out}")
+        out = export_vlm(args, model, processor, rank) if vlm else export_hf(args, model, tokenizer, rank)
+        say(f"[export] {'VLM' if vlm else 'Hugging Face'} folder: {out}")
     if eval_items:
         if world_size == 1:
-            results["accuracy_after"] = answer_accuracy(model, tokenizer, eval_items, args, autocast)
+            results["accuracy_after"] = answer_accuracy(model, tokenizer, eval_items, args, autocast, processor)
         elif args.export and rank == 0:
             from transformers import AutoModelForCausalLM
 
-            exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device)
+            exported = (load_vlm(out, device=device)[0] if vlm else
+                        AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device))
             results["accuracy_after"] = answer_accuracy(exported, tokenizer, eval_items, args,
                                                         torch.autocast(device.type, dtype=compute_dtype,
-                                                                       enabled=compute_dtype != torch.float32))
+                                                                       enabled=compute_dtype != torch.float32), processor)
         if "accuracy_after" in results:
             say(f"[eval] held-out answer accuracy after training: {results['accuracy_after']:.3f}"
                 + (f" (before: {results['accuracy_before']:.3f})" if "accuracy_before" in results else ""))

@@ -167,7 +167,19 @@ def exact_match_reward(completions, prompts=None, answers=None, **kwargs) -> lis
     return [float(a is not None and norm(c) == norm(str(a))) for c, a in zip(completions, answers)]
 
 
-REWARD_FUNCTIONS = {"math": math_reward, "format": format_reward, "exact": exact_match_reward}
+def vqa_reward(completions, prompts=None, answers=None, **kwargs) -> list[float]:
+    """VQA v2 accuracy (common/metrics.vqa_score) of the completion, or of its <answer> tag, against the reference
+    answer(s): a list of annotators' answers, or one answer (then exact match after VQA normalisation)."""
+    from common.metrics import vqa_score
+
+    def answer_part(s):
+        tags = _ANSWER_TAG.findall(s)
+        return tags[-1] if tags else s
+    return [0.0 if a is None else vqa_score(answer_part(c), a if isinstance(a, list) else [str(a)])
+            for c, a in zip(completions, answers)]
+
+
+REWARD_FUNCTIONS = {"math": math_reward, "format": format_reward, "exact": exact_match_reward, "vqa": vqa_reward}
 
 
 def load_reward_fn(spec: str):

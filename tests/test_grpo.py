@@ -240,8 +240,8 @@ def test_sampler_logps_equal_the_training_models_logps(sharper_tiny_model_dir):
 
     tokenizer = load_tokenizer(sharper_tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(sharper_tiny_model_dir, dtype=torch.float32)
-    prompts = [grpo.render_prompt(tokenizer, [{"role": "user", "content": q}]) for q in ("2+2?", "What is seven times eight?")]
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    prompts = [grpo.encode_prompt(tokenizer, None, [{"role": "user", "content": q}]) for q in ("2+2?", "What is seven times eight?")]
+    prompt_ids = [p["input_ids"] for p in prompts]
     for fire in (None, 3.0):
         args = types.SimpleNamespace(temperature=0.7, top_p=1.0, fire_temperature=fire, max_new_tokens=6)
         torch.manual_seed(0)
