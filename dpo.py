@@ -12,9 +12,12 @@ Launch:
     python dpo.py --loss-type ipo --beta 0.5 --lora-r 16 --merge
     torchrun --nproc_per_node=8 dpo.py --dataset prefs.jsonl   # N GPUs, FSDP2
     python dpo.py --config run.yaml --dry-run
+    python dpo.py --model-path runs/vqa_sft/model --dataset prefs.jsonl --lr-vision 0   # a VLM on image pairs
 
 Data: records {"prompt", "chosen", "rejected"}, each a string or a list of chat messages (common/data.py validates them);
-loss only on the answer tokens (assistant-only labels from the chat template).
+loss only on the answer tokens (assistant-only labels from the chat template). With a VLM (--model-path a common/vision.py
+folder or a native HF VLM) prompts may hold image parts ({"type": "image", "image": path}); projector, vision encoder and
+LM get their own learning rates (--lr-projector/--lr-vision/--lr-lm; 0 freezes), as in sft.py.
 
 Where this departs from the textbook / from TRL's DPOTrainer:
   * The reference log-probs are computed once, before training, in a no-grad pass over the data, and cached on disk under
@@ -29,8 +32,9 @@ Where this departs from the textbook / from TRL's DPOTrainer:
     tokens of the batch instead.
   * With LoRA the reference is the base model with the adapters disabled (`model.disable_adapter()`).
 
-Batch layout for images (once the vision issue lands): a pair's two rows share the prompt record (`pair["index"]`), so
-its images are fetched once and repeated for the chosen and the rejected row (rows 0..B-1, then B..2B-1).
+Batch layout for images: a pair's two rows share the prompt, so its images appear once for the chosen row and again for
+the rejected row (rows 0..B-1, then B..2B-1), in the order their tokens appear row by row. The reference-logps cache key
+also hashes the preprocessed pixels: an image file replaced under the same name is new data.
 """
 
 from __future__ import annotations
@@ -40,11 +44,12 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -56,10 +61,11 @@ from tqdm import tqdm
 from common.data import (DataError, IGNORE, detect_format, epoch_batches, load_records, pack_collate, pack_examples,
                          preference_messages, tokenize_chat)
 from common.logprob import sequence_logprobs
-from common.metrics import RunLogger, cli
+from common.metrics import RunLogger, cli, exact_match
 from common.models import (barrier, cache_dir, checkpoint_dirs, load_checkpoint, load_model, load_tokenizer, pick_dtype,
-                           resolve_model_path, save_checkpoint)
+                           prepare_model, resolve_model_path, save_checkpoint)
 from common.rewards import answer_correct
+from common.vision import ComposedVLM, is_vlm, load_vlm, param_groups, save_vlm, vlm_generate
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "simpo", "orpo", "kto")
 REFERENCE_FREE = ("simpo", "orpo")
@@ -69,7 +75,8 @@ LENGTH_AVERAGED = ("ipo", "simpo", "orpo")  # these losses see mean token log-pr
 @dataclass
 class Args:
     model_path: str = "smollm2-135m"
-    """policy to train: an alias (smollm2-135m), a .gguf file, a local HF folder (e.g. runs/sft/model) or a hub id"""
+    """policy to train: an alias (smollm2-135m), a .gguf file, a local HF folder (e.g. runs/sft/model) or a hub id; or a
+    VLM folder (common/vision.py's save_vlm, or a native HF VLM): then prompts may hold images"""
     ref_model: str | None = None
     """reference model (same tokenizer as the policy); default: the initial policy (with LoRA: the base model with
     adapters disabled)"""
@@ -95,6 +102,12 @@ class Args:
     """SimPO's target reward margin"""
     lr: float = 5e-6
     """peak learning rate (AdamW)"""
+    lr_projector: float | None = None
+    """VLM only: learning rate of the projector (None: --lr; 0 freezes it)"""
+    lr_vision: float | None = None
+    """VLM only: learning rate of the vision encoder (None: --lr; 0 freezes it)"""
+    lr_lm: float | None = None
+    """VLM only: learning rate of the language model (None: --lr; 0 freezes it)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -231,8 +244,10 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
 
 
 # -------------------------------------------------------------------------------------------------- data
-def build_pairs(source: str, tokenizer, *, max_len: int, overlong: str = "truncate", with_kl: bool = False):
+def build_pairs(source: str, tokenizer, *, max_len: int, overlong: str = "truncate", with_kl: bool = False,
+                processor=None):
     """(pairs, records): each pair {"index", "chosen", "rejected"[, "kl"]} of tokenised chats with assistant-only labels.
+    A VLM `processor` (common/vision.py) tokenises instead: its sequences also carry their images ("images").
 
     With with_kl (KTO), "kl" is the prompt of pair i with the chosen answer of pair i-1 (a fixed mismatched pairing,
     like TRL's KL dataset), whose log-prob under policy and reference estimates KTO's reference point."""
@@ -240,10 +255,19 @@ def build_pairs(source: str, tokenizer, *, max_len: int, overlong: str = "trunca
     fmt = detect_format(records)
     if fmt != "preference":
         raise DataError(f"{source}: dpo.py needs preference records (prompt, chosen, rejected), got format {fmt!r}")
+
+    def encode(messages, record, overlong):
+        if processor is not None:
+            return processor(messages, base_dir=record.get("_dir", "."), max_len=max_len, overlong=overlong)
+        if any(isinstance(m["content"], list) and any(p.get("type") in ("image", "image_url") for p in m["content"])
+               for m in messages):  # tokenize_chat would silently drop the image
+            raise DataError(f"{record.get('_where', source)}: the pair holds an image but --model-path is a text model; "
+                            "pass a VLM folder (pretrain_captioner.py / sft.py export, or a native image-text-to-text model)")
+        return tokenize_chat(messages, tokenizer, max_len=max_len, overlong=overlong)
+
     pairs, kept, n_dropped = [], [], 0
     for record in records:
-        chosen_msgs, rejected_msgs = preference_messages(record)
-        sides = [tokenize_chat(m, tokenizer, max_len=max_len, overlong=overlong) for m in (chosen_msgs, rejected_msgs)]
+        sides = [encode(m, record, overlong) for m in preference_messages(record)]
         if any(s is None or all(t == IGNORE for t in s["labels"]) for s in sides):
             n_dropped += 1  # over-long (with --overlong drop) or the answer was cut off entirely
             continue
@@ -255,7 +279,7 @@ def build_pairs(source: str, tokenizer, *, max_len: int, overlong: str = "trunca
         for i, pair in enumerate(pairs):
             prompt = preference_messages(kept[i])[0][: _n_prompt(kept[i])]
             other_answer = preference_messages(kept[i - 1])[0][_n_prompt(kept[i - 1]) :]
-            pair["kl"] = tokenize_chat(prompt + other_answer, tokenizer, max_len=max_len, overlong="truncate")
+            pair["kl"] = encode(prompt + other_answer, kept[i], "truncate")
     print(f"[data] {source}: {len(records)} records -> {len(pairs)} pairs ({n_dropped} dropped)")
     return pairs, kept
 
@@ -264,8 +288,10 @@ def _n_prompt(record) -> int:
     return 1 if isinstance(record["prompt"], str) else len(record["prompt"])
 
 
-def collate_sequences(seqs: list[dict], pad_id: int, *, packing: bool, max_len: int) -> dict:
-    """Rows for one forward, plus seq_index [R, T]: which of the len(seqs) sequences each token belongs to (-1: pad)."""
+def collate_sequences(seqs: list[dict], pad_id: int, *, packing: bool, max_len: int, processor=None) -> dict:
+    """Rows for one forward, plus seq_index [R, T]: which of the len(seqs) sequences each token belongs to (-1: pad).
+    With a VLM processor also its image inputs, images in the order their tokens appear row by row (a native VLM's
+    position_ids=None: it computes its own 3-D positions)."""
     if not packing:
         T = max(len(s["input_ids"]) for s in seqs)
         input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # [S, T]
@@ -278,7 +304,7 @@ def collate_sequences(seqs: list[dict], pad_id: int, *, packing: bool, max_len: 
             attention_mask[row, :n], seq_index[row, :n] = 1, row
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # [S, T]
         return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids,
-                    seq_index=seq_index, n_seqs=len(seqs))
+                    seq_index=seq_index, n_seqs=len(seqs)) | (processor.image_inputs(seqs, input_ids) if processor else {})
     packs = pack_examples(seqs, max_len)
     batch = pack_collate([[seqs[i] for i in pack] for pack in packs], pad_id, max_len)
     seq_index = torch.full_like(batch["input_ids"], -1)  # [R, max_len]
@@ -288,13 +314,16 @@ def collate_sequences(seqs: list[dict], pad_id: int, *, packing: bool, max_len: 
             n = len(seqs[i]["input_ids"])
             seq_index[row, t:t + n] = i
             t += n
+    images = processor.image_inputs([seqs[i] for pack in packs for i in pack], batch["input_ids"]) if processor else {}
     return dict(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
-                seq_index=seq_index, n_seqs=len(seqs))
+                seq_index=seq_index, n_seqs=len(seqs)) | images
 
 
-def collate_pairs(pairs: list[dict], pad_id: int, *, packing: bool, max_len: int, sides=("chosen", "rejected")):
+def collate_pairs(pairs: list[dict], pad_id: int, *, packing: bool, max_len: int, sides=("chosen", "rejected"),
+                  processor=None):
     """One batch of the pairs' sequences: all chosen first, then all rejected (sequence k*B + i is side k of pair i)."""
-    return collate_sequences([p[side] for side in sides for p in pairs], pad_id, packing=packing, max_len=max_len)
+    return collate_sequences([p[side] for side in sides for p in pairs], pad_id, packing=packing, max_len=max_len,
+                             processor=processor)
 
 
 def len_answer(example) -> int:
@@ -305,10 +334,10 @@ def len_answer(example) -> int:
 def sequence_logps(model, batch, impl: str = "fused") -> tuple[torch.Tensor, torch.Tensor]:
     """(summed answer log-probs [S], answer token counts [S]) of the batch's sequences, from one forward."""
     device = next(model.parameters()).device
-    to = {k: batch[k].to(device) for k in ("input_ids", "labels", "position_ids", "seq_index")}
-    token_logps = sequence_logprobs(model, to["input_ids"], to["labels"], position_ids=to["position_ids"],
-                                    attention_mask=batch["attention_mask"].to(device) if "attention_mask" in batch else None,
-                                    impl=impl)  # [R, T], out[:, t] scores token t+1, 0 off-target
+    to = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k != "n_seqs"}
+    kwargs = {k: v for k, v in to.items() if k not in ("input_ids", "labels", "seq_index")}  # positions, mask, pixels
+    token_logps = sequence_logprobs(model, to["input_ids"], to["labels"], impl=impl,
+                                    **kwargs)  # [R, T], out[:, t] scores token t+1, 0 off-target
     target = torch.zeros_like(to["labels"], dtype=torch.bool)  # [R, T]
     target[:, :-1] = to["labels"][:, 1:] != IGNORE
     # token t+1 is in the same sequence as token t for every target (a sequence's first token is never a target)
@@ -321,29 +350,35 @@ def sequence_logps(model, batch, impl: str = "fused") -> tuple[torch.Tensor, tor
 
 # ----------------------------------------------------------------------------------------- reference pass
 def model_identity(path: str) -> dict:
-    """What identifies a model's weights without reading them: config + weight files' names, sizes and mtimes."""
-    resolved = resolve_model_path(path)
+    """What identifies a model's weights without reading them: config (a composed VLM's vlm_config.json) + weight
+    files' names, sizes and mtimes."""
+    resolved = str(path) if is_vlm(path) else resolve_model_path(path)
     folder = Path(resolved)
     if not folder.is_dir():
         return {"hub_id": resolved}
     files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
-    config = (folder / "config.json").read_bytes() if (folder / "config.json").exists() else b""
+    config = b"".join((folder / n).read_bytes() for n in ("config.json", "vlm_config.json") if (folder / n).exists())
     return {"path": str(folder.resolve()), "config_sha1": hashlib.sha1(config).hexdigest(),
             "weights": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
 
 
 def reference_cache_key(ref_path: str, pairs: list[dict], sides, max_len: int, dtype: torch.dtype) -> str:
-    """Hash of the reference model's identity and the exact tokens scored (which covers data, template and max_len)."""
+    """Hash of the reference model's identity and the exact tokens scored (which covers data, template and max_len),
+    and of a VLM's preprocessed images (an image token says nothing about the pixels behind it)."""
     h = hashlib.sha1(json.dumps({"model": model_identity(ref_path), "max_len": max_len, "dtype": str(dtype),
                                  "sides": list(sides)}, sort_keys=True).encode())
     for p in pairs:
         for side in sides:
             h.update(json.dumps([p[side]["input_ids"], p[side]["labels"]]).encode())
+            for image in p[side].get("images", ()):
+                for name in sorted(image):
+                    h.update(image[name].numpy().tobytes())
     return h.hexdigest()[:16]
 
 
 @torch.no_grad()
-def compute_logps(model, pairs, sides, *, batch_size, pad_id, packing, max_len, impl, autocast, rank=0, world_size=1):
+def compute_logps(model, pairs, sides, *, batch_size, pad_id, packing, max_len, impl, autocast, rank=0, world_size=1,
+                  processor=None):
     """{side: summed answer log-probs [N]} for every pair, no grad; ranks share the work and all-reduce."""
     was_training = model.training
     model.eval()
@@ -353,8 +388,8 @@ def compute_logps(model, pairs, sides, *, batch_size, pad_id, packing, max_len, 
     for lo in tqdm(range(0, len(mine), batch_size), desc="reference logps", disable=rank != 0, leave=False):
         idx = mine[lo : lo + batch_size]
         with autocast:
-            sums, _ = sequence_logps(model, collate_pairs([pairs[i] for i in idx], pad_id, packing=packing,
-                                                          max_len=max_len, sides=sides), impl)
+            sums, _ = sequence_logps(model, collate_pairs([pairs[i] for i in idx], pad_id, packing=packing, max_len=max_len,
+                                                          sides=sides, processor=processor), impl)
         out[:, idx] = sums.float().view(len(sides), len(idx))
     if dist.is_initialized():
         dist.all_reduce(out)
@@ -362,7 +397,8 @@ def compute_logps(model, pairs, sides, *, batch_size, pad_id, packing, max_len, 
     return {side: out[k].cpu() for k, side in enumerate(sides)}
 
 
-def reference_logps(args, name, pairs, sides, policy, tokenizer, autocast, compute_dtype, device, rank, world_size):
+def reference_logps(args, name, pairs, sides, policy, tokenizer, autocast, compute_dtype, device, rank, world_size,
+                    processor=None):
     """Cached reference logps of `pairs` ({side: [N]}), and whether the cache was hit."""
     ref_path = args.ref_model or args.model_path
     key = reference_cache_key(ref_path, pairs, sides, args.max_len, compute_dtype)
@@ -375,10 +411,10 @@ def reference_logps(args, name, pairs, sides, policy, tokenizer, autocast, compu
             print(f"[ref] {name}: cached reference logps {path}")
         return torch.load(path), True
     kw = dict(batch_size=args.batch_size, pad_id=tokenizer.pad_token_id, packing=args.packing, max_len=args.max_len,
-              impl=args.logprob_impl, autocast=autocast, rank=rank, world_size=world_size)
+              impl=args.logprob_impl, autocast=autocast, rank=rank, world_size=world_size, processor=processor)
     t0 = time.time()
     if args.ref_model:
-        ref = load_model(args.ref_model, device=device)
+        ref = load_vlm(args.ref_model, device=device)[0] if processor else load_model(args.ref_model, device=device)
         logps = compute_logps(ref, pairs, sides, **kw)
         del ref
     elif args.lora_r > 0:
@@ -397,22 +433,27 @@ def reference_logps(args, name, pairs, sides, policy, tokenizer, autocast, compu
 
 # --------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def answer_accuracy(model, tokenizer, records, max_new_tokens, dtype, batch_size=25) -> float:
-    """Greedy answers to held-out prompts, checked against each record's `answer` (common/rewards.py)."""
+def answer_accuracy(model, tokenizer, records, max_new_tokens, dtype, batch_size=25, processor=None) -> float:
+    """Greedy answers to held-out prompts, checked against each record's `answer` (common/rewards.py; a VLM's, given
+    its processor, by exact match as sft.py scores them)."""
     model.eval()
-    tokenizer.padding_side = "left"  # generation appends on the right
-    device, correct = next(model.parameters()).device, 0
+    device, pad, correct = next(model.parameters()).device, tokenizer.pad_token_id, 0
     for i in tqdm(range(0, len(records), batch_size), desc="answer accuracy", leave=False):
         chunk = records[i : i + batch_size]
-        prompts = [tokenizer.apply_chat_template(preference_messages(r)[0][:_n_prompt(r)], add_generation_prompt=True,
-                                                 tokenize=False) for r in chunk]
-        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        chats = [preference_messages(r)[0][:_n_prompt(r)] for r in chunk]
+        prompts = ([processor(m, base_dir=r.get("_dir", "."), add_generation_prompt=True) for m, r in zip(chats, chunk)]
+                   if processor else [tokenizer(tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
+                                                add_special_tokens=False) for m in chats])
+        width = max(len(p["input_ids"]) for p in prompts)  # left-pad: generation appends on the right
+        ids = torch.tensor([[pad] * (width - len(p["input_ids"])) + p["input_ids"] for p in prompts], device=device)  # [B, T]
+        mask = torch.tensor([[0] * (width - len(p["input_ids"])) + [1] * len(p["input_ids"]) for p in prompts], device=device)
+        images = processor.image_inputs(prompts, ids) if processor else {}
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                 pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        correct += sum(answer_correct(t, str(r["answer"])) for t, r in zip(texts, chunk))
-    tokenizer.padding_side = "right"
+            new = vlm_generate(model, ids, mask, **{k: v.to(device) if torch.is_tensor(v) else v for k, v in images.items()},
+                               max_new_tokens=max_new_tokens, do_sample=False, use_cache=True, pad_token_id=pad)  # [B, n_new]
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        correct += sum(exact_match(t.strip(), str(r["answer"])) if processor else answer_correct(t, str(r["answer"]))
+                       for t, r in zip(texts, chunk))
     model.train()
     return correct / max(1, len(records))
 
@@ -429,15 +470,20 @@ def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     return min_ratio + (1 - min_ratio) * decay
 
 
-def export_hf(args, model, tokenizer, rank) -> Path | None:
+def export_hf(args, model, tokenizer, rank, processor=None) -> Path | None:
     """Gathers the full state dict and writes a Hugging Face folder. LoRA: the adapter to model/adapter, and with
-    --merge the merged model to model/; otherwise the full model to model/."""
+    --merge the merged model to model/; otherwise the full model to model/. A VLM (given its processor): save_vlm."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM
 
     full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
         return None
+    if processor is not None:
+        if dist.is_initialized():  # sharded weights: gathered into a fresh copy
+            model = load_vlm(args.model_path)[0]
+            model.load_state_dict(full_sd)
+        return save_vlm(model, processor, Path(args.output_dir) / "model")
     base_path = resolve_model_path(args.model_path)
     config = AutoConfig.from_pretrained(base_path)
     with torch.device("meta"):
@@ -487,14 +533,21 @@ def main(args: Args):
     needs_ref = args.loss_type not in REFERENCE_FREE
     sides = ("chosen", "rejected", "kl") if args.loss_type == "kto" else ("chosen", "rejected")
 
-    # ---- data ----
-    tokenizer = load_tokenizer(args.model_path)
+    # ---- data (a VLM's processor tokenises and reads the images) ----
+    vlm = is_vlm(args.model_path)
+    if vlm and args.lora_r > 0:
+        raise SystemExit("error: --lora-r is for text models; a VLM trains full weights (--lr-projector/--lr-vision/--lr-lm)")
+    model, processor = load_vlm(args.model_path, device=device) if vlm else (None, None)  # master weights float32
+    tokenizer = processor.tokenizer if vlm else load_tokenizer(args.model_path)
+    if vlm and args.packing and not isinstance(model, ComposedVLM):
+        say("[note] a native VLM computes its own (M-RoPE) positions, which packed rows cannot restart: --no-packing")
+        args = replace(args, packing=False)
     pairs, _ = build_pairs(args.dataset, tokenizer, max_len=args.max_len, overlong=args.overlong,
-                           with_kl=args.loss_type == "kto")
+                           with_kl=args.loss_type == "kto", processor=processor)
     eval_pairs, eval_records = [], []
     if args.eval_dataset:
         eval_pairs, records = build_pairs(args.eval_dataset, tokenizer, max_len=args.max_len, overlong="truncate",
-                                          with_kl=args.loss_type == "kto")
+                                          with_kl=args.loss_type == "kto", processor=processor)
         eval_records = [r for r in records if "answer" in r][: args.eval_samples]
     global_pairs = args.batch_size * args.grad_accum * world_size
     steps_per_epoch = len(pairs) // global_pairs
@@ -503,34 +556,40 @@ def main(args: Args):
                          f"(--batch-size {args.batch_size} x --grad-accum {args.grad_accum} x {world_size} processes)")
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
     ref_desc = "none (reference-free)" if not needs_ref else (args.ref_model or ("base model, adapters off" if args.lora_r else "initial policy"))
-    say(f"[plan] {args.loss_type} (beta {args.beta}) | model {args.model_path} | reference {ref_desc} | "
+    say(f"[plan] {args.loss_type} (beta {args.beta}) | model {args.model_path}{' (VLM)' if vlm else ''} | reference {ref_desc} | "
         f"{len(pairs)} pairs, eval {len(eval_pairs)} pairs, {len(eval_records)} answer prompts | {total_steps} steps x "
         f"{global_pairs} pairs ({total_steps / steps_per_epoch:.2f} epochs) | world size {world_size} | {device} {compute_dtype}")
     if args.dry_run:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(resolve_model_path(args.model_path))
+        config = model.config if vlm else AutoConfig.from_pretrained(resolve_model_path(args.model_path))
+        config = getattr(config, "text_config", config)  # a native VLM's LM
         say(f"[plan] {config.model_type}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
             f"vocab {config.vocab_size}; dry run, exiting")
         return None
 
     # ---- model, reference logps (before any update and before FSDP), task accuracy before ----
-    model = load_model(args.model_path, device=device, gradient_checkpointing=args.gradient_checkpointing,
-                       lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                       lora_targets=list(args.lora_targets) if args.lora_targets else None)
+    if not vlm:
+        model = load_model(args.model_path, device=device, gradient_checkpointing=args.gradient_checkpointing,
+                           lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                           lora_targets=list(args.lora_targets) if args.lora_targets else None)
+    elif args.gradient_checkpointing:
+        prepare_model(model.language_model if isinstance(model, ComposedVLM) else model, gradient_checkpointing=True)
     autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
     results: dict = {"ref_cache_hit": {}}
     ref = {}
     ref_eval = {}
     if needs_ref:
         ref, results["ref_cache_hit"]["train"] = reference_logps(
-            args, "train", pairs, sides, model, tokenizer, autocast, compute_dtype, device, rank, world_size)
+            args, "train", pairs, sides, model, tokenizer, autocast, compute_dtype, device, rank, world_size, processor)
         if eval_pairs:
             ref_eval, results["ref_cache_hit"]["eval"] = reference_logps(
-                args, "eval", eval_pairs, sides, model, tokenizer, autocast, compute_dtype, device, rank, world_size)
+                args, "eval", eval_pairs, sides, model, tokenizer, autocast, compute_dtype, device, rank, world_size,
+                processor)
     if eval_records and not args.resume:
         if rank == 0:
-            results["accuracy_before"] = answer_accuracy(model, tokenizer, eval_records, args.max_new_tokens, compute_dtype)
+            results["accuracy_before"] = answer_accuracy(model, tokenizer, eval_records, args.max_new_tokens, compute_dtype,
+                                                         processor=processor)
             say(f"[eval] held-out answer accuracy before training: {results['accuracy_before']:.3f}")
         barrier()
     if world_size > 1:
@@ -539,12 +598,16 @@ def main(args: Args):
 
         mesh = init_device_mesh(device.type, (world_size,))
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-        for layer in model.get_decoder().layers:
+        # a VLM's vision encoder blocks too: the first ModuleList under vision/visual (as in sft.py)
+        blocks = [m for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and re.search("vision|visual", n)]
+        for layer in [*model.get_decoder().layers, *(blocks[0] if vlm and blocks else [])]:
             fully_shard(layer, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)  # root: embeddings, final norm, LM head
+        fully_shard(model, mesh=mesh, mp_policy=mp)  # root: embeddings, final norm, LM head (a VLM's projector too)
         autocast = nullcontext()  # FSDP2's mixed-precision policy casts instead
+    # a VLM gets one lr per module (projector, vision, LM); a module at lr 0 is frozen and left out
+    groups = param_groups(model, args.lr, args.lr_projector, args.lr_vision, args.lr_lm, args.weight_decay) if vlm else None
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(groups or trainable, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, args.warmup_steps, total_steps, args.schedule, args.min_lr_ratio))
 
@@ -568,8 +631,8 @@ def main(args: Args):
     def policy_logps(chunk):
         """Policy logps of the chunk's chosen [B] and rejected [B] answers (mean per token where the loss wants it)."""
         with autocast:
-            sums, counts = sequence_logps(model, collate_pairs(chunk, pad_id, packing=args.packing, max_len=args.max_len),
-                                          args.logprob_impl)
+            sums, counts = sequence_logps(model, collate_pairs(chunk, pad_id, packing=args.packing, max_len=args.max_len,
+                                                               processor=processor), args.logprob_impl)
         logps = sums / counts.clamp(min=1) if args.loss_type in LENGTH_AVERAGED else sums
         return logps.chunk(2)
 
@@ -597,7 +660,8 @@ def main(args: Args):
             for chunk in chunks:
                 with autocast:  # an empty chunk (eval tail) still runs a forward: FSDP ranks must stay in step
                     sums, _ = sequence_logps(model, collate_pairs(chunk or pairs[:1], pad_id, packing=args.packing,
-                                                                  max_len=args.max_len, sides=("kl",)), args.logprob_impl)
+                                                                  max_len=args.max_len, sides=("kl",), processor=processor),
+                                          args.logprob_impl)
                 if chunk:
                     idx = torch.tensor([p["index"] for p in chunk])
                     total += (sums.double() - ref_table["kl"][idx].to(device).double()).sum()
@@ -663,7 +727,7 @@ def main(args: Args):
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
+        lr, lrs = scheduler.get_last_lr()[0], scheduler.get_last_lr()  # lrs: one per param group
         scheduler.step()
         step += 1
 
@@ -672,6 +736,7 @@ def main(args: Args):
                             "train/rewards/accuracies", "train/logps/chosen", "train/logps/rejected"), means[:7]))
         metrics.update({"train/lr": lr, "train/grad_norm": grad_norm.item(), "train/epoch": step / steps_per_epoch,
                         "train/pairs_per_s": global_pairs / (time.time() - t0)})
+        metrics |= {f"train/lr_{group['name']}": group_lr for group, group_lr in zip(optimizer.param_groups, lrs)} if vlm else {}
         if kl is not None:
             metrics["train/kl"] = kl.item()
         if eval_pairs and ((args.eval_every and step % args.eval_every == 0) or step == total_steps):
@@ -698,19 +763,21 @@ def main(args: Args):
             say(f"[eval] held-out after training: reward accuracy {final[0]:.3f}, policy prefers chosen {final[1]:.3f}")
 
     # ---- export and task accuracy after training ----
-    out = export_hf(args, model, tokenizer, rank) if args.export else None
+    out = export_hf(args, model, tokenizer, rank, processor) if args.export else None
     if rank == 0 and out is not None:
-        say(f"[export] Hugging Face folder: {out}")
+        say(f"[export] {'VLM' if vlm else 'Hugging Face'} folder: {out}")
     if eval_records and rank == 0:
         scorer = model
         if world_size > 1:  # the sharded model can't generate alone: reload the export when it holds full weights
             scorer = None
-            if out is not None and (out / "config.json").exists():
+            if out is not None and (vlm or (out / "config.json").exists()):
                 from transformers import AutoModelForCausalLM
 
-                scorer = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device)
+                scorer = (load_vlm(out, device=device)[0] if vlm else
+                          AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device))
         if scorer is not None:
-            results["accuracy_after"] = answer_accuracy(scorer, tokenizer, eval_records, args.max_new_tokens, compute_dtype)
+            results["accuracy_after"] = answer_accuracy(scorer, tokenizer, eval_records, args.max_new_tokens, compute_dtype,
+                                                        processor=processor)
             say(f"[eval] held-out answer accuracy after training: {results['accuracy_after']:.3f}"
                 + (f" (before: {results['accuracy_before']:.3f})" if "accuracy_before" in results else ""))
     if rank == 0:

@@ -497,9 +497,9 @@ def build_batch(prompt_ids, completions, pad_id, rollout_logps=None):
 def token_logps(model, mb, args, entropy=False, image_inputs=None):
     """log pi(completion tokens) [B, L] at the sampling temperature (and entropy [B, L]), via common/logprob.py.
     image_inputs: a VLM's processor.image_inputs for these rows (they may override position_ids, as Qwen-VL's do)."""
-    return sequence_logprobs(model, mb["input_ids"], mb["labels"], position_ids=mb["position_ids"],
-                             attention_mask=mb["attention_mask"], impl=args.logprob_impl, temperature=args.temperature,
-                             return_entropy=entropy, **(image_inputs or {}))
+    kwargs = {"position_ids": mb["position_ids"], "attention_mask": mb["attention_mask"], **(image_inputs or {})}
+    return sequence_logprobs(model, mb["input_ids"], mb["labels"], impl=args.logprob_impl, temperature=args.temperature,
+                             return_entropy=entropy, **kwargs)
 
 
 def is_correct(text, answer, rewards) -> bool:

@@ -14,6 +14,7 @@ from common.metrics import read_metrics
 from common.rewards import vqa_reward
 from common.vision import build_vlm, load_vlm, save_vlm
 from test_sft_vlm import write_color_records
+from test_vision import tiny_qwen_vl_folder
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +37,14 @@ def test_vqa_reward_follows_the_vqa_score():
     assert vqa_reward(["two", "2", "no"], answers=["2", "2", None]) == [1.0, 1.0, 0.0]  # number words -> digits
 
 
-def test_vlm_sampler_logps_equal_training_logps_with_images_in_place(vlm_dir, colors):
-    model, processor = load_vlm(vlm_dir)
+@pytest.mark.parametrize("family", ["composed", "qwen2_vl"])
+def test_vlm_sampler_logps_equal_training_logps_with_images_in_place(family, vlm_dir, colors, tmp_path):
+    if family == "qwen2_vl":  # a native HF VLM: its own image tokens, pixel layout and 3-D M-RoPE positions
+        tiny_qwen_vl_folder(tmp_path / family, family)
+    model, processor = load_vlm(vlm_dir if family == "composed" else tmp_path / family)
     items, _ = grpo.prompt_records(colors["train"])
     prompts = [grpo.encode_prompt(processor.tokenizer, processor, m) for m, _ in items[:4]]
-    assert all(p["input_ids"].count(processor.image_token_id) == processor.tokens_per_image for p in prompts)
+    assert all(p["input_ids"].count(processor.image_token_id) == (16 if family == "composed" else 4) for p in prompts)
     args = types.SimpleNamespace(temperature=1.0, top_p=1.0, fire_temperature=None, max_new_tokens=5, logprob_impl="fused")
     torch.manual_seed(0)
     completions, _, sampler_logps = grpo.generate(model, processor.tokenizer, prompts, args, contextlib.nullcontext(),
