@@ -58,7 +58,7 @@ from common.metrics import RunLogger, cli, exact_match
 from common.models import (barrier, checkpoint_dirs, load_checkpoint, load_model, load_tokenizer, pick_dtype,
                            resolve_model_path, save_checkpoint)
 from common.rewards import VERIFY_STATS, answer_correct, load_reward_fn, remote_reward, safe_rewards
-from common.vision import ComposedVLM, is_vlm, load_vlm, param_groups, save_vlm, vlm_generate
+from common.vision import is_vlm, load_vlm, param_groups, save_vlm, vlm_generate
 
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 VARIANTS = ("ppo", "gspo", "gmpo")
