@@ -48,6 +48,7 @@ import copy
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -62,11 +63,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.data import content_text, detect_format, load_records, preference_messages, to_messages
-from common.logprob import sequence_logprobs
-from common.metrics import RunLogger, cli
+from common.logprob import forward_hidden, sequence_logprobs
+from common.metrics import RunLogger, cli, exact_match
 from common.models import (barrier, checkpoint_dirs, load_checkpoint, load_model, load_tokenizer, pick_attn_implementation,
                            pick_dtype, prepare_model, resolve_model_path, save_checkpoint)
 from common.rewards import answer_correct, load_reward_fn, remote_reward, safe_rewards
+from common.vision import is_vlm, load_vlm, param_groups, save_vlm, vlm_generate
 
 DEFAULT_MODEL = "runs/sft/model"
 MODE_DEFAULTS = {  # field: (ppo default, rm default)
@@ -89,7 +91,8 @@ class Args:
     reward_model: str | None = None
     """scalar reward model, a sequence-classification folder (e.g. runs/rm/model from --mode rm); its score joins the reward"""
     dataset: str | None = None
-    """ppo: prompts (messages or message+answer), default data/arith/train.jsonl; rm: pairs, default data/arith_pref/train.jsonl"""
+    """ppo: prompts (messages or message+answer; image parts need a VLM --model-path, e.g. easy-vqa:train), default
+    data/arith/train.jsonl; rm: pairs, default data/arith_pref/train.jsonl"""
     eval_dataset: str | None = None
     """held-out set (ppo: greedy answer accuracy, rm: pair accuracy, before/after); default: the matching test.jsonl"""
     output_dir: str | None = None
@@ -118,6 +121,10 @@ class Args:
     """actor (ppo, default 1e-5) or reward-model (rm, default 5e-5) learning rate; AdamW, constant after warmup"""
     critic_lr: float = 5e-5
     """critic learning rate"""
+    lr_projector: float | None = None
+    """VLM only: the actor's projector lr (default --lr); 0 freezes it"""
+    lr_vision: float | None = None
+    """VLM only: the actor's vision-encoder lr (default --lr); 0 freezes it"""
     warmup_steps: int = 0
     """linear warmup over this many optimizer steps"""
     weight_decay: float = 0.0
@@ -153,7 +160,7 @@ class Args:
     kl_horizon: int = 10000
     """adaptive KL horizon (in samples): how fast beta moves"""
     rewards: tuple[str, ...] = ("math", "format")
-    """reward functions summed into the reward: built-ins (math, format, exact) or module:function / file.py:function"""
+    """reward functions summed into the reward: built-ins (math, format, exact, vqa) or module:function / file.py:function"""
     reward_weights: tuple[float, ...] | None = None
     """one weight per reward (functions, then --reward-model, then --reward-url); default all 1"""
     reward_url: str | None = None
@@ -304,14 +311,32 @@ def load_value_model(path, pad_token_id, device, *, zero_new_head, gradient_chec
     return prepare_model(model.to(device), gradient_checkpointing)
 
 
-def token_values(value_model, mb):
+class VLMCritic(torch.nn.Module):
+    """A VLM's critic: a copy of the policy VLM (so values see the image) and a zero-initialised linear `score` head
+    on its final-norm hidden states (values start at 0, as the text critic's). Exported as a save_vlm folder plus
+    value_head.safetensors ({"weight": [1, H]})."""
+
+    def __init__(self, vlm):
+        super().__init__()
+        self.vlm = vlm
+        self.score = torch.nn.Linear(vlm.config.get_text_config().hidden_size, 1, bias=False)
+        torch.nn.init.zeros_(self.score.weight)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, **image_inputs):
+        hidden = forward_hidden(self.vlm, input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                **image_inputs)  # [B, L, H]
+        return self.score(hidden)  # [B, L, 1]
+
+
+def token_values(value_model, mb, image_inputs=None):
     """[B, L] float32: the value head at every position. The model's own output pools one position per row, so the
-    head's per-token output is caught with a forward hook (calling the whole model keeps FSDP2's root hooks working)."""
+    head's per-token output is caught with a forward hook (calling the whole model keeps FSDP2's root hooks working).
+    image_inputs: a VLMCritic's processor.image_inputs for these rows (they may override position_ids)."""
     captured = []
     handle = value_model.score.register_forward_hook(lambda module, inputs, output: captured.append(output))
     try:
-        value_model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], position_ids=mb["position_ids"],
-                    use_cache=False)
+        value_model(input_ids=mb["input_ids"], use_cache=False, **{"attention_mask": mb["attention_mask"],
+                    "position_ids": mb["position_ids"], **(image_inputs or {})})
     finally:
         handle.remove()
     return captured[0].squeeze(-1).float()
@@ -366,7 +391,8 @@ def preference_pairs(source, tokenizer, max_len):
 
 # ====================================================================================== rollout (as in grpo.py)
 def prompt_records(source):
-    """(prompt messages, reference answer or None) per record: the chat minus its final assistant turn."""
+    """(prompt messages, reference answer or None) per record: the chat minus its final assistant turn. Relative image
+    paths are resolved against the data file's folder here, so a prompt carries everything it needs."""
     records = load_records(source)
     fmt = detect_format(records)
     if fmt == "preference":
@@ -376,14 +402,31 @@ def prompt_records(source):
         messages = to_messages(r, fmt)
         while messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
-        if messages:
-            out.append((messages, None if r.get("answer") is None else str(r["answer"])))
+        for m in messages:
+            for part in m["content"] if isinstance(m["content"], list) else []:
+                ref = part.get("image")
+                if part.get("type") == "image" and isinstance(ref, str) and not ref.startswith(("data:", "/", "http")):
+                    part["image"] = str(Path(r.get("_dir", "."), ref.removeprefix("file://")))
+        if messages:  # answers stay as given: a VQA answer may be a list of annotators' answers
+            out.append((messages, r.get("answer")))
     return out
 
 
 def render_prompt(tokenizer, messages):
     text_messages = [{"role": m["role"], "content": content_text(m["content"])} for m in messages]
     return tokenizer.apply_chat_template(text_messages, add_generation_prompt=True, tokenize=False)
+
+
+def encode_prompt(tokenizer, processor, messages) -> dict:
+    """{"input_ids": the chat rendered up to the assistant header, "images": model inputs per image}. A VLM's processor
+    expands each image part into its image tokens; a text model refuses image parts instead of silently dropping them."""
+    if processor is not None:
+        return processor(messages, add_generation_prompt=True)
+    if any(isinstance(m["content"], list) and any(p.get("type") in ("image", "image_url") for p in m["content"])
+           for m in messages):
+        raise SystemExit("error: a prompt holds an image but --model-path is a text model; pass a VLM folder "
+                         "(pretrain_captioner.py / sft.py export, or a native image-text-to-text model)")
+    return {"input_ids": tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"], "images": []}
 
 
 def stop_ids(tokenizer, model) -> list[int]:
@@ -393,26 +436,32 @@ def stop_ids(tokenizer, model) -> list[int]:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, args, autocast, *, greedy=False, synced=None):
-    """Completions for rendered prompt strings: (completion token lists (EOS kept, pads cut), truncated flags).
+def generate(model, tokenizer, prompts, args, autocast, *, processor=None, greedy=False, synced=None):
+    """Completions for encoded prompts (encode_prompt): (completion token lists (EOS kept, pads cut), truncated flags).
     Left-padded batch, KV cache, stops at EOS. Under FSDP2, synced_gpus keeps every rank stepping until all are done;
     pass synced=False when only this rank generates (rank-0 eval on an unsharded model)."""
     was_training = model.training
     model.eval()
-    tokenizer.padding_side = "left"
     device = next(model.parameters()).device
-    inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-    prompt_len = inputs["input_ids"].shape[1]
+    width = max(len(p["input_ids"]) for p in prompts)  # left-pad: generation appends on the right
+    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p["input_ids"])) + p["input_ids"] for p in prompts],
+                             device=device)  # [B, T]
+    attention_mask = (torch.arange(width) >= width - torch.tensor([len(p["input_ids"]) for p in prompts])[:, None]).long()
+    attention_mask = attention_mask.to(device)  # [B, T]
     eos = stop_ids(tokenizer, model)
     sampling = {} if greedy else dict(temperature=args.temperature, top_p=args.top_p, top_k=0)
+    options = dict(max_new_tokens=args.max_new_tokens, do_sample=not greedy, use_cache=True,
+                   pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
+                   synced_gpus=dist.is_initialized() if synced is None else synced, **sampling)
     with autocast:
-        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=not greedy, use_cache=True,
-                             pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
-                             synced_gpus=dist.is_initialized() if synced is None else synced, **sampling)
-    tokenizer.padding_side = "right"
+        if processor is not None:  # a VLM: its images' inputs in the order their tokens appear row by row
+            images = {k: v.to(device) if torch.is_tensor(v) else v for k, v in processor.image_inputs(prompts, input_ids).items()}
+            new_tokens = vlm_generate(model, input_ids, attention_mask, **images, **options)  # [B, n_new]
+        else:
+            new_tokens = model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)[:, width:]
     model.train(was_training)
     completions, truncated = [], []
-    for row in out[:, prompt_len:].tolist():
+    for row in new_tokens.tolist():
         end = next((i for i, t in enumerate(row) if t in eos), None)
         completions.append(row if end is None else row[: end + 1])
         truncated.append(end is None)
@@ -451,23 +500,30 @@ def build_batch(prompt_ids, completions, pad_id):
                 response_mask=response_mask)
 
 
-def token_logps(model, mb, args, entropy=False):
-    """log pi(completion tokens) [B, L] at the sampling temperature (and entropy [B, L]), via common/logprob.py."""
-    return sequence_logprobs(model, mb["input_ids"], mb["labels"], position_ids=mb["position_ids"],
-                             attention_mask=mb["attention_mask"], temperature=args.temperature,
-                             return_entropy=entropy)
+def token_logps(model, mb, args, entropy=False, image_inputs=None):
+    """log pi(completion tokens) [B, L] at the sampling temperature (and entropy [B, L]), via common/logprob.py.
+    image_inputs: a VLM's processor.image_inputs for these rows (they may override position_ids, as Qwen-VL's do)."""
+    kwargs = {"position_ids": mb["position_ids"], "attention_mask": mb["attention_mask"], **(image_inputs or {})}
+    return sequence_logprobs(model, mb["input_ids"], mb["labels"], temperature=args.temperature,
+                             return_entropy=entropy, **kwargs)
+
+
+def is_correct(text, answer, vlm) -> bool:
+    """Held-out check: a text model's answers as sft.py's eval checks them; a VLM's (VQA) by exact match after
+    normalisation (grpo.py picks by --rewards instead; here text runs keep their check whatever the rewards)."""
+    return exact_match(text.strip(), answer) > 0 if vlm else answer_correct(text, str(answer))
 
 
 @torch.no_grad()
-def answer_accuracy(model, tokenizer, items, args, autocast, batch_size=25) -> float:
-    """Greedy answers to held-out prompts checked with answer_correct (the same check as sft.py's eval)."""
+def answer_accuracy(model, tokenizer, items, args, autocast, processor=None, batch_size=25) -> float:
+    """Fraction of held-out prompts whose greedy answer is_correct."""
     correct = 0
     for i in range(0, len(items), batch_size):
         chunk = items[i : i + batch_size]
-        completions, _ = generate(model, tokenizer, [render_prompt(tokenizer, m) for m, _ in chunk], args, autocast,
-                                  greedy=True, synced=False)  # rank 0 alone, on an unsharded model
+        completions, _ = generate(model, tokenizer, [encode_prompt(tokenizer, processor, m) for m, _ in chunk], args,
+                                  autocast, processor=processor, greedy=True, synced=False)  # rank 0, unsharded model
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-        correct += sum(answer_correct(t, a) for t, (_, a) in zip(texts, chunk))
+        correct += sum(is_correct(t, a, processor is not None) for t, (_, a) in zip(texts, chunk))
     return correct / max(1, len(items))
 
 
@@ -494,6 +550,26 @@ def export_hf(model, tokenizer, out, rank, auto_class) -> Path | None:
     return out
 
 
+def export_vlm(args, model, processor, out, rank) -> Path | None:
+    """save_vlm of a trained VLM actor, or of a VLMCritic's VLM plus its head in <out>/value_head.safetensors
+    ({"weight": [1, H]}); sharded (FSDP2) weights are gathered into a fresh copy (rank 0)."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if dist.is_initialized():
+        full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank != 0:
+            return None
+        fresh = load_vlm(args.model_path)[0]
+        model = VLMCritic(fresh) if isinstance(model, VLMCritic) else fresh
+        model.load_state_dict(full_sd)
+    if not isinstance(model, VLMCritic):
+        return save_vlm(model, processor, out)
+    out = save_vlm(model.vlm, processor, out)
+    save_file({"weight": model.score.weight.detach().float().cpu().contiguous()}, str(Path(out) / "value_head.safetensors"))
+    return out
+
+
 def all_sum(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
@@ -502,14 +578,20 @@ def all_sum(values: list[float], device) -> list[float]:
 
 
 def shard(models, device, compute_dtype, world_size):
-    """FSDP2: fully_shard each decoder layer, then the root (embeddings, final norm, heads), as in grpo.py."""
+    """FSDP2: fully_shard each decoder layer (and a VLM's vision-encoder blocks), then the root (embeddings, final norm,
+    heads, a VLM's projector), as in grpo.py."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (world_size,))
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for m in models:
-        for layer in m.base_model.layers:
+        inner = m.vlm if isinstance(m, VLMCritic) else m
+        base = getattr(inner, "base_model", None)  # text: LlamaModel; a VLM's decoder sits under get_decoder()
+        decoder = base if hasattr(base, "layers") else inner.get_decoder()
+        # a VLM's vision encoder blocks: the first ModuleList under vision/visual (as in sft.py)
+        blocks = [b for n, b in inner.named_modules() if isinstance(b, torch.nn.ModuleList) and re.search("vision|visual", n)]
+        for layer in [*decoder.layers, *(blocks[0] if blocks else [])]:
             fully_shard(layer, mesh=mesh, mp_policy=mp)
         fully_shard(m, mesh=mesh, mp_policy=mp)
 
@@ -547,7 +629,13 @@ def main(args: Args):
     rows = args.prompts_per_step // world_size  # completions per process per step
     if rows % args.mini_batches:
         raise SystemExit(f"error: {rows} completions per process is not divisible by --mini-batches {args.mini_batches}")
-    tokenizer = load_tokenizer(args.model_path)
+    vlm = is_vlm(args.model_path)
+    if vlm and args.vllm:
+        raise SystemExit("error: --vllm rollouts are for text models here; drop --vllm for a VLM")
+    if vlm and args.critic_path and not is_vlm(args.critic_path):
+        raise SystemExit(f"error: --critic-path {args.critic_path}: a VLM policy needs a VLM critic (or no --critic-path)")
+    model, processor = load_vlm(args.model_path, device=device) if vlm else (None, None)  # master weights float32
+    tokenizer = processor.tokenizer if vlm else load_tokenizer(args.model_path)
     train_items = prompt_records(args.dataset)
     eval_items = []
     if args.eval_dataset and args.eval_samples:
@@ -562,7 +650,7 @@ def main(args: Args):
         raise SystemExit(f"error: {len(reward_names)} rewards ({listed}) but {len(weights)} weights")
     if args.kl_target is not None and args.kl_coef <= 0:
         raise SystemExit("error: --kl-target adapts --kl-coef multiplicatively: give a starting --kl-coef > 0")
-    say(f"[plan] ppo | model {args.model_path} | critic {args.critic_path or 'policy + zero head'} | {len(train_items)} "
+    say(f"[plan] ppo | model {args.model_path}{' (VLM)' if vlm else ''} | critic {args.critic_path or 'policy + zero head'} | {len(train_items)} "
         f"prompts, {len(eval_items)} held-out | {args.max_steps} steps x {args.prompts_per_step} prompts | mu={args.mu}, "
         f"{args.mini_batches} mini-batch(es), critic warm-up {args.critic_warmup_steps} | rewards {', '.join(reward_names)}"
         f" | kl {args.kl_estimator} x {args.kl_coef}{f' -> target {args.kl_target}' if args.kl_target else ''} | "
@@ -571,10 +659,21 @@ def main(args: Args):
         return None
 
     # ---- models: actor, critic, reference, reward model; accuracy before; FSDP2 ----
-    model = load_model(args.model_path, device=device, gradient_checkpointing=args.gradient_checkpointing)
-    critic = load_value_model(args.critic_path or args.model_path, tokenizer.pad_token_id, device, zero_new_head=True,
-                              gradient_checkpointing=args.gradient_checkpointing)
-    ref_model = load_model(args.model_path, device=device).eval().requires_grad_(False) if args.kl_coef > 0 else None
+    if vlm:  # the critic: a second copy of the VLM (values must see the image) + a zero value head
+        critic = VLMCritic(load_vlm(args.critic_path or args.model_path, device=device)[0]).to(device)
+        head = Path(str(args.critic_path)) / "value_head.safetensors"  # a VLM critic exported by an earlier run
+        if args.critic_path and head.exists():
+            from safetensors.torch import load_file
+
+            critic.score.weight.data.copy_(load_file(str(head))["weight"])
+    else:
+        model = load_model(args.model_path, device=device, gradient_checkpointing=args.gradient_checkpointing)
+        critic = load_value_model(args.critic_path or args.model_path, tokenizer.pad_token_id, device, zero_new_head=True,
+                                  gradient_checkpointing=args.gradient_checkpointing)
+    ref_model = None
+    if args.kl_coef > 0:
+        ref_model = load_vlm(args.model_path, device=device)[0] if vlm else load_model(args.model_path, device=device)
+        ref_model.eval().requires_grad_(False)
     reward_model = rm_tokenizer = None
     if args.reward_model:
         rm_tokenizer = load_tokenizer(args.reward_model)
@@ -583,7 +682,7 @@ def main(args: Args):
     results = {}
     if eval_items and not args.resume:
         if rank == 0:
-            results["accuracy_before"] = answer_accuracy(model, tokenizer, eval_items, args, autocast)
+            results["accuracy_before"] = answer_accuracy(model, tokenizer, eval_items, args, autocast, processor)
             say(f"[eval] held-out answer accuracy before training: {results['accuracy_before']:.3f}")
         barrier()
     if world_size > 1:
@@ -598,9 +697,12 @@ def main(args: Args):
     # the KL coefficient rides along as a buffer (the adaptive controller changes it).
     state = torch.nn.ModuleDict({"actor": model, "critic": critic})
     state.register_buffer("kl_coef", torch.tensor(float(args.kl_coef), dtype=torch.float64, device=device))
+    # a VLM actor gets one lr per module (projector, vision, LM); a module at lr 0 is frozen and left out
+    actor_groups = param_groups(model, args.lr, args.lr_projector, args.lr_vision, None, args.weight_decay) if vlm else None
     actor_params = [p for p in model.parameters() if p.requires_grad]
     critic_params = [p for p in critic.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": actor_params, "lr": args.lr}, {"params": critic_params, "lr": args.critic_lr}],
+    optimizer = torch.optim.AdamW((actor_groups or [{"params": actor_params, "lr": args.lr}])
+                                  + [{"params": critic_params, "lr": args.critic_lr}],
                                   weight_decay=args.weight_decay, betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
     step = 0
@@ -630,11 +732,11 @@ def main(args: Args):
         picker = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 101)
         chosen = torch.randperm(len(train_items), generator=picker)[: args.prompts_per_step].tolist()
         mine = [train_items[i] for i in chosen[rank * rows : (rank + 1) * rows]]
-        texts = [render_prompt(tokenizer, m) for m, _ in mine]
+        encoded = [encode_prompt(tokenizer, processor, m) for m, _ in mine]  # token ids (+ images for a VLM)
         if engine is not None:  # pragma: no cover
-            completions, truncated = vllm_generate(engine, model, texts, args)
+            completions, truncated = vllm_generate(engine, model, [render_prompt(tokenizer, m) for m, _ in mine], args)
         else:
-            completions, truncated = generate(model, tokenizer, texts, args, autocast)
+            completions, truncated = generate(model, tokenizer, encoded, args, autocast, processor=processor)
         decoded = tokenizer.batch_decode(completions, skip_special_tokens=True)
         prompts_msgs, answers = [m for m, _ in mine], [a for _, a in mine]
         per_fn, failures = [], []
@@ -650,24 +752,29 @@ def main(args: Args):
         scores = per_fn_t @ weights  # [rows]: the sequence-level reward
 
         # -- no-grad pass: old logps, reference logps, old values at every response token --
-        batch = build_batch(tokenizer(texts, add_special_tokens=False)["input_ids"], completions, tokenizer.pad_token_id)
+        batch = build_batch([p["input_ids"] for p in encoded], completions, tokenizer.pad_token_id)
         mask = batch["response_mask"]  # [rows, L]
         old_logps, ref_logps, old_values = (torch.zeros(mask.shape) for _ in range(3))  # [rows, L] each
 
         def micro(rows_idx):
             mb = {k: v[rows_idx] for k, v in batch.items()}
             width = int(mb["attention_mask"].sum(1).max())  # trim right padding to this micro-batch's longest row
-            return {k: v[:, :width].to(device) for k, v in mb.items()}, width
+            mb = {k: v[:, :width].to(device) for k, v in mb.items()}
+            images = None
+            if processor is not None:  # a VLM: these rows' images, in row order (actor, reference and critic all see them)
+                images = processor.image_inputs([encoded[i] for i in rows_idx.tolist()], mb["input_ids"])
+                images = {k: v.to(device) if torch.is_tensor(v) else v for k, v in images.items()}
+            return mb, width, images
 
         with torch.no_grad():
             for i in range(0, rows, mb_size):
                 idx = torch.arange(i, min(i + mb_size, rows))
-                mb, width = micro(idx)
+                mb, width, images = micro(idx)
                 with autocast:
-                    old_logps[idx, :width] = token_logps(model, mb, args).float().cpu()
-                    old_values[idx, :width] = token_values(critic, mb).cpu()
+                    old_logps[idx, :width] = token_logps(model, mb, args, image_inputs=images).float().cpu()
+                    old_values[idx, :width] = token_values(critic, mb, images).cpu()
                     if ref_model is not None:
-                        ref_logps[idx, :width] = token_logps(ref_model, mb, args).float().cpu()
+                        ref_logps[idx, :width] = token_logps(ref_model, mb, args, image_inputs=images).float().cpu()
         old_values *= mask
 
         # -- token rewards (KL penalty + the score on the last response token), GAE --
@@ -696,11 +803,11 @@ def main(args: Args):
                 mini = mini[torch.argsort(batch["attention_mask"][mini].sum(1))]  # similar lengths share micro-batches
                 n_tok = all_sum([float(mask[mini].sum())], device)[0]
                 for i in range(0, len(mini), mb_size):
-                    mb, width = micro(mini[i : i + mb_size])
+                    mb, width, images = micro(mini[i : i + mb_size])
                     with autocast:
-                        values = token_values(critic, mb)
+                        values = token_values(critic, mb, images)
                         if train_actor:
-                            logps, entropy = token_logps(model, mb, args, entropy=True)
+                            logps, entropy = token_logps(model, mb, args, entropy=True, image_inputs=images)
                     loss, v_clip = value_loss(values, mb["old_values"], mb["returns"], mb["response_mask"], args.value_clip,
                                               n_tokens=n_tok)
                     sums["value_loss"] += float(loss.detach())  # already over global counts: ranks' shares add up
@@ -777,17 +884,22 @@ def main(args: Args):
     # ---- export and answer accuracy after training ----
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    if args.export:
+    if args.export and vlm:
+        out = export_vlm(args, model, processor, Path(args.output_dir) / "model", rank)
+        export_vlm(args, critic, processor, Path(args.output_dir) / "critic", rank)
+        say(f"[export] VLM folders: {out} (policy), {Path(args.output_dir) / 'critic'} (critic + value_head.safetensors)")
+    elif args.export:
         out = export_hf(model, tokenizer, Path(args.output_dir) / "model", rank, AutoModelForCausalLM)
         export_hf(critic, tokenizer, Path(args.output_dir) / "critic", rank, AutoModelForSequenceClassification)
         say(f"[export] Hugging Face folders: {out} (policy), {Path(args.output_dir) / 'critic'} (critic)")
     if eval_items:
         if world_size == 1:
-            results["accuracy_after"] = answer_accuracy(model, tokenizer, eval_items, args, autocast)
+            results["accuracy_after"] = answer_accuracy(model, tokenizer, eval_items, args, autocast, processor)
         elif args.export and rank == 0:
-            exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device)
+            exported = (load_vlm(out, device=device)[0] if vlm else
+                        AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device))
             results["accuracy_after"] = answer_accuracy(exported, tokenizer, eval_items, args, torch.autocast(
-                device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32))
+                device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32), processor)
         if "accuracy_after" in results:
             say(f"[eval] held-out answer accuracy after training: {results['accuracy_after']:.3f}"
                 + (f" (before: {results['accuracy_before']:.3f})" if "accuracy_before" in results else ""))
@@ -807,6 +919,8 @@ def finish(logger, results):
 def train_reward_model(args, world_size, rank, device, compute_dtype, autocast, say):
     """--mode rm: Bradley-Terry reward model on preference pairs; pair accuracy on held-out pairs before and after;
     exported to <output-dir>/model as an AutoModelForSequenceClassification folder (num_labels=1, pad_token_id set)."""
+    if is_vlm(args.model_path):
+        raise SystemExit("error: --mode rm supports text models; --model-path is a VLM")
     if args.pairs_per_step % world_size:
         raise SystemExit(f"error: --pairs-per-step {args.pairs_per_step} must be a multiple of the {world_size} processes")
     tokenizer = load_tokenizer(args.model_path)
