@@ -4,7 +4,7 @@ A completion's answer is, in order of preference: the text after the last "####"
 \\boxed{...}, or else the last number anywhere in the text. The fallback keeps scoring fair for a model that has
 not yet learned the "####" format (e.g. the base model before SFT).
 
-The RL reward functions below it (math-verify, format, exact match, user and remote rewards) serve grpo.py and ppo.py.
+The RL reward functions below it (math-verify, format, exact match, VQA score, user and remote rewards) serve grpo.py and ppo.py.
 """
 
 import importlib
