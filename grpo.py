@@ -642,7 +642,7 @@ def main(args: Args):
         barrier()
     if world_size > 1:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
         mesh = init_device_mesh(device.type, (world_size,))
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
@@ -652,6 +652,8 @@ def main(args: Args):
             for layer in [*m.get_decoder().layers, *(blocks[0] if vlm and blocks else [])]:
                 fully_shard(layer, mesh=mesh, mp_policy=mp)
             fully_shard(m, mesh=mesh, mp_policy=mp)  # root: embeddings, final norm, LM head (a VLM's projector too)
+            if hasattr(m, "vision_encoder"):  # ComposedVLM.generate bypasses forward: make it gather the root's weights
+                register_fsdp_forward_method(m, "generate")
         autocast = nullcontext()  # FSDP2's mixed-precision policy casts instead
     engine = None
     if args.vllm:  # pragma: no cover - GPU only, untested

@@ -1,4 +1,5 @@
-"""ppo.py: PPO with a learned critic for language models (RLHF-style), and the reward model it can use, in one file.
+"""ppo.py: PPO with a learned critic for language and vision-language models (RLHF-style), and the reward model it can
+use (text models), in one file.
 
 One step (PPO: Schulman et al. 2017, arXiv:1707.06347; GAE: Schulman et al. 2016, arXiv:1506.02438; the LM recipe:
 Ziegler et al. 2019, arXiv:1909.08593, Ouyang et al. 2022, arXiv:2203.02155):
@@ -21,6 +22,8 @@ Launch:
     python ppo.py --reward-model runs/rm/model --rewards                     # the learned reward only (no verifier)
     python ppo.py --reward-model runs/rm/model --critic-path runs/rm/model   # critic initialised from the reward model
     python ppo.py --kl-target 2.0                   # adaptive KL coefficient
+    python ppo.py --model-path runs/vqa_sft/model --dataset easy-vqa:train --eval-dataset easy-vqa:test --rewards vqa \
+        --max-new-tokens 8 --lr-vision 0 --output-dir runs/vqa_ppo   # a VLM on image prompts, frozen vision encoder
     python ppo.py --model-path Qwen/Qwen2.5-0.5B-Instruct --dataset my.jsonl --prompts-per-step 64   # 1 GPU
     torchrun --nproc_per_node=8 ppo.py --model-path Qwen/Qwen2.5-1.5B-Instruct --dataset my.jsonl   # N GPUs, FSDP2
 
@@ -38,6 +41,8 @@ Where this departs from the textbook / TRL's PPOTrainer / OpenRLHF:
   * Losses are divided by the response-token count of the whole global mini-batch (as in grpo.py), so gradient
     accumulation and the number of processes do not change the gradient. Advantages are whitened over the global batch.
   * GAE treats each completion as one episode: the last response token bootstraps from 0, truncated or not.
+  * A VLM's critic is a second copy of the VLM plus a zero linear head on its final hidden states (VLMCritic), so
+    values see the image; it trains at --critic-lr throughout (--lr-projector/--lr-vision set the actor's lrs only).
   * Rollouts use Hugging Face `generate` on the training model (synced_gpus under FSDP2, as in grpo.py); --vllm is an
     optional, untested-without-GPU path.
 """
@@ -96,7 +101,8 @@ class Args:
     eval_dataset: str | None = None
     """held-out set (ppo: greedy answer accuracy, rm: pair accuracy, before/after); default: the matching test.jsonl"""
     output_dir: str | None = None
-    """default runs/ppo or runs/rm: checkpoints, metrics.jsonl, exports (<output-dir>/model; ppo also <output-dir>/critic)"""
+    """default runs/ppo or runs/rm: checkpoints, metrics.jsonl, exports (<output-dir>/model; ppo also <output-dir>/critic,
+    for a VLM a save_vlm folder plus value_head.safetensors)"""
     config: str | None = None
     """a .yaml or .json file of field: value defaults; command-line flags override them"""
     dry_run: bool = False
@@ -581,7 +587,7 @@ def shard(models, device, compute_dtype, world_size):
     """FSDP2: fully_shard each decoder layer (and a VLM's vision-encoder blocks), then the root (embeddings, final norm,
     heads, a VLM's projector), as in grpo.py."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mesh = init_device_mesh(device.type, (world_size,))
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
@@ -594,6 +600,8 @@ def shard(models, device, compute_dtype, world_size):
         for layer in [*decoder.layers, *(blocks[0] if blocks else [])]:
             fully_shard(layer, mesh=mesh, mp_policy=mp)
         fully_shard(m, mesh=mesh, mp_policy=mp)
+        if hasattr(m, "vision_encoder"):  # ComposedVLM.generate bypasses forward: make it gather the root's weights too
+            register_fsdp_forward_method(m, "generate")
 
 
 def grad_norm(params, max_norm) -> float:

@@ -3,6 +3,9 @@ reward and trains; the sampler's logps must equal the training forward's, which 
 reach its own image tokens in both passes."""
 
 import contextlib
+import os
+import subprocess
+import sys
 import types
 
 import pytest
@@ -13,6 +16,7 @@ import grpo
 from common.metrics import read_metrics
 from common.rewards import vqa_reward
 from common.vision import build_vlm, load_vlm, save_vlm
+from conftest import ROOT, subprocess_env
 from test_sft_vlm import write_color_records
 from test_vision import tiny_qwen_vl_folder
 
@@ -89,3 +93,18 @@ def test_text_model_refuses_image_prompts(tiny_model_dir, colors, tmp_path):
                      prompts_per_step=2, group_size=2, eval_samples=0, rewards=("vqa",), dtype="float32")
     with pytest.raises(SystemExit, match="image but --model-path is a text model"):
         grpo.main(args)
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp2_on_image_prompts(vlm_dir, colors, tmp_path):
+    """2 ranks under FSDP2: a composed VLM's generate (which bypasses forward) must gather the sharded root weights."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "grpo.py",
+           "--model-path", vlm_dir, "--dataset", colors["train"], "--eval-dataset", colors["test"], "--eval-samples", "2",
+           "--max-steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4",
+           "--dtype", "float32", "--rewards", "vqa", "--no-dynamic-sampling", "--lr-vision", "0", "--output-dir", str(tmp_path)]
+    run = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(tmp_path) if "reward/vqa_mean" in r] == [1]
+    before, after = load_file(f"{vlm_dir}/model.safetensors"), load_file(tmp_path / "model" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("vision_encoder."))
+    assert "accuracy after training" in run.stdout
