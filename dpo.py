@@ -65,7 +65,7 @@ from common.metrics import RunLogger, cli, exact_match
 from common.models import (barrier, cache_dir, checkpoint_dirs, load_checkpoint, load_model, load_tokenizer, pick_dtype,
                            prepare_model, resolve_model_path, save_checkpoint)
 from common.rewards import answer_correct
-from common.vision import ComposedVLM, is_vlm, load_vlm, param_groups, save_vlm, vlm_generate
+from common.vision import ComposedVLM, export_vlm, is_vlm, load_vlm, param_groups, vlm_generate
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "simpo", "orpo", "kto")
 REFERENCE_FREE = ("simpo", "orpo")
@@ -476,14 +476,11 @@ def export_hf(args, model, tokenizer, rank, processor=None) -> Path | None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if processor is not None:
+        return export_vlm(model, processor, Path(args.output_dir) / "model", lambda: load_vlm(args.model_path)[0], rank)
     full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
         return None
-    if processor is not None:
-        if dist.is_initialized():  # sharded weights: gathered into a fresh copy
-            model = load_vlm(args.model_path)[0]
-            model.load_state_dict(full_sd)
-        return save_vlm(model, processor, Path(args.output_dir) / "model")
     base_path = resolve_model_path(args.model_path)
     config = AutoConfig.from_pretrained(base_path)
     with torch.device("meta"):

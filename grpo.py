@@ -58,7 +58,7 @@ from common.metrics import RunLogger, cli, exact_match
 from common.models import (barrier, checkpoint_dirs, load_checkpoint, load_model, load_tokenizer, pick_dtype,
                            resolve_model_path, save_checkpoint)
 from common.rewards import VERIFY_STATS, answer_correct, load_reward_fn, remote_reward, safe_rewards
-from common.vision import is_vlm, load_vlm, param_groups, save_vlm, vlm_generate
+from common.vision import export_vlm, is_vlm, load_vlm, param_groups, vlm_generate
 
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 VARIANTS = ("ppo", "gspo", "gmpo")
@@ -544,19 +544,6 @@ def export_hf(args, model, tokenizer, rank) -> Path | None:
     return out
 
 
-def export_vlm(args, model, processor, rank) -> Path | None:
-    """save_vlm of the trained weights to <output-dir>/model; sharded (FSDP2) weights are gathered into a fresh copy."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    if dist.is_initialized():
-        full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if rank != 0:
-            return None
-        model = load_vlm(args.model_path)[0]
-        model.load_state_dict(full_sd)
-    return save_vlm(model, processor, Path(args.output_dir) / "model")
-
-
 def all_sum(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
@@ -892,7 +879,8 @@ def main(args: Args):
 
     # ---- export and answer accuracy after training ----
     if args.export:
-        out = export_vlm(args, model, processor, rank) if vlm else export_hf(args, model, tokenizer, rank)
+        out = (export_vlm(model, processor, Path(args.output_dir) / "model", lambda: load_vlm(args.model_path)[0], rank)
+               if vlm else export_hf(args, model, tokenizer, rank))
         say(f"[export] {'VLM' if vlm else 'Hugging Face'} folder: {out}")
     if eval_items:
         if world_size == 1:

@@ -73,7 +73,7 @@ from common.metrics import RunLogger, cli, exact_match
 from common.models import (barrier, checkpoint_dirs, load_checkpoint, load_model, load_tokenizer, pick_attn_implementation,
                            pick_dtype, prepare_model, resolve_model_path, save_checkpoint)
 from common.rewards import answer_correct, load_reward_fn, remote_reward, safe_rewards
-from common.vision import is_vlm, load_vlm, param_groups, save_vlm, vlm_generate
+from common.vision import export_vlm, gather_unsharded, is_vlm, load_vlm, param_groups, save_vlm, vlm_generate
 
 DEFAULT_MODEL = "runs/sft/model"
 MODE_DEFAULTS = {  # field: (ppo default, rm default)
@@ -556,24 +556,16 @@ def export_hf(model, tokenizer, out, rank, auto_class) -> Path | None:
     return out
 
 
-def export_vlm(args, model, processor, out, rank) -> Path | None:
-    """save_vlm of a trained VLM actor, or of a VLMCritic's VLM plus its head in <out>/value_head.safetensors
-    ({"weight": [1, H]}); sharded (FSDP2) weights are gathered into a fresh copy (rank 0)."""
+def export_vlm_critic(args, critic, processor, out, rank) -> Path | None:
+    """A VLMCritic's VLM as a save_vlm folder plus its head in <out>/value_head.safetensors ({"weight": [1, H]})."""
     from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if dist.is_initialized():
-        full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if rank != 0:
-            return None
-        fresh = load_vlm(args.model_path)[0]
-        model = VLMCritic(fresh) if isinstance(model, VLMCritic) else fresh
-        model.load_state_dict(full_sd)
-    if not isinstance(model, VLMCritic):
-        return save_vlm(model, processor, out)
-    out = save_vlm(model.vlm, processor, out)
-    save_file({"weight": model.score.weight.detach().float().cpu().contiguous()}, str(Path(out) / "value_head.safetensors"))
-    return out
+    plain = gather_unsharded(critic, lambda: VLMCritic(load_vlm(args.model_path)[0]), rank)
+    if plain is None:
+        return None
+    save_vlm(plain.vlm, processor, out)
+    save_file({"weight": plain.score.weight.detach().float().cpu().contiguous()}, str(Path(out) / "value_head.safetensors"))
+    return Path(out)
 
 
 def all_sum(values: list[float], device) -> list[float]:
@@ -893,8 +885,8 @@ def main(args: Args):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if args.export and vlm:
-        out = export_vlm(args, model, processor, Path(args.output_dir) / "model", rank)
-        export_vlm(args, critic, processor, Path(args.output_dir) / "critic", rank)
+        out = export_vlm(model, processor, Path(args.output_dir) / "model", lambda: load_vlm(args.model_path)[0], rank)
+        export_vlm_critic(args, critic, processor, Path(args.output_dir) / "critic", rank)
         say(f"[export] VLM folders: {out} (policy), {Path(args.output_dir) / 'critic'} (critic + value_head.safetensors)")
     elif args.export:
         out = export_hf(model, tokenizer, Path(args.output_dir) / "model", rank, AutoModelForCausalLM)

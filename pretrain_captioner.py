@@ -57,8 +57,8 @@ from common.data import IGNORE, DataError, epoch_batches, load_mixture, pack_col
 from common.logprob import sequence_logprobs
 from common.metrics import RunLogger, cli, exact_match, vqa_normalize
 from common.models import barrier, checkpoint_dirs, load_checkpoint, pick_dtype, save_checkpoint
-from common.vision import (EASY_VQA_COLORS, EASY_VQA_SHAPES, ComposedVLM, build_vlm, is_vlm, load_vlm, param_groups,
-                           save_vlm, vlm_generate)
+from common.vision import (EASY_VQA_COLORS, EASY_VQA_SHAPES, ComposedVLM, build_vlm, export_vlm, is_vlm, load_vlm,
+                           param_groups, vlm_generate)
 
 
 @dataclass
@@ -270,22 +270,6 @@ def transformer_blocks(model) -> list[torch.nn.Module]:
             and name.rsplit(".", 1)[-1] in ("layers", "layer", "blocks") for block in module]
 
 
-def export_vlm(args, model, processor, world_size, rank):
-    """save_vlm to <output-dir>/model. Under FSDP2 the full state dict is gathered and rank 0 loads it into a freshly
-    built unsharded model first."""
-    out = os.path.join(args.output_dir, "model")
-    if world_size == 1:
-        return save_vlm(model, processor, out)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank != 0:
-        return None
-    plain, _ = build_model(args, "cpu")
-    plain.load_state_dict(full_sd)
-    return save_vlm(plain, processor, out)
-
-
 def main(args: Args):
     # ---- distributed setup and seeding ----
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -460,7 +444,7 @@ def main(args: Args):
     # ---- export (and, after FSDP, caption accuracy of the exported model on rank 0) ----
     results = {"step": step, **{k.split("/")[1]: v for k, v in metrics.items() if k.startswith("eval/")}}
     if args.export:
-        out = export_vlm(args, model, processor, world_size, rank)
+        out = export_vlm(model, processor, os.path.join(args.output_dir, "model"), lambda: build_model(args, "cpu")[0], rank)
         say(f"[export] VLM folder (load_vlm opens it): {out}")
         if world_size > 1 and rank == 0 and eval_prompts:
             exported, _ = load_vlm(out, device=device)

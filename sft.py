@@ -55,7 +55,7 @@ from common.metrics import RunLogger, cli, exact_match
 from common.models import (barrier, checkpoint_dirs, load_checkpoint, load_model, load_tokenizer, pick_dtype, prepare_model,
                            resolve_model_path, save_checkpoint)
 from common.rewards import answer_correct
-from common.vision import ComposedVLM, is_vlm, load_vlm, param_groups, save_vlm, vlm_generate
+from common.vision import ComposedVLM, export_vlm, is_vlm, load_vlm, param_groups, vlm_generate
 
 
 @dataclass
@@ -217,19 +217,6 @@ def collate(items, packing, pad_id, max_len, device, processor=None):
 def n_real_tokens(item) -> int:
     """Non-padding tokens of one row: a packed list of examples, or one example."""
     return sum(len(e["input_ids"]) for e in item) if isinstance(item, list) else len(item["input_ids"])
-
-
-def export_vlm(args, model, processor, rank) -> Path | None:
-    """save_vlm of the trained weights to <output-dir>/model; sharded (FSDP2) weights are gathered into a fresh copy."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    if dist.is_initialized():
-        full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if rank != 0:
-            return None
-        model = load_vlm(args.model_path)[0]
-        model.load_state_dict(full_sd)
-    return save_vlm(model, processor, Path(args.output_dir) / "model")
 
 
 def export_hf(args, model, tokenizer, rank) -> Path | None:
@@ -449,7 +436,8 @@ def main(args: Args):
 
     # ---- export and answer accuracy after training ----
     if args.export:
-        out = export_vlm(args, model, processor, rank) if vlm else export_hf(args, model, tokenizer, rank)
+        out = (export_vlm(model, processor, Path(args.output_dir) / "model", lambda: load_vlm(args.model_path)[0], rank)
+               if vlm else export_hf(args, model, tokenizer, rank))
         if rank == 0:
             say(f"[export] {'VLM' if vlm else 'Hugging Face'} folder: {out}")
             if eval_records:

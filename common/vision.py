@@ -330,6 +330,29 @@ def save_vlm(model, processor, folder):
     return folder
 
 
+def gather_unsharded(model, fresh_model, rank):
+    """`model` itself in a single process. Under FSDP2 (every rank must call this) the full state dict is gathered
+    and loaded on rank 0 into fresh_model(), an unsharded twin built on the CPU; other ranks get None."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return model
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return None
+    plain = fresh_model()
+    plain.load_state_dict(full_sd)
+    return plain
+
+
+def export_vlm(model, processor, folder, fresh_model, rank):
+    """save_vlm of a trained, possibly FSDP2-sharded VLM (see gather_unsharded); the folder on rank 0, else None."""
+    plain = gather_unsharded(model, fresh_model, rank)
+    return None if plain is None else save_vlm(plain, processor, folder)
+
+
 def is_vlm(path) -> bool:
     """True for a composed-VLM folder and for a local HF folder whose model type is an image-text-to-text model."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
