@@ -1,5 +1,5 @@
 """ppo.py: PPO with a learned critic for language and vision-language models (RLHF-style), and the reward model it can
-use (text models), in one file.
+use (text models and VLMs), in one file.
 
 One step (PPO: Schulman et al. 2017, arXiv:1707.06347; GAE: Schulman et al. 2016, arXiv:1506.02438; the LM recipe:
 Ziegler et al. 2019, arXiv:1909.08593, Ouyang et al. 2022, arXiv:2203.02155):
@@ -13,7 +13,8 @@ Ziegler et al. 2019, arXiv:1909.08593, Ouyang et al. 2022, arXiv:2203.02155):
     beta <- adaptive_kl_coef(beta, KL, --kl-target)                         (Ziegler et al. 2019; only with --kl-target)
 
 Reward model (--mode rm): Bradley-Terry on preference pairs, loss = -log sigmoid(r(chosen) - r(rejected)), r = the
-value head at the last non-pad token; exported as an AutoModelForSequenceClassification folder (num_labels=1).
+value head at the last non-pad token; exported as an AutoModelForSequenceClassification folder (num_labels=1). A VLM
+reward model (image pairs) is a VLMCritic scoring each side with its image, exported as the VLM critic is.
 
 Launch:
     python sft.py && python ppo.py                  # 1 CPU: PPO from sft.py's export, bundled arithmetic task, verifiers
@@ -22,6 +23,8 @@ Launch:
     python ppo.py --reward-model runs/rm/model --rewards                     # the learned reward only (no verifier)
     python ppo.py --reward-model runs/rm/model --critic-path runs/rm/model   # critic initialised from the reward model
     python ppo.py --kl-target 2.0                   # adaptive KL coefficient
+    python ppo.py --mode rm --model-path runs/vqa_sft/model --dataset easy-vqa:pairs-train \
+        --eval-dataset easy-vqa:pairs-test --output-dir runs/vqa_rm   # a VLM reward model on image pairs
     python ppo.py --model-path runs/vqa_sft/model --dataset easy-vqa:train --eval-dataset easy-vqa:test --rewards vqa \
         --max-new-tokens 8 --lr-vision 0 --output-dir runs/vqa_ppo   # a VLM on image prompts, frozen vision encoder
     python ppo.py --model-path Qwen/Qwen2.5-0.5B-Instruct --dataset my.jsonl --prompts-per-step 64   # 1 GPU
@@ -94,7 +97,8 @@ class Args:
     critic_path: str | None = None
     """critic start: None = the policy plus a zero value head; a sequence-classification folder (runs/rm/model) keeps its head"""
     reward_model: str | None = None
-    """scalar reward model, a sequence-classification folder (e.g. runs/rm/model from --mode rm); its score joins the reward"""
+    """scalar reward model from --mode rm (e.g. runs/rm/model: a sequence-classification folder, or a VLM one that scores
+    the prompt's image too); its score joins the reward"""
     dataset: str | None = None
     """ppo: prompts (messages or message+answer; image parts need a VLM --model-path, e.g. easy-vqa:train), default
     data/arith/train.jsonl; rm: pairs, default data/arith_pref/train.jsonl"""
@@ -348,10 +352,34 @@ def token_values(value_model, mb, image_inputs=None):
     return captured[0].squeeze(-1).float()
 
 
-def last_token_scores(value_model, mb):
+def load_vlm_critic(path, device):
+    """(VLMCritic, processor) of a VLM folder: its value_head.safetensors when there is one (an exported critic or
+    reward model), else a zero head."""
+    from safetensors.torch import load_file
+
+    vlm, processor = load_vlm(path, device=device)
+    critic = VLMCritic(vlm).to(device)
+    head = Path(str(path)) / "value_head.safetensors"
+    if head.exists():
+        critic.score.weight.data.copy_(load_file(str(head))["weight"])
+    return critic, processor
+
+
+def last_token_scores(value_model, mb, image_inputs=None):
     """[B]: the value head at each right-padded row's last real token (what the exported model's HF forward returns)."""
     last = mb["attention_mask"].sum(1) - 1  # [B]
-    return token_values(value_model, mb).gather(1, last[:, None]).squeeze(1)
+    return token_values(value_model, mb, image_inputs).gather(1, last[:, None]).squeeze(1)
+
+
+def row_scores(value_model, rows, pad_id, device, processor=None):
+    """[B] last-token scores of token lists, or with a VLM processor of chats ({"chat", "base_dir"}), encoded here with
+    their images (pixels are loaded per batch, not held for a whole data set)."""
+    if processor is None:
+        return last_token_scores(value_model, pad_rows(rows, pad_id, device))
+    examples = [processor(r["chat"], base_dir=r["base_dir"]) for r in rows]
+    mb = pad_rows([e["input_ids"] for e in examples], pad_id, device)
+    images = processor.image_inputs(examples, mb["input_ids"])  # each row's own images, in row order
+    return last_token_scores(value_model, mb, {k: v.to(device) if torch.is_tensor(v) else v for k, v in images.items()})
 
 
 def chat_ids(tokenizer, messages):
@@ -374,22 +402,37 @@ def pad_rows(rows, pad_id, device):
 
 
 @torch.no_grad()
-def score_rows(value_model, rows, pad_id, device, autocast, batch_size):
-    """[len(rows)] float32 last-token scores of token lists, batch by batch."""
+def score_rows(value_model, rows, pad_id, device, autocast, batch_size, processor=None):
+    """[len(rows)] float32 last-token scores of rows (see row_scores), batch by batch."""
     out = []
     for i in range(0, len(rows), batch_size):
         with autocast:
-            out.append(last_token_scores(value_model, pad_rows(rows[i : i + batch_size], pad_id, device)).cpu())
+            out.append(row_scores(value_model, rows[i : i + batch_size], pad_id, device, processor).float().cpu())
     return torch.cat(out)
 
 
-def preference_pairs(source, tokenizer, max_len):
-    """[(chosen ids, rejected ids)] of a preference file; pairs with a side over max_len tokens are skipped."""
-    records = load_records(source)
+def preference_pairs(source, tokenizer, max_len, processor=None, limit=None):
+    """[(chosen, rejected)] of a preference file's first `limit` records: token lists, or with a VLM processor chats
+    for row_scores; pairs with a side over max_len tokens are skipped. Image pairs need a VLM, and a VLM image pairs."""
+    records = load_records(source)[:limit]
     if detect_format(records) != "preference":
         raise SystemExit(f"error: {source}: --mode rm needs preference records (prompt, chosen, rejected)")
-    pairs = [tuple(chat_ids(tokenizer, m) for m in preference_messages(r)) for r in records]
-    kept = [p for p in pairs if max(len(p[0]), len(p[1])) <= max_len]
+    kept = []
+    for r in records:
+        chats = preference_messages(r)
+        if any(isinstance(m["content"], list) and any(p.get("type") in ("image", "image_url") for p in m["content"])
+               for m in chats[0]) != (processor is not None):
+            raise SystemExit(f"error: {r.get('_where', source)}: " + (
+                "the pair holds no image but --model-path is a VLM (a VLM reward model trains on image pairs)"
+                if processor else "the pair holds an image but --model-path is a text model; pass a VLM folder"))
+        if processor is None:
+            sides = [chat_ids(tokenizer, m) for m in chats]
+            sides = sides if max(len(ids) for ids in sides) <= max_len else [None]
+        else:  # a side over max_len comes back None (overlong="drop")
+            sides = [processor(m, base_dir=r.get("_dir", "."), max_len=max_len, overlong="drop") and
+                     {"chat": m, "base_dir": r.get("_dir", ".")} for m in chats]
+        if None not in sides:
+            kept.append(tuple(sides))
     if not kept:
         raise SystemExit(f"error: {source}: every pair is longer than --max-len {max_len}")
     return kept
@@ -634,6 +677,9 @@ def main(args: Args):
         raise SystemExit("error: --vllm rollouts are for text models here; drop --vllm for a VLM")
     if vlm and args.critic_path and not is_vlm(args.critic_path):
         raise SystemExit(f"error: --critic-path {args.critic_path}: a VLM policy needs a VLM critic (or no --critic-path)")
+    if args.reward_model and is_vlm(args.reward_model) and not vlm:
+        raise SystemExit(f"error: --reward-model {args.reward_model} is a VLM reward model, which scores a prompt with its "
+                         "image, but --model-path is a text model (its prompts hold no images)")
     model, processor = load_vlm(args.model_path, device=device) if vlm else (None, None)  # master weights float32
     tokenizer = processor.tokenizer if vlm else load_tokenizer(args.model_path)
     train_items = prompt_records(args.dataset)
@@ -659,13 +705,8 @@ def main(args: Args):
         return None
 
     # ---- models: actor, critic, reference, reward model; accuracy before; FSDP2 ----
-    if vlm:  # the critic: a second copy of the VLM (values must see the image) + a zero value head
-        critic = VLMCritic(load_vlm(args.critic_path or args.model_path, device=device)[0]).to(device)
-        head = Path(str(args.critic_path)) / "value_head.safetensors"  # a VLM critic exported by an earlier run
-        if args.critic_path and head.exists():
-            from safetensors.torch import load_file
-
-            critic.score.weight.data.copy_(load_file(str(head))["weight"])
+    if vlm:  # the critic: a second copy of the VLM (values must see the image) + a zero value head (or an exported one)
+        critic = load_vlm_critic(args.critic_path or args.model_path, device)[0]
     else:
         model = load_model(args.model_path, device=device, gradient_checkpointing=args.gradient_checkpointing)
         critic = load_value_model(args.critic_path or args.model_path, tokenizer.pad_token_id, device, zero_new_head=True,
@@ -674,10 +715,14 @@ def main(args: Args):
     if args.kl_coef > 0:
         ref_model = load_vlm(args.model_path, device=device)[0] if vlm else load_model(args.model_path, device=device)
         ref_model.eval().requires_grad_(False)
-    reward_model = rm_tokenizer = None
-    if args.reward_model:
+    reward_model = rm_tokenizer = rm_processor = None
+    if args.reward_model and is_vlm(args.reward_model):  # a VLM reward model (--mode rm): it reads the images too
+        reward_model, rm_processor = load_vlm_critic(args.reward_model, device)
+        rm_tokenizer = rm_processor.tokenizer
+    elif args.reward_model:
         rm_tokenizer = load_tokenizer(args.reward_model)
         reward_model = load_value_model(args.reward_model, rm_tokenizer.pad_token_id, device, zero_new_head=False)
+    if reward_model is not None:
         reward_model.eval().requires_grad_(False)
     results = {}
     if eval_items and not args.resume:
@@ -745,8 +790,10 @@ def main(args: Args):
             per_fn.append(torch.tensor(values))
             failures.append(n_failed)
         if reward_model is not None:
-            rm_rows = [chat_ids(rm_tokenizer, m + [{"role": "assistant", "content": c}]) for m, c in zip(prompts_msgs, decoded)]
-            per_fn.insert(len(reward_fns), score_rows(reward_model, rm_rows, rm_tokenizer.pad_token_id, device, autocast, mb_size))
+            chats = [m + [{"role": "assistant", "content": c}] for m, c in zip(prompts_msgs, decoded)]
+            rm_rows = [{"chat": c, "base_dir": "."} if rm_processor else chat_ids(rm_tokenizer, c) for c in chats]
+            per_fn.insert(len(reward_fns), score_rows(reward_model, rm_rows, rm_tokenizer.pad_token_id, device, autocast,
+                                                      mb_size, rm_processor))
             failures.insert(len(reward_fns), 0)
         per_fn_t = torch.stack(per_fn, 1).float()  # [rows, n_rewards]
         scores = per_fn_t @ weights  # [rows]: the sequence-level reward
@@ -918,22 +965,24 @@ def finish(logger, results):
 
 def train_reward_model(args, world_size, rank, device, compute_dtype, autocast, say):
     """--mode rm: Bradley-Terry reward model on preference pairs; pair accuracy on held-out pairs before and after;
-    exported to <output-dir>/model as an AutoModelForSequenceClassification folder (num_labels=1, pad_token_id set)."""
-    if is_vlm(args.model_path):
-        raise SystemExit("error: --mode rm supports text models; --model-path is a VLM")
+    exported to <output-dir>/model as an AutoModelForSequenceClassification folder (num_labels=1, pad_token_id set).
+    A VLM --model-path trains a VLMCritic on image pairs (each side scored with its image), exported as the VLM critic."""
     if args.pairs_per_step % world_size:
         raise SystemExit(f"error: --pairs-per-step {args.pairs_per_step} must be a multiple of the {world_size} processes")
-    tokenizer = load_tokenizer(args.model_path)
-    pairs = preference_pairs(args.dataset, tokenizer, args.max_len)
+    vlm = is_vlm(args.model_path)
+    model, processor = load_vlm_critic(args.model_path, device) if vlm else (None, None)
+    tokenizer = processor.tokenizer if vlm else load_tokenizer(args.model_path)
+    pairs = preference_pairs(args.dataset, tokenizer, args.max_len, processor)
     eval_pairs = []
     if args.eval_dataset and args.eval_samples:
-        eval_pairs = preference_pairs(args.eval_dataset, tokenizer, args.max_len)[: args.eval_samples]
-    say(f"[plan] rm | model {args.model_path} | {len(pairs)} pairs, {len(eval_pairs)} held-out | {args.max_steps} steps x "
-        f"{args.pairs_per_step} pairs | lr {args.lr} | world size {world_size} | {device} {compute_dtype}")
+        eval_pairs = preference_pairs(args.eval_dataset, tokenizer, args.max_len, processor, args.eval_samples)
+    say(f"[plan] rm | model {args.model_path}{' (VLM)' if vlm else ''} | {len(pairs)} pairs, {len(eval_pairs)} held-out | "
+        f"{args.max_steps} steps x {args.pairs_per_step} pairs | lr {args.lr} | world size {world_size} | {device} {compute_dtype}")
     if args.dry_run:
         return None
-    model = load_value_model(args.model_path, tokenizer.pad_token_id, device, zero_new_head=False,
-                             gradient_checkpointing=args.gradient_checkpointing)
+    if not vlm:
+        model = load_value_model(args.model_path, tokenizer.pad_token_id, device, zero_new_head=False,
+                                 gradient_checkpointing=args.gradient_checkpointing)
     if world_size > 1:
         shard([model], device, compute_dtype, world_size)
         autocast = nullcontext()
@@ -944,8 +993,8 @@ def train_reward_model(args, world_size, rank, device, compute_dtype, autocast, 
     pad, per_rank, chunk = tokenizer.pad_token_id, args.pairs_per_step // world_size, max(1, args.micro_batch_size // 2)
 
     def pair_accuracy():  # every rank scores every held-out pair: under FSDP2 the forwards are collective
-        chosen = score_rows(model, [c for c, _ in eval_pairs], pad, device, autocast, args.micro_batch_size)
-        rejected = score_rows(model, [r for _, r in eval_pairs], pad, device, autocast, args.micro_batch_size)
+        chosen = score_rows(model, [c for c, _ in eval_pairs], pad, device, autocast, args.micro_batch_size, processor)
+        rejected = score_rows(model, [r for _, r in eval_pairs], pad, device, autocast, args.micro_batch_size, processor)
         return float(bradley_terry_loss(chosen, rejected)[1])
 
     results = {}
@@ -967,9 +1016,8 @@ def train_reward_model(args, world_size, rank, device, compute_dtype, autocast, 
         loss_sum = acc_sum = 0.0
         for i in range(0, per_rank, chunk):
             part = mine[i : i + chunk]
-            mb = pad_rows([c for c, _ in part] + [r for _, r in part], pad, device)
-            with autocast:
-                scores = last_token_scores(model, mb)  # [2 * len(part)]: chosen rows, then rejected rows
+            with autocast:  # [2 * len(part)]: chosen rows, then rejected rows
+                scores = row_scores(model, [c for c, _ in part] + [r for _, r in part], pad, device, processor)
             loss, acc = bradley_terry_loss(scores[: len(part)], scores[len(part) :])
             (loss * len(part) / per_rank).backward()  # FSDP2 averages over ranks: the global pair mean
             loss_sum, acc_sum = loss_sum + float(loss.detach()) * len(part), acc_sum + float(acc) * len(part)
@@ -985,7 +1033,10 @@ def train_reward_model(args, world_size, rank, device, compute_dtype, autocast, 
         say(f"[eval] held-out pair accuracy after training: {results['pair_accuracy_after']:.3f} "
             f"(before: {results['pair_accuracy_before']:.3f})")
         logger.log({f"eval/{k}": v for k, v in results.items()}, args.max_steps)
-    if args.export:
+    if args.export and vlm:
+        out = export_vlm_critic(args, model, processor, Path(args.output_dir) / "model", rank)
+        say(f"[export] VLM reward model (save_vlm folder + value_head.safetensors): {out}")
+    elif args.export:
         from transformers import AutoModelForSequenceClassification
 
         out = export_hf(model, tokenizer, Path(args.output_dir) / "model", rank, AutoModelForSequenceClassification)

@@ -74,7 +74,7 @@ def _read_file(path: Path) -> list[dict]:
 
 def load_records(source: str, split: str | None = None) -> list[dict]:
     """Records from a .jsonl/.json/.parquet file, a folder of them, `easy-vqa:<kind>` (the bundled easy-VQA shapes
-    set; kind: captions-train, captions-test, train or test) or a `datasets` hub name."""
+    set; kind: captions-train, captions-test, train, test, pairs-train or pairs-test) or a `datasets` hub name."""
     if source.startswith("easy-vqa:"):
         from common.vision import easy_vqa_records  # lazy: only the vision scripts need it (it checks the kind)
 

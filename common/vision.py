@@ -432,17 +432,30 @@ CAPTION_TEMPLATES = ("a {}.", "an image of a {}.", "a picture showing a {}.", "t
 def easy_vqa_records(kind):
     """Records from the installed easy-vqa package. kind: "captions-train"/"captions-test" -> one {"image", "caption"}
     per image (colour and shape read off that image's questions and answers); "train"/"test" -> one chat per question:
-    {"messages": [user: image + question, assistant: answer], "answer"}."""
-    kinds = ("captions-train", "captions-test", "train", "test")
+    {"messages": [user: image + question, assistant: answer], "answer"}; "pairs-train"/"pairs-test" -> one preference
+    pair per question: {"prompt": [user: image + question], "chosen": the answer, "rejected": a wrong answer of the same
+    kind (yes <-> no, another colour, another shape; picked by the question's index), "answer"}."""
+    kinds = ("captions-train", "captions-test", "train", "test", "pairs-train", "pairs-test")
     if kind not in kinds:
         raise DataError(f"easy-vqa: unknown kind {kind!r}; expected one of {', '.join(kinds)}")
     spec = importlib.util.find_spec("easy_vqa")
     if spec is None:
         raise DataError("easy-vqa data needs the PyPI package easy-vqa: pip install easy-vqa")
-    split = kind.removeprefix("captions-")
+    split = kind.removeprefix("captions-").removeprefix("pairs-")
     root = Path(spec.submodule_search_locations[0], "data", split)
     questions = json.loads((root / "questions.json").read_text())  # [[question, answer, image_id], ...]
     image = {i: str(root / "images" / f"{i}.png") for _, _, i in questions}
+    if kind.startswith("pairs"):
+        records = []
+        for n, (q, a, i) in enumerate(questions):
+            group = next((g for g in (("yes", "no"), EASY_VQA_COLORS, EASY_VQA_SHAPES) if a in g), None)
+            if group is None:
+                raise DataError(f"easy-vqa:{kind}[{n}]: answer {a!r} is no yes/no, colour or shape: no wrong answer to pair")
+            wrong = [w for w in group if w != a]
+            user = {"role": "user", "content": [{"type": "image", "image": image[i]}, {"type": "text", "text": q}]}
+            records.append({"prompt": [user], "chosen": a, "rejected": wrong[n % len(wrong)], "answer": a,
+                            "_where": f"easy-vqa:{kind}[{n}]", "_dir": str(root)})
+        return records
     if not kind.startswith("captions"):
         return [{"messages": [{"role": "user", "content": [{"type": "image", "image": image[i]}, {"type": "text", "text": q}]},
                               {"role": "assistant", "content": a}], "answer": a,

@@ -1,21 +1,27 @@
 """ppo.py on image prompts: a tiny composed VLM (random-init tiny Llama + siglip-tiny) as actor, a second copy with a
-value head as critic; both must read each row's own image (the critic's values move when the images are swapped)."""
+value head as critic; both must read each row's own image (the critic's values move when the images are swapped).
+The VLM reward model (--mode rm on image pairs) must learn pairs that only the image tells apart, export, reload to the
+same scores, and score PPO's rollouts with their images."""
 
 import contextlib
+import json
 import math
+import random
 import subprocess
 import sys
 import types
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import ppo
+from common.logprob import forward_hidden
 from common.metrics import read_metrics
-from common.vision import build_vlm, load_vlm, save_vlm
+from common.vision import EASY_VQA_COLORS, EASY_VQA_SHAPES, build_vlm, load_images, load_vlm, save_vlm
 from conftest import ROOT, subprocess_env
-from test_sft_vlm import write_color_records
+from test_sft_vlm import COLORS, write_color_records
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +86,157 @@ def test_vlm_critic_values_depend_on_the_image(vlm_dir, colors):
     assert (mine - swapped)[mask].abs().min() > 1e-4  # same tokens, other images: every value moves
 
 
-def test_text_model_refuses_image_prompts_and_rm_refuses_a_vlm(tiny_model_dir, vlm_dir, colors, tmp_path):
+def test_text_model_refuses_image_prompts(tiny_model_dir, colors, tmp_path):
     args = ppo.Args(model_path=tiny_model_dir, dataset=colors["train"], output_dir=str(tmp_path), max_steps=1,
                     prompts_per_step=2, eval_samples=0, rewards=("vqa",), dtype="float32")
     with pytest.raises(SystemExit, match="image but --model-path is a text model"):
         ppo.main(args)
-    with pytest.raises(SystemExit, match="--mode rm supports text models"):
-        ppo.main(ppo.Args(mode="rm", model_path=vlm_dir, output_dir=str(tmp_path / "rm"), dtype="float32"))
+
+
+# ------------------------------------------------------------------------------------------- the VLM reward model
+def write_image_pairs(folder, n, seed, names=("red", "blue")):
+    """n pairs "what color is the shape?" over PNGs of a red or a blue rectangle: chosen = the colour, rejected = the
+    other one. Every pair holds the same question and the same two answers, in one order or the other (half each), so
+    a reward model that ignores the image is right on exactly half of them."""
+    rng = random.Random(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for k in range(n):
+        color, wrong = names[k % 2], names[(k + 1) % 2]
+        image = Image.new("RGB", (48, 48), (255, 255, 255))
+        x, y = rng.randrange(0, 12), rng.randrange(0, 12)
+        image.paste(COLORS[color], (x, y, x + 36, y + 36))
+        image.save(folder / "images" / f"{seed}_{k}.png")
+        prompt = [{"role": "user", "content": [{"type": "image", "image": f"images/{seed}_{k}.png"},
+                                               {"type": "text", "text": "what color is the shape?"}]}]
+        lines.append(json.dumps({"prompt": prompt, "chosen": color, "rejected": wrong, "answer": color}))
+    path = folder / f"image_pairs_{seed}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def plain_score(vlm, head, processor, row, images=None):
+    """The reward of one chat row ({"chat", "base_dir"}) computed without ppo.py: encoded alone, unpadded, with its own
+    images (or `images`), then the head on the final hidden state of its last token."""
+    example = processor(row["chat"], base_dir=row["base_dir"])
+    ids = torch.tensor([example["input_ids"]])
+    with torch.no_grad():
+        hidden = forward_hidden(vlm, ids, pixel_values=torch.cat([i["pixel_values"] for i in images or example["images"]]))
+    return float(hidden[0, -1].float() @ head[0])
+
+
+@pytest.fixture(scope="module")
+def vlm_rm(vlm_dir, tmp_path_factory):
+    """A VLM reward model trained by `ppo.py --mode rm` on 12 image pairs, with its in-memory model (caught at export)."""
+    folder = tmp_path_factory.mktemp("vlm-rm")
+    pairs = write_image_pairs(folder / "data", 12, seed=0)
+    caught = {}
+    export = ppo.export_vlm_critic
+
+    def catching_export(args, critic, processor, out, rank):
+        caught["model"] = critic
+        return export(args, critic, processor, out, rank)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ppo, "export_vlm_critic", catching_export)
+        result = ppo.main(ppo.Args(mode="rm", model_path=vlm_dir, dataset=pairs, eval_dataset=pairs, eval_samples=12,
+                                   output_dir=str(folder / "run"), max_steps=24, pairs_per_step=12, micro_batch_size=24,
+                                   lr=3e-4, dtype="float32"))
+    return {"pairs": pairs, "run": folder / "run", "result": result, "model": caught["model"]}
+
+
+def test_vlm_reward_model_learns_pairs_only_the_image_tells_apart(vlm_rm):
+    result, rows = vlm_rm["result"], [r for r in read_metrics(vlm_rm["run"]) if "train/loss" in r]
+    assert len(rows) == 24 and rows[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)  # zero head: margins 0
+    assert result["pair_accuracy_before"] == 0.0  # every margin exactly 0 counts as wrong
+    assert result["pair_accuracy_after"] >= 0.9, result  # text alone (same question, both orders) caps this at 0.5
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"] - 0.05
+
+
+def test_vlm_reward_model_export_reloads_to_the_same_scores(vlm_rm):
+    folder = vlm_rm["run"] / "model"
+    assert (folder / "value_head.safetensors").exists() and ppo.is_vlm(folder)
+    reloaded, processor = ppo.load_vlm_critic(folder, "cpu")
+    pairs = ppo.preference_pairs(vlm_rm["pairs"], processor.tokenizer, 512, processor)[:4]
+    rows = [side for pair in pairs for side in pair]
+    trained = vlm_rm["model"].eval()
+    pad = processor.tokenizer.pad_token_id
+    got = ppo.score_rows(reloaded, rows, pad, "cpu", contextlib.nullcontext(), 8, processor)
+    want = ppo.score_rows(trained, rows, pad, "cpu", contextlib.nullcontext(), 8, processor)
+    assert got.abs().max() > 1e-3 and (got - want).abs().max() < 1e-4, (got, want)
+    # ...and without ppo.py's batching: the saved VLM and head, one example at a time
+    vlm, _ = load_vlm(folder)
+    head = load_file(folder / "value_head.safetensors")["weight"]
+    alone = torch.tensor([plain_score(vlm, head, processor, r) for r in rows])
+    assert (alone - want).abs().max() < 1e-4, (alone, want)
+
+
+def test_ppo_scores_rollouts_with_the_vlm_reward_model_and_their_images(vlm_dir, vlm_rm, colors, tmp_path, monkeypatch):
+    caught = []
+    score_rows = ppo.score_rows
+
+    def catching_score_rows(value_model, rows, *a, **k):
+        out = score_rows(value_model, rows, *a, **k)
+        caught.append((rows, out))
+        return out
+
+    monkeypatch.setattr(ppo, "score_rows", catching_score_rows)
+    rm_folder = vlm_rm["run"] / "model"
+    args = ppo.Args(model_path=vlm_dir, reward_model=str(rm_folder), rewards=(), dataset=colors["train"],
+                    output_dir=str(tmp_path), max_steps=1, prompts_per_step=4, max_new_tokens=3, micro_batch_size=2,
+                    eval_samples=0, kl_coef=0.0, dtype="float32", export=False)
+    assert ppo.main(args)["step"] == 1
+    (rows, scores), = caught
+    logged = [r for r in read_metrics(tmp_path) if "reward/reward_model_mean" in r][0]
+    assert logged["reward/reward_model_mean"] == pytest.approx(float(scores.mean()), abs=1e-6)
+    assert logged["reward/mean"] == pytest.approx(float(scores.mean()), abs=1e-6)  # the only reward
+    vlm, processor = load_vlm(rm_folder)
+    head = load_file(rm_folder / "value_head.safetensors")["weight"]
+    prompts = {}  # each training prompt's pixels -> its question
+    for messages, _ in ppo.prompt_records(colors["train"]):
+        prompts[load_images(messages)[0].tobytes()] = messages[0]["content"][1]["text"]
+    images = [processor(row["chat"], base_dir=row["base_dir"])["images"] for row in rows]
+    for k, row in enumerate(rows):  # each rollout was scored with its own prompt's image, which the score depends on
+        user, answer = row["chat"]
+        assert answer["role"] == "assistant" and len(images[k]) == 1
+        assert prompts[load_images([user], row["base_dir"])[0].tobytes()] == user["content"][1]["text"]
+        assert plain_score(vlm, head, processor, row) == pytest.approx(float(scores[k]), abs=1e-4)
+    other_images = [plain_score(vlm, head, processor, row, images[(k + 1) % len(rows)]) for k, row in enumerate(rows)]
+    assert max(abs(o - float(s)) for o, s in zip(other_images, scores)) > 1e-4
+
+
+def test_reward_model_data_errors(tiny_model_dir, vlm_dir, vlm_rm, colors, tmp_path):
+    text_pairs = tmp_path / "text_pairs.jsonl"
+    text_pairs.write_text(json.dumps({"prompt": "2+2?", "chosen": "4", "rejected": "5"}) + "\n")
+    with pytest.raises(SystemExit, match=r"text_pairs\.jsonl:1: the pair holds no image but --model-path is a VLM"):
+        ppo.main(ppo.Args(mode="rm", model_path=vlm_dir, dataset=str(text_pairs), output_dir=str(tmp_path), dry_run=True))
+    with pytest.raises(SystemExit, match=r"image_pairs_0\.jsonl:1: the pair holds an image but --model-path is a text"):
+        ppo.main(ppo.Args(mode="rm", model_path=tiny_model_dir, dataset=vlm_rm["pairs"], output_dir=str(tmp_path),
+                          dry_run=True))
+    with pytest.raises(SystemExit, match="is a VLM reward model.*--model-path is a text model"):
+        ppo.main(ppo.Args(model_path=tiny_model_dir, reward_model=str(vlm_rm["run"] / "model"), output_dir=str(tmp_path),
+                          dataset=colors["train"], dry_run=True))
+
+
+def test_easy_vqa_pairs_kinds():
+    from common.data import detect_format, load_records
+
+    pairs, again = load_records("easy-vqa:pairs-test"), load_records("easy-vqa:pairs-test")
+    chats = load_records("easy-vqa:test")
+    assert detect_format(pairs) == "preference" and len(pairs) == len(chats) > 1000
+    strip = lambda r: {k: v for k, v in r.items() if k != "_dir"}  # noqa: E731
+    assert [strip(r) for r in pairs] == [strip(r) for r in again]  # deterministic
+    rejected_for = {}
+    for pair, chat in zip(pairs, chats):
+        chosen, rejected = pair["chosen"], pair["rejected"]
+        assert chosen == pair["answer"] == chat["answer"] and pair["prompt"] == chat["messages"][:1]
+        assert rejected != chosen
+        kind = next(g for g in (("yes", "no"), EASY_VQA_COLORS, EASY_VQA_SHAPES) if chosen in g)
+        assert rejected in kind  # a wrong answer of the same kind
+        rejected_for.setdefault(chosen, set()).add(rejected)
+    assert rejected_for["yes"] == {"no"} and rejected_for["no"] == {"yes"}
+    assert all(len(rejected_for[c]) == len(EASY_VQA_COLORS) - 1 for c in EASY_VQA_COLORS)  # varied, not one fixed colour
+    assert all(len(rejected_for[s]) == len(EASY_VQA_SHAPES) - 1 for s in EASY_VQA_SHAPES)
 
 
 @pytest.mark.slow
