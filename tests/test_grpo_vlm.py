@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import grpo
+from common.models import prepare_model
 from common.metrics import read_metrics
 from common.rewards import vqa_reward
 from common.vision import build_vlm, load_vlm, save_vlm
@@ -86,6 +87,24 @@ def test_grpo_trains_a_vlm_on_image_prompts_with_the_vqa_reward(vlm_dir, colors,
     reloaded, _ = load_vlm(out / "model")
     assert sum(p.numel() for p in reloaded.parameters()) == sum(p.numel() for p in load_vlm(vlm_dir)[0].parameters())
     assert "<image>" in (out / "rollouts.jsonl").read_text().splitlines()[0]
+
+
+def test_gradient_checkpointing_reaches_a_vlms_lm_and_changes_no_number(vlm_dir, colors, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(grpo, "prepare_model", lambda model, **kw: calls.append(model) or prepare_model(model, **kw))
+    (tmp_path / "length_reward.py").write_text("def score(completions, **kw):\n    return [len(c) / 10 for c in completions]\n")
+    exported = []
+    for checkpointing in (False, True):
+        out = tmp_path / f"gc-{checkpointing}"
+        grpo.main(grpo.Args(reward_fn=(f"{tmp_path}/length_reward.py:score",), model_path=vlm_dir, dataset=colors["train"],
+                            output_dir=str(out), max_steps=1, prompts_per_step=2, group_size=4, max_new_tokens=4,
+                            lr=1e-3, rewards=("vqa",), dynamic_sampling=False, eval_samples=0, dtype="float32",
+                            gradient_checkpointing=checkpointing))
+        exported.append(load_file(out / "model" / "model.safetensors"))
+    assert len(calls) == 1 and calls[0].is_gradient_checkpointing  # only the second run, on the composed VLM's LM
+    before = load_file(f"{vlm_dir}/model.safetensors")
+    assert any(not torch.equal(before[k], exported[1][k]) for k in before)  # it trained
+    assert all(torch.allclose(exported[0][k], exported[1][k], atol=1e-6) for k in before)  # recomputation, same numbers
 
 
 def test_text_model_refuses_image_prompts(tiny_model_dir, colors, tmp_path):

@@ -17,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import ppo
+from common.models import prepare_model
 from common.logprob import forward_hidden
 from common.metrics import read_metrics
 from common.vision import EASY_VQA_COLORS, EASY_VQA_SHAPES, build_vlm, load_images, load_vlm, save_vlm
@@ -61,6 +62,18 @@ def test_ppo_trains_a_vlm_actor_and_critic_on_image_prompts(vlm_dir, colors, tmp
     assert any(not torch.equal(before[k], critic_vision[k]) for k in vision)  # the critic's encoder trained (critic lr)
     head = load_file(out / "critic" / "value_head.safetensors")["weight"]
     assert head.shape == (1, reloaded.config.hidden_size) and head.abs().sum() > 0
+
+
+def test_gradient_checkpointing_reaches_the_vlm_actor_and_critic(vlm_dir, colors, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(ppo, "prepare_model", lambda model, **kw: calls.append(model) or prepare_model(model, **kw))
+    (tmp_path / "length_reward.py").write_text("def score(completions, **kw):\n    return [len(c) / 10 for c in completions]\n")
+    result = ppo.main(ppo.Args(model_path=vlm_dir, dataset=colors["train"], output_dir=str(tmp_path / "run"),
+                               rewards=(f"{tmp_path}/length_reward.py:score",), max_steps=1, prompts_per_step=4,
+                               max_new_tokens=4, lr=1e-3, critic_lr=1e-3, eval_samples=0, dtype="float32",
+                               gradient_checkpointing=True))
+    assert result["step"] == 1
+    assert len(calls) == 2 and calls[0] is not calls[1] and all(m.is_gradient_checkpointing for m in calls)
 
 
 def test_vlm_critic_values_depend_on_the_image(vlm_dir, colors):
