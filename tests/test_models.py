@@ -31,9 +31,26 @@ def test_alias_converts_gguf_once_then_loads_the_cache(monkeypatch):
     assert tokenizer.decode(logits.argmax()).strip() != ""
 
 
+def test_small_alias_is_built_once_with_smollm2s_tokenizer(monkeypatch, tmp_path):
+    import common.models as models
+
+    real = Path(resolve_model_path("smollm2-135m"))  # the GGUF conversion stays in the real cache
+    monkeypatch.setattr(models, "_convert_gguf", lambda gguf: real)
+    monkeypatch.setenv("CLEANPOST_CACHE", str(tmp_path))  # a fresh cache for the small model: built here, then reused
+    folder = resolve_model_path("smollm2-small")
+    assert Path(folder).parent == tmp_path / "tiny"
+    model = load_model("smollm2-small")
+    assert (model.config.hidden_size, model.config.num_hidden_layers, model.config.vocab_size) == (256, 4, 49152)
+    assert load_tokenizer("smollm2-small").get_vocab() == load_tokenizer("smollm2-135m").get_vocab()
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: (_ for _ in ()).throw(AssertionError("rebuilt")))
+    assert resolve_model_path("smollm2-small") == folder
+    again = tiny_model("smollm2-135m", **models.TINY_ALIASES["smollm2-small"])  # seed 0, as built
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
 @pytest.mark.parametrize("bad", ["no-such-alias", "./missing/folder", "/tmp", "a/b/c", "x.gguf"])
 def test_bad_model_paths_list_what_is_accepted(bad):
-    with pytest.raises(ModelPathError, match="accepted: an alias \\(smollm2-135m\\)"):
+    with pytest.raises(ModelPathError, match="accepted: an alias \\(smollm2-135m, smollm2-tiny, smollm2-small\\)"):
         resolve_model_path(bad)
 
 
