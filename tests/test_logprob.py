@@ -222,7 +222,10 @@ def test_sequence_logprobs_fused_equals_naive(peft):
         loss = -logp.sum() / (labels[:, 1:] != -100).sum() + 0.1 * entropy.mean()
         results[impl] = (logp.detach(), entropy.detach(), torch.autograd.grad(loss, trainable))
     (lf, ef, gf), (ln, en, gn) = results["fused"], results["naive"]
-    assert (lf - ln).abs().max() <= 1e-5 and (ef - en).abs().max() <= 1e-5
+    assert (lf - ln).abs().max() <= 1e-5
+    # entropy (~10.8 nats here) sums 49k float32 terms in a different order in each path: a few ulps apart, 1.3e-5
+    # seen on an AVX2-only CPU, so the bound is relative (5e-6 of the value, ~50x float32's epsilon)
+    assert ((ef - en).abs() <= 5e-6 * en.abs() + 1e-6).all()
     assert (lf[:, -1] == 0).all() and (lf[:, :3] == 0).all()
     for f, n in zip(gf, gn):
         assert rel_err(f, n) <= 1e-4
