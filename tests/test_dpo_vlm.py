@@ -25,15 +25,15 @@ def vlm_dir(tiny_model_dir, tmp_path_factory):
     return str(save_vlm(model, processor, tmp_path_factory.mktemp("tiny-vlm") / "vlm"))
 
 
-def write_pref_records(folder, n, seed):
+def write_pref_records(folder, n, seed, names=tuple(COLORS)):
     """n pairs over PNGs of a coloured rectangle: the same question every time, chosen = the colour, rejected = another
-    colour; every colour is chosen as often as rejected, so only the image tells a pair's answers apart."""
+    of `names`; every colour is chosen as often as rejected, so only the image tells a pair's answers apart (with two
+    names, the same two answers in both orders: a model ignoring the image is right on exactly half)."""
     rng = random.Random(seed)
-    names = list(COLORS)
     (folder / "images").mkdir(parents=True, exist_ok=True)
     lines = []
-    for k in range(n):
-        color, wrong = names[k % 4], names[(k + 1 + k // 4) % 4]
+    for k in range(n):  # the wrong colour cycles through the other names, one step further each round of len(names)
+        color, wrong = names[k % len(names)], names[(k + 1 + k // len(names) % (len(names) - 1)) % len(names)]
         image = Image.new("RGB", (48, 48), (255, 255, 255))
         x, y = rng.randrange(0, 12), rng.randrange(0, 12)
         image.paste(COLORS[color], (x, y, x + 36, y + 36))

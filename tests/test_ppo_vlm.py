@@ -6,23 +6,21 @@ same scores, and score PPO's rollouts with their images."""
 import contextlib
 import json
 import math
-import random
 import subprocess
 import sys
 import types
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 import ppo
-from common.models import prepare_model
 from common.logprob import forward_hidden
 from common.metrics import read_metrics
-from common.vision import EASY_VQA_COLORS, EASY_VQA_SHAPES, build_vlm, load_images, load_vlm, save_vlm
+from common.vision import EASY_VQA_COLORS, EASY_VQA_SHAPES, build_vlm, checkpoint_vlm, load_images, load_vlm, save_vlm
 from conftest import ROOT, subprocess_env
-from test_sft_vlm import COLORS, write_color_records
+from test_dpo_vlm import write_pref_records
+from test_sft_vlm import write_color_records
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +64,14 @@ def test_ppo_trains_a_vlm_actor_and_critic_on_image_prompts(vlm_dir, colors, tmp
 
 def test_gradient_checkpointing_reaches_the_vlm_actor_and_critic(vlm_dir, colors, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(ppo, "prepare_model", lambda model, **kw: calls.append(model) or prepare_model(model, **kw))
+    monkeypatch.setattr(ppo, "checkpoint_vlm", lambda model: calls.append(model) or checkpoint_vlm(model))
     (tmp_path / "length_reward.py").write_text("def score(completions, **kw):\n    return [len(c) / 10 for c in completions]\n")
     result = ppo.main(ppo.Args(model_path=vlm_dir, dataset=colors["train"], output_dir=str(tmp_path / "run"),
                                rewards=(f"{tmp_path}/length_reward.py:score",), max_steps=1, prompts_per_step=4,
                                max_new_tokens=4, lr=1e-3, critic_lr=1e-3, eval_samples=0, dtype="float32",
                                gradient_checkpointing=True))
     assert result["step"] == 1
-    assert len(calls) == 2 and calls[0] is not calls[1] and all(m.is_gradient_checkpointing for m in calls)
+    assert len(calls) == 2 and calls[0] is not calls[1] and all(m.language_model.is_gradient_checkpointing for m in calls)
 
 
 def test_vlm_critic_values_depend_on_the_image(vlm_dir, colors):
@@ -107,27 +105,6 @@ def test_text_model_refuses_image_prompts(tiny_model_dir, colors, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- the VLM reward model
-def write_image_pairs(folder, n, seed, names=("red", "blue")):
-    """n pairs "what color is the shape?" over PNGs of a red or a blue rectangle: chosen = the colour, rejected = the
-    other one. Every pair holds the same question and the same two answers, in one order or the other (half each), so
-    a reward model that ignores the image is right on exactly half of them."""
-    rng = random.Random(seed)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for k in range(n):
-        color, wrong = names[k % 2], names[(k + 1) % 2]
-        image = Image.new("RGB", (48, 48), (255, 255, 255))
-        x, y = rng.randrange(0, 12), rng.randrange(0, 12)
-        image.paste(COLORS[color], (x, y, x + 36, y + 36))
-        image.save(folder / "images" / f"{seed}_{k}.png")
-        prompt = [{"role": "user", "content": [{"type": "image", "image": f"images/{seed}_{k}.png"},
-                                               {"type": "text", "text": "what color is the shape?"}]}]
-        lines.append(json.dumps({"prompt": prompt, "chosen": color, "rejected": wrong, "answer": color}))
-    path = folder / f"image_pairs_{seed}.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
-
 def plain_score(vlm, head, processor, row, images=None):
     """The reward of one chat row ({"chat", "base_dir"}) computed without ppo.py: encoded alone, unpadded, with its own
     images (or `images`), then the head on the final hidden state of its last token."""
@@ -142,7 +119,7 @@ def plain_score(vlm, head, processor, row, images=None):
 def vlm_rm(vlm_dir, tmp_path_factory):
     """A VLM reward model trained by `ppo.py --mode rm` on 12 image pairs, with its in-memory model (caught at export)."""
     folder = tmp_path_factory.mktemp("vlm-rm")
-    pairs = write_image_pairs(folder / "data", 12, seed=0)
+    pairs = write_pref_records(folder / "data", 12, seed=0, names=("red", "blue"))
     caught = {}
     export = ppo.export_vlm_critic
 
@@ -223,7 +200,7 @@ def test_reward_model_data_errors(tiny_model_dir, vlm_dir, vlm_rm, colors, tmp_p
     text_pairs.write_text(json.dumps({"prompt": "2+2?", "chosen": "4", "rejected": "5"}) + "\n")
     with pytest.raises(SystemExit, match=r"text_pairs\.jsonl:1: the pair holds no image but --model-path is a VLM"):
         ppo.main(ppo.Args(mode="rm", model_path=vlm_dir, dataset=str(text_pairs), output_dir=str(tmp_path), dry_run=True))
-    with pytest.raises(SystemExit, match=r"image_pairs_0\.jsonl:1: the pair holds an image but --model-path is a text"):
+    with pytest.raises(SystemExit, match=r"prefs_0\.jsonl:1: the pair holds an image but --model-path is a text"):
         ppo.main(ppo.Args(mode="rm", model_path=tiny_model_dir, dataset=vlm_rm["pairs"], output_dir=str(tmp_path),
                           dry_run=True))
     with pytest.raises(SystemExit, match="is a VLM reward model.*--model-path is a text model"):
