@@ -65,7 +65,7 @@ from common.metrics import RunLogger, cli, exact_match
 from common.models import (barrier, cache_dir, checkpoint_dirs, load_checkpoint, load_model, load_tokenizer, pick_dtype,
                            prepare_model, resolve_model_path, save_checkpoint)
 from common.rewards import answer_correct
-from common.vision import ComposedVLM, export_vlm, is_vlm, load_vlm, param_groups, vlm_generate
+from common.vision import ComposedVLM, checkpoint_vlm, export_vlm, is_vlm, load_vlm, param_groups, vlm_generate
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "simpo", "orpo", "kto")
 REFERENCE_FREE = ("simpo", "orpo")
@@ -489,8 +489,6 @@ def export_hf(args, model, tokenizer, rank, processor=None) -> Path | None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if args.lora_r > 0:
-        from common.models import prepare_model
-
         plain = prepare_model(plain, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                               lora_targets=list(args.lora_targets) if args.lora_targets else None)
         plain.load_state_dict(full_sd, assign=True)
@@ -571,7 +569,7 @@ def main(args: Args):
                            lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                            lora_targets=list(args.lora_targets) if args.lora_targets else None)
     elif args.gradient_checkpointing:
-        prepare_model(model.language_model if isinstance(model, ComposedVLM) else model, gradient_checkpointing=True)
+        checkpoint_vlm(model)
     autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
     results: dict = {"ref_cache_hit": {}}
     ref = {}

@@ -56,9 +56,9 @@ from common.data import detect_format, load_records, to_messages
 from common.logprob import sequence_logprobs
 from common.metrics import RunLogger, cli, exact_match
 from common.models import (barrier, checkpoint_dirs, load_checkpoint, load_model, load_tokenizer, pick_dtype,
-                           prepare_model, resolve_model_path, save_checkpoint)
+                           resolve_model_path, save_checkpoint)
 from common.rewards import VERIFY_STATS, answer_correct, load_reward_fn, remote_reward, safe_rewards
-from common.vision import ComposedVLM, export_vlm, is_vlm, load_vlm, param_groups, vlm_generate
+from common.vision import checkpoint_vlm, export_vlm, is_vlm, load_vlm, param_groups, vlm_generate
 
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 VARIANTS = ("ppo", "gspo", "gmpo")
@@ -617,7 +617,7 @@ def main(args: Args):
     if not vlm:
         model = load_model(args.model_path, device=device, gradient_checkpointing=args.gradient_checkpointing)
     elif args.gradient_checkpointing:  # a composed VLM checkpoints its LM's layers; a native VLM its own
-        prepare_model(model.language_model if isinstance(model, ComposedVLM) else model, gradient_checkpointing=True)
+        checkpoint_vlm(model)
     ref_model = None
     if args.kl_coef > 0:
         ref_model = (load_vlm(args.model_path, device=device)[0] if vlm else load_model(args.model_path, device=device))

@@ -76,7 +76,7 @@ from common.metrics import RunLogger, cli, exact_match
 from common.models import (barrier, checkpoint_dirs, load_checkpoint, load_model, load_tokenizer, pick_attn_implementation,
                            pick_dtype, prepare_model, resolve_model_path, save_checkpoint)
 from common.rewards import answer_correct, load_reward_fn, remote_reward, safe_rewards
-from common.vision import ComposedVLM, export_vlm, gather_unsharded, is_vlm, load_vlm, param_groups, save_vlm, vlm_generate
+from common.vision import checkpoint_vlm, export_vlm, gather_unsharded, is_vlm, load_vlm, param_groups, save_vlm, vlm_generate
 
 DEFAULT_MODEL = "runs/sft/model"
 MODE_DEFAULTS = {  # field: (ppo default, rm default)
@@ -707,8 +707,8 @@ def main(args: Args):
     # ---- models: actor, critic, reference, reward model; accuracy before; FSDP2 ----
     if vlm:  # the critic: a second copy of the VLM (values must see the image) + a zero value head (or an exported one)
         critic = load_vlm_critic(args.critic_path or args.model_path, device)[0]
-        for vlm_model in (model, critic.vlm) if args.gradient_checkpointing else ():  # LM layers (composed) or all (native)
-            prepare_model(vlm_model.language_model if isinstance(vlm_model, ComposedVLM) else vlm_model, gradient_checkpointing=True)
+        for vlm_model in (model, critic.vlm) if args.gradient_checkpointing else ():
+            checkpoint_vlm(vlm_model)
     else:
         model = load_model(args.model_path, device=device, gradient_checkpointing=args.gradient_checkpointing)
         critic = load_value_model(args.critic_path or args.model_path, tokenizer.pad_token_id, device, zero_new_head=True,

@@ -55,7 +55,7 @@ from common.metrics import RunLogger, cli, exact_match
 from common.models import (barrier, checkpoint_dirs, load_checkpoint, load_model, load_tokenizer, pick_dtype, prepare_model,
                            resolve_model_path, save_checkpoint)
 from common.rewards import answer_correct
-from common.vision import ComposedVLM, export_vlm, is_vlm, load_vlm, param_groups, vlm_generate
+from common.vision import ComposedVLM, checkpoint_vlm, export_vlm, is_vlm, load_vlm, param_groups, vlm_generate
 
 
 @dataclass
@@ -234,8 +234,6 @@ def export_hf(args, model, tokenizer, rank) -> Path | None:
     out, tmp = Path(args.output_dir) / "model", Path(args.output_dir) / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if args.lora_r > 0:
-        from common.models import prepare_model
-
         plain = prepare_model(plain, lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets)
         plain.load_state_dict(full_sd, assign=True)
         plain.save_pretrained(tmp / "adapter")
@@ -311,7 +309,7 @@ def main(args: Args):
                            lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                            lora_targets=list(args.lora_targets) if args.lora_targets else None)
     elif args.gradient_checkpointing:
-        prepare_model(model.language_model if isinstance(model, ComposedVLM) else model, gradient_checkpointing=True)
+        checkpoint_vlm(model)
     accuracy, reader = (vlm_answer_accuracy, processor) if vlm else (answer_accuracy, tokenizer)
     results = {}
     if eval_records and not args.resume:

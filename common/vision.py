@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from common.data import IGNORE, DataError, tokenize_chat
-from common.models import load_model, load_tokenizer
+from common.models import load_model, load_tokenizer, prepare_model
 
 IMAGE_TOKEN = "<image>"
 CONFIG_FILE = "vlm_config.json"  # marks a composed-VLM folder (weights in model.safetensors, tokenizer beside)
@@ -362,6 +362,12 @@ def is_vlm(path) -> bool:
         return True
     config = path / "config.json"
     return config.exists() and json.loads(config.read_text()).get("model_type") in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
+def checkpoint_vlm(model):
+    """Gradient checkpointing for a VLM: a composed VLM's LM decoder layers (the small encoder's activations are cheap
+    to keep, and ComposedVLM has no HF gradient_checkpointing_enable), a native VLM's own layers."""
+    prepare_model(model.language_model if isinstance(model, ComposedVLM) else model, gradient_checkpointing=True)
 
 
 def load_vlm(path, *, dtype=torch.float32, device="cpu"):

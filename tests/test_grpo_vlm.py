@@ -13,10 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 import grpo
-from common.models import prepare_model
 from common.metrics import read_metrics
 from common.rewards import vqa_reward
-from common.vision import build_vlm, load_vlm, save_vlm
+from common.vision import build_vlm, checkpoint_vlm, load_vlm, save_vlm
 from conftest import ROOT, subprocess_env
 from test_sft_vlm import write_color_records
 from test_vision import tiny_qwen_vl_folder
@@ -91,7 +90,7 @@ def test_grpo_trains_a_vlm_on_image_prompts_with_the_vqa_reward(vlm_dir, colors,
 
 def test_gradient_checkpointing_reaches_a_vlms_lm_and_changes_no_number(vlm_dir, colors, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(grpo, "prepare_model", lambda model, **kw: calls.append(model) or prepare_model(model, **kw))
+    monkeypatch.setattr(grpo, "checkpoint_vlm", lambda model: calls.append(model) or checkpoint_vlm(model))
     (tmp_path / "length_reward.py").write_text("def score(completions, **kw):\n    return [len(c) / 10 for c in completions]\n")
     exported = []
     for checkpointing in (False, True):
@@ -101,7 +100,7 @@ def test_gradient_checkpointing_reaches_a_vlms_lm_and_changes_no_number(vlm_dir,
                             lr=1e-3, rewards=("vqa",), dynamic_sampling=False, eval_samples=0, dtype="float32",
                             gradient_checkpointing=checkpointing))
         exported.append(load_file(out / "model" / "model.safetensors"))
-    assert len(calls) == 1 and calls[0].is_gradient_checkpointing  # only the second run, on the composed VLM's LM
+    assert len(calls) == 1 and calls[0].language_model.is_gradient_checkpointing  # second run only: the composed VLM's LM
     before = load_file(f"{vlm_dir}/model.safetensors")
     assert any(not torch.equal(before[k], exported[1][k]) for k in before)  # it trained
     assert all(torch.allclose(exported[0][k], exported[1][k], atol=1e-6) for k in before)  # recomputation, same numbers
