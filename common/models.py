@@ -114,6 +114,11 @@ def _convert_gguf(gguf: Path) -> Path:
     model.quantization_method = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    return _publish(target, model, tokenizer)
+
+
+def _publish(target: Path, model, tokenizer) -> Path:
+    """save_pretrained model and tokenizer into a temp folder beside target, then rename it to target."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
     model.save_pretrained(tmp)
@@ -132,15 +137,7 @@ def _build_tiny(alias: str) -> Path:
     if (target / "config.json").exists():
         return target
     base = resolve_model_path("smollm2-135m")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp", dir=target.parent))
-    tiny_model(base, **sizes).save_pretrained(tmp)
-    load_tokenizer(base).save_pretrained(tmp)
-    try:
-        os.rename(tmp, target)
-    except OSError:  # another process (another rank) finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return _publish(target, tiny_model(base, **sizes), load_tokenizer(base))
 
 
 def load_tokenizer(path: str, gguf_file: str | None = None):

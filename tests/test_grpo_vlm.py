@@ -3,7 +3,6 @@ reward and trains; the sampler's logps must equal the training forward's, which 
 reach its own image tokens in both passes."""
 
 import contextlib
-import os
 import subprocess
 import sys
 import types

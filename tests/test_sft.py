@@ -1,13 +1,11 @@
 """sft.py end to end on a tiny random-init model of SmolLM2's family (real tokenizer, real bundled data)."""
 
-import json
 import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
