@@ -304,7 +304,8 @@ def build_vlm(lm_path, encoder="siglip-tiny", *, image_size=64, projector="mlp",
 
 
 def save_vlm(model, processor, folder):
-    """One loadable folder (also for native VLMs), written to folder.tmp and renamed: never half-written."""
+    """One loadable folder (also for native VLMs), written to folder.tmp and renamed: never half-written (an older
+    folder of the same name is moved aside to folder.old first and removed last)."""
     from safetensors.torch import save_model
 
     folder = Path(folder)
@@ -325,8 +326,12 @@ def save_vlm(model, processor, folder):
         model.save_pretrained(tmp)
         for part in (processor.hf_processor,) if processor.hf_processor else (processor.tokenizer, processor.image_processor):
             part.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
+    previous = folder.with_name(folder.name + ".old")  # a crash in between leaves a whole folder under one of the names
+    shutil.rmtree(previous, ignore_errors=True)
+    if folder.exists():
+        os.rename(folder, previous)
     os.rename(tmp, folder)
+    shutil.rmtree(previous, ignore_errors=True)
     return folder
 
 

@@ -121,6 +121,32 @@ def test_save_load_round_trip_gives_identical_logits(vlm, captions, tiny_model_d
     assert torch.equal(a, b)
 
 
+def test_save_over_an_existing_folder_replaces_it_and_a_crash_keeps_the_old_one(tiny_model_dir, tmp_path, monkeypatch):
+    import common.vision as vision
+
+    first, processor = build_vlm(tiny_model_dir, "siglip-tiny", seed=0)
+    second, _ = build_vlm(tiny_model_dir, "siglip-tiny", seed=1)
+    folder = save_vlm(first, processor, tmp_path / "vlm")
+    save_vlm(second, processor, folder)
+    reloaded, _ = load_vlm(folder)
+    assert torch.equal(reloaded.projector.mlp[0].weight, second.projector.mlp[0].weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vlm"]  # no .tmp / .old left behind
+    # a crash at the final rename (after the old folder was moved aside) leaves the old weights whole in vlm.old
+    real_rename = vision.os.rename
+
+    def crash_on_publish(src, dst):
+        if str(src).endswith(".tmp"):
+            raise KeyboardInterrupt
+        real_rename(src, dst)
+
+    monkeypatch.setattr(vision.os, "rename", crash_on_publish)
+    with pytest.raises(KeyboardInterrupt):
+        save_vlm(first, processor, folder)
+    monkeypatch.undo()
+    kept, _ = load_vlm(tmp_path / "vlm.old")
+    assert torch.equal(kept.projector.mlp[0].weight, second.projector.mlp[0].weight)
+
+
 def test_gradient_reaches_the_projector_not_frozen_parts(tiny_model_dir, captions):
     model, processor = build_vlm(tiny_model_dir, seed=2)
     groups = param_groups(model, 1e-3, lr_vision=0.0, lr_lm=0.0, weight_decay=0.1)
