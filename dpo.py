@@ -63,7 +63,7 @@ from common.data import (DataError, IGNORE, detect_format, epoch_batches, load_r
 from common.logprob import sequence_logprobs
 from common.metrics import RunLogger, cli, exact_match
 from common.models import (barrier, cache_dir, checkpoint_dirs, load_checkpoint, load_model, load_tokenizer, pick_dtype,
-                           prepare_model, resolve_model_path, save_checkpoint)
+                           prepare_model, resolve_model_path, replace_dir, save_checkpoint)
 from common.rewards import answer_correct
 from common.vision import ComposedVLM, checkpoint_vlm, export_vlm, is_vlm, load_vlm, param_groups, vlm_generate
 
@@ -502,9 +502,7 @@ def export_hf(args, model, tokenizer, rank, processor=None) -> Path | None:
         plain.config.use_cache = True  # for serving
         plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.rename(tmp, out)
-    return out
+    return replace_dir(tmp, out)
 
 
 # ------------------------------------------------------------------------------------------------ main

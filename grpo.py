@@ -56,7 +56,7 @@ from common.data import detect_format, load_records, to_messages
 from common.logprob import sequence_logprobs
 from common.metrics import RunLogger, cli, exact_match
 from common.models import (barrier, checkpoint_dirs, load_checkpoint, load_model, load_tokenizer, pick_dtype,
-                           resolve_model_path, save_checkpoint)
+                           resolve_model_path, replace_dir, save_checkpoint)
 from common.rewards import VERIFY_STATS, answer_correct, load_reward_fn, remote_reward, safe_rewards
 from common.vision import checkpoint_vlm, export_vlm, is_vlm, load_vlm, param_groups, vlm_generate
 
@@ -539,9 +539,7 @@ def export_hf(args, model, tokenizer, rank) -> Path | None:
     plain.config.use_cache = True
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.rename(tmp, out)
-    return out
+    return replace_dir(tmp, out)
 
 
 def all_sum(values: list[float], device) -> list[float]:

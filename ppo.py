@@ -74,7 +74,7 @@ from common.data import content_text, detect_format, load_records, preference_me
 from common.logprob import forward_hidden, sequence_logprobs
 from common.metrics import RunLogger, cli, exact_match
 from common.models import (barrier, checkpoint_dirs, load_checkpoint, load_model, load_tokenizer, pick_attn_implementation,
-                           pick_dtype, prepare_model, resolve_model_path, save_checkpoint)
+                           pick_dtype, prepare_model, resolve_model_path, replace_dir, save_checkpoint)
 from common.rewards import answer_correct, load_reward_fn, remote_reward, safe_rewards
 from common.vision import checkpoint_vlm, export_vlm, gather_unsharded, is_vlm, load_vlm, param_groups, save_vlm, vlm_generate
 
@@ -594,21 +594,17 @@ def export_hf(model, tokenizer, out, rank, auto_class) -> Path | None:
     plain.tie_weights()
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.rename(tmp, out)
-    return out
+    return replace_dir(tmp, out)
 
 
 def export_vlm_critic(args, critic, processor, out, rank) -> Path | None:
     """A VLMCritic's VLM as a save_vlm folder plus its head in <out>/value_head.safetensors ({"weight": [1, H]})."""
-    from safetensors.torch import save_file
-
     plain = gather_unsharded(critic, lambda: VLMCritic(load_vlm(args.model_path)[0]), rank)
     if plain is None:
         return None
-    save_vlm(plain.vlm, processor, out)
-    save_file({"weight": plain.score.weight.detach().float().cpu().contiguous()}, str(Path(out) / "value_head.safetensors"))
-    return Path(out)
+    # the head goes into the folder before it is published: never a critic folder without its head
+    head = {"weight": plain.score.weight.detach().float().cpu().contiguous()}
+    return save_vlm(plain.vlm, processor, out, extra_tensors={"value_head.safetensors": head})
 
 
 def all_sum(values: list[float], device) -> list[float]:

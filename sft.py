@@ -53,7 +53,7 @@ from common.data import build_sft_examples, epoch_batches, load_mixture, pack_co
 from common.logprob import sequence_logprobs
 from common.metrics import RunLogger, cli, exact_match
 from common.models import (barrier, checkpoint_dirs, load_checkpoint, load_model, load_tokenizer, pick_dtype, prepare_model,
-                           resolve_model_path, save_checkpoint)
+                           resolve_model_path, replace_dir, save_checkpoint)
 from common.rewards import answer_correct
 from common.vision import ComposedVLM, checkpoint_vlm, export_vlm, is_vlm, load_vlm, param_groups, vlm_generate
 
@@ -244,9 +244,7 @@ def export_hf(args, model, tokenizer, rank) -> Path | None:
     plain.config.use_cache = True  # for serving
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.rename(tmp, out)
-    return out
+    return replace_dir(tmp, out)
 
 
 def main(args: Args):

@@ -260,6 +260,19 @@ def barrier():
         dist.barrier()
 
 
+def replace_dir(tmp, final) -> Path:
+    """Renames the finished folder tmp to final. An older final is moved aside to final.old first and removed last, so
+    a crash at any moment leaves a whole folder under final or final.old, never a half-written one under final."""
+    tmp, final = Path(tmp), Path(final)
+    previous = final.with_name(final.name + ".old")
+    shutil.rmtree(previous, ignore_errors=True)
+    if final.exists():
+        os.rename(final, previous)
+    os.rename(tmp, final)
+    shutil.rmtree(previous, ignore_errors=True)
+    return final
+
+
 def checkpoint_dirs(output_dir) -> list[Path]:
     """Complete checkpoints, oldest first (a folder only gets its step_ name once fully written)."""
     root = Path(output_dir) / "checkpoints"
@@ -284,8 +297,7 @@ def save_checkpoint(output_dir, step, model, optimizer, scheduler, rank, keep):
         torch.save({"step": step, "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
     barrier()
     if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)  # a stale checkpoint of the same step from an earlier run
-        os.rename(tmp, final)  # atomic: a crash before this leaves only a .tmp folder, which resume ignores
+        replace_dir(tmp, final)  # a crash before this leaves only a .tmp folder, which resume ignores
         for old in checkpoint_dirs(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     barrier()

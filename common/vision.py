@@ -19,7 +19,6 @@ import importlib.util
 import io
 import json
 import math
-import os
 import re
 import shutil
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from common.data import IGNORE, DataError, tokenize_chat
-from common.models import load_model, load_tokenizer, prepare_model
+from common.models import load_model, load_tokenizer, prepare_model, replace_dir
 
 IMAGE_TOKEN = "<image>"
 CONFIG_FILE = "vlm_config.json"  # marks a composed-VLM folder (weights in model.safetensors, tokenizer beside)
@@ -303,10 +302,10 @@ def build_vlm(lm_path, encoder="siglip-tiny", *, image_size=64, projector="mlp",
     return model.to(device=device, dtype=dtype), processor
 
 
-def save_vlm(model, processor, folder):
-    """One loadable folder (also for native VLMs), written to folder.tmp and renamed: never half-written (an older
-    folder of the same name is moved aside to folder.old first and removed last)."""
-    from safetensors.torch import save_model
+def save_vlm(model, processor, folder, extra_tensors=None):
+    """One loadable folder (also for native VLMs), written to folder.tmp and renamed (common.models.replace_dir): never
+    half-written. extra_tensors {file name: {name: tensor}} adds safetensors files (a value head) before the rename."""
+    from safetensors.torch import save_file, save_model
 
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
@@ -326,13 +325,9 @@ def save_vlm(model, processor, folder):
         model.save_pretrained(tmp)
         for part in (processor.hf_processor,) if processor.hf_processor else (processor.tokenizer, processor.image_processor):
             part.save_pretrained(tmp)
-    previous = folder.with_name(folder.name + ".old")  # a crash in between leaves a whole folder under one of the names
-    shutil.rmtree(previous, ignore_errors=True)
-    if folder.exists():
-        os.rename(folder, previous)
-    os.rename(tmp, folder)
-    shutil.rmtree(previous, ignore_errors=True)
-    return folder
+    for name, tensors in (extra_tensors or {}).items():
+        save_file(tensors, str(tmp / name))
+    return replace_dir(tmp, folder)
 
 
 def gather_unsharded(model, fresh_model, rank):

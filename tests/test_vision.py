@@ -122,7 +122,7 @@ def test_save_load_round_trip_gives_identical_logits(vlm, captions, tiny_model_d
 
 
 def test_save_over_an_existing_folder_replaces_it_and_a_crash_keeps_the_old_one(tiny_model_dir, tmp_path, monkeypatch):
-    import common.vision as vision
+    import os
 
     first, processor = build_vlm(tiny_model_dir, "siglip-tiny", seed=0)
     second, _ = build_vlm(tiny_model_dir, "siglip-tiny", seed=1)
@@ -132,14 +132,14 @@ def test_save_over_an_existing_folder_replaces_it_and_a_crash_keeps_the_old_one(
     assert torch.equal(reloaded.projector.mlp[0].weight, second.projector.mlp[0].weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vlm"]  # no .tmp / .old left behind
     # a crash at the final rename (after the old folder was moved aside) leaves the old weights whole in vlm.old
-    real_rename = vision.os.rename
+    real_rename = os.rename
 
     def crash_on_publish(src, dst):
         if str(src).endswith(".tmp"):
             raise KeyboardInterrupt
         real_rename(src, dst)
 
-    monkeypatch.setattr(vision.os, "rename", crash_on_publish)
+    monkeypatch.setattr(os, "rename", crash_on_publish)
     with pytest.raises(KeyboardInterrupt):
         save_vlm(first, processor, folder)
     monkeypatch.undo()
