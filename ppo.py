@@ -981,6 +981,8 @@ def train_reward_model(args, world_size, rank, device, compute_dtype, autocast, 
     if not vlm:
         model = load_value_model(args.model_path, tokenizer.pad_token_id, device, zero_new_head=False,
                                  gradient_checkpointing=args.gradient_checkpointing)
+    elif args.gradient_checkpointing:
+        checkpoint_vlm(model.vlm)
     if world_size > 1:
         shard([model], device, compute_dtype, world_size)
         autocast = nullcontext()

@@ -72,6 +72,11 @@ def test_gradient_checkpointing_reaches_the_vlm_actor_and_critic(vlm_dir, colors
                                gradient_checkpointing=True))
     assert result["step"] == 1
     assert len(calls) == 2 and calls[0] is not calls[1] and all(m.language_model.is_gradient_checkpointing for m in calls)
+    pairs = write_pref_records(tmp_path / "pairs", 4, seed=0, names=("red", "blue"))  # --mode rm on a VLM too
+    result = ppo.main(ppo.Args(mode="rm", model_path=vlm_dir, dataset=pairs, eval_samples=0, output_dir=str(tmp_path / "rm"),
+                               max_steps=1, pairs_per_step=4, micro_batch_size=8, dtype="float32", export=False,
+                               gradient_checkpointing=True))
+    assert result["step"] == 1 and len(calls) == 3 and calls[2].language_model.is_gradient_checkpointing
 
 
 def test_vlm_critic_values_depend_on_the_image(vlm_dir, colors):
