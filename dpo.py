@@ -58,12 +58,32 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.data import (DataError, IGNORE, detect_format, epoch_batches, load_records, pack_collate, pack_examples,
-                         preference_messages, tokenize_chat)
+from common.data import (
+    IGNORE,
+    DataError,
+    detect_format,
+    epoch_batches,
+    load_records,
+    pack_collate,
+    pack_examples,
+    preference_messages,
+    tokenize_chat,
+)
 from common.logprob import sequence_logprobs
 from common.metrics import RunLogger, cli, exact_match
-from common.models import (barrier, cache_dir, checkpoint_dirs, load_checkpoint, load_model, load_tokenizer, pick_dtype,
-                           prepare_model, resolve_model_path, replace_dir, save_checkpoint)
+from common.models import (
+    barrier,
+    cache_dir,
+    checkpoint_dirs,
+    load_checkpoint,
+    load_model,
+    load_tokenizer,
+    pick_dtype,
+    prepare_model,
+    replace_dir,
+    resolve_model_path,
+    save_checkpoint,
+)
 from common.rewards import answer_correct
 from common.vision import ComposedVLM, checkpoint_vlm, export_vlm, is_vlm, load_vlm, param_groups, vlm_generate
 
@@ -181,8 +201,18 @@ def kto_kl(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.T
     return (policy_kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
 
 
-def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
-                    loss_type: str, beta: float, label_smoothing: float = 0.0, gamma: float = 0.5, kl=None):
+def preference_loss(
+    policy_chosen_logps,
+    policy_rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    *,
+    loss_type: str,
+    beta: float,
+    label_smoothing: float = 0.0,
+    gamma: float = 0.5,
+    kl=None,
+):
     """Per-pair losses [B] and the implied rewards of the chosen and rejected answers ([B] each, no gradient).
 
     All inputs are [B] sequence log-probs (summed over answer tokens; length-averaged for ipo, simpo, orpo: the caller
@@ -232,7 +262,8 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
         losses = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
     elif loss_type == "orpo":
         log_odds = (policy_chosen_logps - policy_rejected_logps) - (
-            _log1mexp(policy_chosen_logps) - _log1mexp(policy_rejected_logps))
+            _log1mexp(policy_chosen_logps) - _log1mexp(policy_rejected_logps)
+        )
         losses = -beta * F.logsigmoid(log_odds)
     else:  # kto
         if kl is None:
@@ -244,8 +275,9 @@ def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps
 
 
 # -------------------------------------------------------------------------------------------------- data
-def build_pairs(source: str, tokenizer, *, max_len: int, overlong: str = "truncate", with_kl: bool = False,
-                processor=None):
+def build_pairs(
+    source: str, tokenizer, *, max_len: int, overlong: str = "truncate", with_kl: bool = False, processor=None
+):
     """(pairs, records): each pair {"index", "chosen", "rejected"[, "kl"]} of tokenised chats with assistant-only labels.
     A VLM `processor` (common/vision.py) tokenises instead: its sequences also carry their images ("images").
 
@@ -259,10 +291,14 @@ def build_pairs(source: str, tokenizer, *, max_len: int, overlong: str = "trunca
     def encode(messages, record, overlong):
         if processor is not None:
             return processor(messages, base_dir=record.get("_dir", "."), max_len=max_len, overlong=overlong)
-        if any(isinstance(m["content"], list) and any(p.get("type") in ("image", "image_url") for p in m["content"])
-               for m in messages):  # tokenize_chat would silently drop the image
-            raise DataError(f"{record.get('_where', source)}: the pair holds an image but --model-path is a text model; "
-                            "pass a VLM folder (pretrain_captioner.py / sft.py export, or a native image-text-to-text model)")
+        if any(
+            isinstance(m["content"], list) and any(p.get("type") in ("image", "image_url") for p in m["content"])
+            for m in messages
+        ):  # tokenize_chat would silently drop the image
+            raise DataError(
+                f"{record.get('_where', source)}: the pair holds an image but --model-path is a text model; "
+                "pass a VLM folder (pretrain_captioner.py / sft.py export, or a native image-text-to-text model)"
+            )
         return tokenize_chat(messages, tokenizer, max_len=max_len, overlong=overlong)
 
     pairs, kept, n_dropped = [], [], 0
@@ -303,8 +339,14 @@ def collate_sequences(seqs: list[dict], pad_id: int, *, packing: bool, max_len: 
             input_ids[row, :n], labels[row, :n] = torch.tensor(s["input_ids"]), torch.tensor(s["labels"])
             attention_mask[row, :n], seq_index[row, :n] = 1, row
         position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # [S, T]
-        return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids,
-                    seq_index=seq_index, n_seqs=len(seqs)) | (processor.image_inputs(seqs, input_ids) if processor else {})
+        return dict(
+            input_ids=input_ids,
+            labels=labels,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            seq_index=seq_index,
+            n_seqs=len(seqs),
+        ) | (processor.image_inputs(seqs, input_ids) if processor else {})
     packs = pack_examples(seqs, max_len)
     batch = pack_collate([[seqs[i] for i in pack] for pack in packs], pad_id, max_len)
     seq_index = torch.full_like(batch["input_ids"], -1)  # [R, max_len]
@@ -312,18 +354,28 @@ def collate_sequences(seqs: list[dict], pad_id: int, *, packing: bool, max_len: 
         t = 0
         for i in pack:
             n = len(seqs[i]["input_ids"])
-            seq_index[row, t:t + n] = i
+            seq_index[row, t : t + n] = i
             t += n
     images = processor.image_inputs([seqs[i] for pack in packs for i in pack], batch["input_ids"]) if processor else {}
-    return dict(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch["position_ids"],
-                seq_index=seq_index, n_seqs=len(seqs)) | images
+    return (
+        dict(
+            input_ids=batch["input_ids"],
+            labels=batch["labels"],
+            position_ids=batch["position_ids"],
+            seq_index=seq_index,
+            n_seqs=len(seqs),
+        )
+        | images
+    )
 
 
-def collate_pairs(pairs: list[dict], pad_id: int, *, packing: bool, max_len: int, sides=("chosen", "rejected"),
-                  processor=None):
+def collate_pairs(
+    pairs: list[dict], pad_id: int, *, packing: bool, max_len: int, sides=("chosen", "rejected"), processor=None
+):
     """One batch of the pairs' sequences: all chosen first, then all rejected (sequence k*B + i is side k of pair i)."""
-    return collate_sequences([p[side] for side in sides for p in pairs], pad_id, packing=packing, max_len=max_len,
-                             processor=processor)
+    return collate_sequences(
+        [p[side] for side in sides for p in pairs], pad_id, packing=packing, max_len=max_len, processor=processor
+    )
 
 
 def len_answer(example) -> int:
@@ -336,15 +388,15 @@ def sequence_logps(model, batch, impl: str = "fused") -> tuple[torch.Tensor, tor
     device = next(model.parameters()).device
     to = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k != "n_seqs"}
     kwargs = {k: v for k, v in to.items() if k not in ("input_ids", "labels", "seq_index")}  # positions, mask, pixels
-    token_logps = sequence_logprobs(model, to["input_ids"], to["labels"], impl=impl,
-                                    **kwargs)  # [R, T], out[:, t] scores token t+1, 0 off-target
+    token_logps = sequence_logprobs(
+        model, to["input_ids"], to["labels"], impl=impl, **kwargs
+    )  # [R, T], out[:, t] scores token t+1, 0 off-target
     target = torch.zeros_like(to["labels"], dtype=torch.bool)  # [R, T]
     target[:, :-1] = to["labels"][:, 1:] != IGNORE
     # token t+1 is in the same sequence as token t for every target (a sequence's first token is never a target)
     owner = to["seq_index"][target]
     sums = torch.zeros(batch["n_seqs"], dtype=token_logps.dtype, device=device).index_add(0, owner, token_logps[target])
-    counts = torch.zeros(batch["n_seqs"], dtype=torch.long, device=device).index_add(
-        0, owner, torch.ones_like(owner))
+    counts = torch.zeros(batch["n_seqs"], dtype=torch.long, device=device).index_add(0, owner, torch.ones_like(owner))
     return sums, counts
 
 
@@ -358,15 +410,22 @@ def model_identity(path: str) -> dict:
         return {"hub_id": resolved}
     files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
     config = b"".join((folder / n).read_bytes() for n in ("config.json", "vlm_config.json") if (folder / n).exists())
-    return {"path": str(folder.resolve()), "config_sha1": hashlib.sha1(config).hexdigest(),
-            "weights": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}
+    return {
+        "path": str(folder.resolve()),
+        "config_sha1": hashlib.sha1(config).hexdigest(),
+        "weights": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files],
+    }
 
 
 def reference_cache_key(ref_path: str, pairs: list[dict], sides, max_len: int, dtype: torch.dtype) -> str:
     """Hash of the reference model's identity and the exact tokens scored (which covers data, template and max_len),
     and of a VLM's preprocessed images (an image token says nothing about the pixels behind it)."""
-    h = hashlib.sha1(json.dumps({"model": model_identity(ref_path), "max_len": max_len, "dtype": str(dtype),
-                                 "sides": list(sides)}, sort_keys=True).encode())
+    h = hashlib.sha1(
+        json.dumps(
+            {"model": model_identity(ref_path), "max_len": max_len, "dtype": str(dtype), "sides": list(sides)},
+            sort_keys=True,
+        ).encode()
+    )
     for p in pairs:
         for side in sides:
             h.update(json.dumps([p[side]["input_ids"], p[side]["labels"]]).encode())
@@ -377,8 +436,9 @@ def reference_cache_key(ref_path: str, pairs: list[dict], sides, max_len: int, d
 
 
 @torch.no_grad()
-def compute_logps(model, pairs, sides, *, batch_size, pad_id, packing, max_len, impl, autocast, rank=0, world_size=1,
-                  processor=None):
+def compute_logps(
+    model, pairs, sides, *, batch_size, pad_id, packing, max_len, impl, autocast, rank=0, world_size=1, processor=None
+):
     """{side: summed answer log-probs [N]} for every pair, no grad; ranks share the work and all-reduce."""
     was_training = model.training
     model.eval()
@@ -388,8 +448,13 @@ def compute_logps(model, pairs, sides, *, batch_size, pad_id, packing, max_len, 
     for lo in tqdm(range(0, len(mine), batch_size), desc="reference logps", disable=rank != 0, leave=False):
         idx = mine[lo : lo + batch_size]
         with autocast:
-            sums, _ = sequence_logps(model, collate_pairs([pairs[i] for i in idx], pad_id, packing=packing, max_len=max_len,
-                                                          sides=sides, processor=processor), impl)
+            sums, _ = sequence_logps(
+                model,
+                collate_pairs(
+                    [pairs[i] for i in idx], pad_id, packing=packing, max_len=max_len, sides=sides, processor=processor
+                ),
+                impl,
+            )
         out[:, idx] = sums.float().view(len(sides), len(idx))
     if dist.is_initialized():
         dist.all_reduce(out)
@@ -397,8 +462,9 @@ def compute_logps(model, pairs, sides, *, batch_size, pad_id, packing, max_len, 
     return {side: out[k].cpu() for k, side in enumerate(sides)}
 
 
-def reference_logps(args, name, pairs, sides, policy, tokenizer, autocast, compute_dtype, device, rank, world_size,
-                    processor=None):
+def reference_logps(
+    args, name, pairs, sides, policy, tokenizer, autocast, compute_dtype, device, rank, world_size, processor=None
+):
     """Cached reference logps of `pairs` ({side: [N]}), and whether the cache was hit."""
     ref_path = args.ref_model or args.model_path
     key = reference_cache_key(ref_path, pairs, sides, args.max_len, compute_dtype)
@@ -410,8 +476,17 @@ def reference_logps(args, name, pairs, sides, policy, tokenizer, autocast, compu
         if rank == 0:
             print(f"[ref] {name}: cached reference logps {path}")
         return torch.load(path), True
-    kw = dict(batch_size=args.batch_size, pad_id=tokenizer.pad_token_id, packing=args.packing, max_len=args.max_len,
-              impl=args.logprob_impl, autocast=autocast, rank=rank, world_size=world_size, processor=processor)
+    kw = dict(
+        batch_size=args.batch_size,
+        pad_id=tokenizer.pad_token_id,
+        packing=args.packing,
+        max_len=args.max_len,
+        impl=args.logprob_impl,
+        autocast=autocast,
+        rank=rank,
+        world_size=world_size,
+        processor=processor,
+    )
     t0 = time.time()
     if args.ref_model:
         ref = load_vlm(args.ref_model, device=device)[0] if processor else load_model(args.ref_model, device=device)
@@ -440,20 +515,42 @@ def answer_accuracy(model, tokenizer, records, max_new_tokens, dtype, batch_size
     device, pad, correct = next(model.parameters()).device, tokenizer.pad_token_id, 0
     for i in tqdm(range(0, len(records), batch_size), desc="answer accuracy", leave=False):
         chunk = records[i : i + batch_size]
-        chats = [preference_messages(r)[0][:_n_prompt(r)] for r in chunk]
-        prompts = ([processor(m, base_dir=r.get("_dir", "."), add_generation_prompt=True) for m, r in zip(chats, chunk)]
-                   if processor else [tokenizer(tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
-                                                add_special_tokens=False) for m in chats])
+        chats = [preference_messages(r)[0][: _n_prompt(r)] for r in chunk]
+        prompts = (
+            [processor(m, base_dir=r.get("_dir", "."), add_generation_prompt=True) for m, r in zip(chats, chunk)]
+            if processor
+            else [
+                tokenizer(
+                    tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
+                    add_special_tokens=False,
+                )
+                for m in chats
+            ]
+        )
         width = max(len(p["input_ids"]) for p in prompts)  # left-pad: generation appends on the right
-        ids = torch.tensor([[pad] * (width - len(p["input_ids"])) + p["input_ids"] for p in prompts], device=device)  # [B, T]
-        mask = torch.tensor([[0] * (width - len(p["input_ids"])) + [1] * len(p["input_ids"]) for p in prompts], device=device)
+        ids = torch.tensor(
+            [[pad] * (width - len(p["input_ids"])) + p["input_ids"] for p in prompts], device=device
+        )  # [B, T]
+        mask = torch.tensor(
+            [[0] * (width - len(p["input_ids"])) + [1] * len(p["input_ids"]) for p in prompts], device=device
+        )
         images = processor.image_inputs(prompts, ids) if processor else {}
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            new = vlm_generate(model, ids, mask, **{k: v.to(device) if torch.is_tensor(v) else v for k, v in images.items()},
-                               max_new_tokens=max_new_tokens, do_sample=False, use_cache=True, pad_token_id=pad)  # [B, n_new]
+            new = vlm_generate(
+                model,
+                ids,
+                mask,
+                **{k: v.to(device) if torch.is_tensor(v) else v for k, v in images.items()},
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=pad,
+            )  # [B, n_new]
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-        correct += sum(exact_match(t.strip(), str(r["answer"])) if processor else answer_correct(t, str(r["answer"]))
-                       for t, r in zip(texts, chunk))
+        correct += sum(
+            exact_match(t.strip(), str(r["answer"])) if processor else answer_correct(t, str(r["answer"]))
+            for t, r in zip(texts, chunk)
+        )
     model.train()
     return correct / max(1, len(records))
 
@@ -489,8 +586,12 @@ def export_hf(args, model, tokenizer, rank, processor=None) -> Path | None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if args.lora_r > 0:
-        plain = prepare_model(plain, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                              lora_targets=list(args.lora_targets) if args.lora_targets else None)
+        plain = prepare_model(
+            plain,
+            lora_r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_targets=list(args.lora_targets) if args.lora_targets else None,
+        )
         plain.load_state_dict(full_sd, assign=True)
         plain.peft_config["default"].base_model_name_or_path = base_path
         plain.save_pretrained(tmp / "adapter")
@@ -529,43 +630,72 @@ def main(args: Args):
     # ---- data (a VLM's processor tokenises and reads the images) ----
     vlm = is_vlm(args.model_path)
     if vlm and args.lora_r > 0:
-        raise SystemExit("error: --lora-r is for text models; a VLM trains full weights (--lr-projector/--lr-vision/--lr-lm)")
+        raise SystemExit(
+            "error: --lora-r is for text models; a VLM trains full weights (--lr-projector/--lr-vision/--lr-lm)"
+        )
     model, processor = load_vlm(args.model_path, device=device) if vlm else (None, None)  # master weights float32
     tokenizer = processor.tokenizer if vlm else load_tokenizer(args.model_path)
     if vlm and args.packing and not isinstance(model, ComposedVLM):
         say("[note] a native VLM computes its own (M-RoPE) positions, which packed rows cannot restart: --no-packing")
         args = replace(args, packing=False)
-    pairs, _ = build_pairs(args.dataset, tokenizer, max_len=args.max_len, overlong=args.overlong,
-                           with_kl=args.loss_type == "kto", processor=processor)
+    pairs, _ = build_pairs(
+        args.dataset,
+        tokenizer,
+        max_len=args.max_len,
+        overlong=args.overlong,
+        with_kl=args.loss_type == "kto",
+        processor=processor,
+    )
     eval_pairs, eval_records = [], []
     if args.eval_dataset:
-        eval_pairs, records = build_pairs(args.eval_dataset, tokenizer, max_len=args.max_len, overlong="truncate",
-                                          with_kl=args.loss_type == "kto", processor=processor)
+        eval_pairs, records = build_pairs(
+            args.eval_dataset,
+            tokenizer,
+            max_len=args.max_len,
+            overlong="truncate",
+            with_kl=args.loss_type == "kto",
+            processor=processor,
+        )
         eval_records = [r for r in records if "answer" in r][: args.eval_samples]
     global_pairs = args.batch_size * args.grad_accum * world_size
     steps_per_epoch = len(pairs) // global_pairs
     if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(pairs)} training pairs is less than one global batch of {global_pairs} "
-                         f"(--batch-size {args.batch_size} x --grad-accum {args.grad_accum} x {world_size} processes)")
+        raise SystemExit(
+            f"error: {len(pairs)} training pairs is less than one global batch of {global_pairs} "
+            f"(--batch-size {args.batch_size} x --grad-accum {args.grad_accum} x {world_size} processes)"
+        )
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
-    ref_desc = "none (reference-free)" if not needs_ref else (args.ref_model or ("base model, adapters off" if args.lora_r else "initial policy"))
-    say(f"[plan] {args.loss_type} (beta {args.beta}) | model {args.model_path}{' (VLM)' if vlm else ''} | reference {ref_desc} | "
+    ref_desc = (
+        "none (reference-free)"
+        if not needs_ref
+        else (args.ref_model or ("base model, adapters off" if args.lora_r else "initial policy"))
+    )
+    say(
+        f"[plan] {args.loss_type} (beta {args.beta}) | model {args.model_path}{' (VLM)' if vlm else ''} | reference {ref_desc} | "
         f"{len(pairs)} pairs, eval {len(eval_pairs)} pairs, {len(eval_records)} answer prompts | {total_steps} steps x "
-        f"{global_pairs} pairs ({total_steps / steps_per_epoch:.2f} epochs) | world size {world_size} | {device} {compute_dtype}")
+        f"{global_pairs} pairs ({total_steps / steps_per_epoch:.2f} epochs) | world size {world_size} | {device} {compute_dtype}"
+    )
     if args.dry_run:
         from transformers import AutoConfig
 
         config = model.config if vlm else AutoConfig.from_pretrained(resolve_model_path(args.model_path))
         config = getattr(config, "text_config", config)  # a native VLM's LM
-        say(f"[plan] {config.model_type}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-            f"vocab {config.vocab_size}; dry run, exiting")
+        say(
+            f"[plan] {config.model_type}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+            f"vocab {config.vocab_size}; dry run, exiting"
+        )
         return None
 
     # ---- model, reference logps (before any update and before FSDP), task accuracy before ----
     if not vlm:
-        model = load_model(args.model_path, device=device, gradient_checkpointing=args.gradient_checkpointing,
-                           lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                           lora_targets=list(args.lora_targets) if args.lora_targets else None)
+        model = load_model(
+            args.model_path,
+            device=device,
+            gradient_checkpointing=args.gradient_checkpointing,
+            lora_r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_targets=list(args.lora_targets) if args.lora_targets else None,
+        )
     elif args.gradient_checkpointing:
         checkpoint_vlm(model)
     autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
@@ -574,15 +704,28 @@ def main(args: Args):
     ref_eval = {}
     if needs_ref:
         ref, results["ref_cache_hit"]["train"] = reference_logps(
-            args, "train", pairs, sides, model, tokenizer, autocast, compute_dtype, device, rank, world_size, processor)
+            args, "train", pairs, sides, model, tokenizer, autocast, compute_dtype, device, rank, world_size, processor
+        )
         if eval_pairs:
             ref_eval, results["ref_cache_hit"]["eval"] = reference_logps(
-                args, "eval", eval_pairs, sides, model, tokenizer, autocast, compute_dtype, device, rank, world_size,
-                processor)
+                args,
+                "eval",
+                eval_pairs,
+                sides,
+                model,
+                tokenizer,
+                autocast,
+                compute_dtype,
+                device,
+                rank,
+                world_size,
+                processor,
+            )
     if eval_records and not args.resume:
         if rank == 0:
-            results["accuracy_before"] = answer_accuracy(model, tokenizer, eval_records, args.max_new_tokens, compute_dtype,
-                                                         processor=processor)
+            results["accuracy_before"] = answer_accuracy(
+                model, tokenizer, eval_records, args.max_new_tokens, compute_dtype, processor=processor
+            )
             say(f"[eval] held-out answer accuracy before training: {results['accuracy_before']:.3f}")
         barrier()
     if world_size > 1:
@@ -592,17 +735,22 @@ def main(args: Args):
         mesh = init_device_mesh(device.type, (world_size,))
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         # a VLM's vision encoder blocks too: the first ModuleList under vision/visual (as in sft.py)
-        blocks = [m for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and re.search("vision|visual", n)]
+        blocks = [
+            m for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and re.search("vision|visual", n)
+        ]
         for layer in [*model.get_decoder().layers, *(blocks[0] if vlm and blocks else [])]:
             fully_shard(layer, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)  # root: embeddings, final norm, LM head (a VLM's projector too)
         autocast = nullcontext()  # FSDP2's mixed-precision policy casts instead
     # a VLM gets one lr per module (projector, vision, LM); a module at lr 0 is frozen and left out
-    groups = param_groups(model, args.lr, args.lr_projector, args.lr_vision, args.lr_lm, args.weight_decay) if vlm else None
+    groups = (
+        param_groups(model, args.lr, args.lr_projector, args.lr_vision, args.lr_lm, args.weight_decay) if vlm else None
+    )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(groups or trainable, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, args.warmup_steps, total_steps, args.schedule, args.min_lr_ratio))
+        optimizer, lambda s: lr_lambda(s, args.warmup_steps, total_steps, args.schedule, args.min_lr_ratio)
+    )
 
     step = 0
     if args.resume:
@@ -612,8 +760,15 @@ def main(args: Args):
             say(f"[resume] from {found[-1]} at step {step}")
         else:
             say(f"[resume] no complete checkpoint in {args.output_dir}/checkpoints, starting fresh")
-    logger = RunLogger(args.output_dir, asdict(args), enabled=rank == 0, track=args.track, project=args.wandb_project,
-                       run_name=args.run_name, resume_step=step if args.resume else None)
+    logger = RunLogger(
+        args.output_dir,
+        asdict(args),
+        enabled=rank == 0,
+        track=args.track,
+        project=args.wandb_project,
+        run_name=args.run_name,
+        resume_step=step if args.resume else None,
+    )
 
     stop_signal = []  # set by SIGTERM/SIGUSR1 (cluster preemption): save at the end of the step and exit cleanly
     for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -624,8 +779,11 @@ def main(args: Args):
     def policy_logps(chunk):
         """Policy logps of the chunk's chosen [B] and rejected [B] answers (mean per token where the loss wants it)."""
         with autocast:
-            sums, counts = sequence_logps(model, collate_pairs(chunk, pad_id, packing=args.packing, max_len=args.max_len,
-                                                               processor=processor), args.logprob_impl)
+            sums, counts = sequence_logps(
+                model,
+                collate_pairs(chunk, pad_id, packing=args.packing, max_len=args.max_len, processor=processor),
+                args.logprob_impl,
+            )
         logps = sums / counts.clamp(min=1) if args.loss_type in LENGTH_AVERAGED else sums
         return logps.chunk(2)
 
@@ -638,12 +796,23 @@ def main(args: Args):
         if rc is not None and args.loss_type in LENGTH_AVERAGED:  # ipo: the reference is averaged like the policy
             rc = rc / torch.tensor([len_answer(p["chosen"]) for p in chunk], device=pc.device)
             rr = rr / torch.tensor([len_answer(p["rejected"]) for p in chunk], device=pc.device)
-        losses, cr, rj = preference_loss(pc, pr, rc, rr, loss_type=args.loss_type, beta=args.beta,
-                                         label_smoothing=args.label_smoothing, gamma=args.gamma, kl=kl)
+        losses, cr, rj = preference_loss(
+            pc,
+            pr,
+            rc,
+            rr,
+            loss_type=args.loss_type,
+            beta=args.beta,
+            label_smoothing=args.label_smoothing,
+            gamma=args.gamma,
+            kl=kl,
+        )
         if args.loss_type == "orpo":
             losses = losses - pc  # the SFT term: mean token NLL of the chosen answer
-        rows = torch.stack([losses.detach(), cr, rj, cr - rj, (cr > rj).float(), pc.detach(), pr.detach(),
-                            (pc > pr).float().detach()], 1)  # [B, 8]
+        rows = torch.stack(
+            [losses.detach(), cr, rj, cr - rj, (cr > rj).float(), pc.detach(), pr.detach(), (pc > pr).float().detach()],
+            1,
+        )  # [B, 8]
         return losses, rows
 
     def global_kl(chunks, ref_table, n_global):
@@ -652,9 +821,18 @@ def main(args: Args):
         with torch.no_grad():
             for chunk in chunks:
                 with autocast:  # an empty chunk (eval tail) still runs a forward: FSDP ranks must stay in step
-                    sums, _ = sequence_logps(model, collate_pairs(chunk or pairs[:1], pad_id, packing=args.packing,
-                                                                  max_len=args.max_len, sides=("kl",), processor=processor),
-                                          args.logprob_impl)
+                    sums, _ = sequence_logps(
+                        model,
+                        collate_pairs(
+                            chunk or pairs[:1],
+                            pad_id,
+                            packing=args.packing,
+                            max_len=args.max_len,
+                            sides=("kl",),
+                            processor=processor,
+                        ),
+                        args.logprob_impl,
+                    )
                 if chunk:
                     idx = torch.tensor([p["index"] for p in chunk])
                     total += (sums.double() - ref_table["kl"][idx].to(device).double()).sum()
@@ -684,16 +862,34 @@ def main(args: Args):
         if dist.is_initialized():
             dist.all_reduce(totals)
         means = (totals[:8] / totals[8]).tolist()
-        return dict(zip(("eval/loss", "eval/rewards/chosen", "eval/rewards/rejected", "eval/rewards/margins",
-                         "eval/rewards/accuracies", "eval/logps/chosen", "eval/logps/rejected", "eval/logps_accuracy"),
-                        means))
+        return dict(
+            zip(
+                (
+                    "eval/loss",
+                    "eval/rewards/chosen",
+                    "eval/rewards/rejected",
+                    "eval/rewards/margins",
+                    "eval/rewards/accuracies",
+                    "eval/logps/chosen",
+                    "eval/logps/rejected",
+                    "eval/logps_accuracy",
+                ),
+                means,
+            )
+        )
 
     if eval_pairs and step == 0:
         before = run_eval()
-        results.update({"preference_accuracy_before": before["eval/rewards/accuracies"],
-                        "logps_accuracy_before": before["eval/logps_accuracy"]})
-        say(f"[eval] held-out before training: reward accuracy {before['eval/rewards/accuracies']:.3f} (margin > 0; "
-            f"0 when the policy is the reference), policy prefers chosen {before['eval/logps_accuracy']:.3f}")
+        results.update(
+            {
+                "preference_accuracy_before": before["eval/rewards/accuracies"],
+                "logps_accuracy_before": before["eval/logps_accuracy"],
+            }
+        )
+        say(
+            f"[eval] held-out before training: reward accuracy {before['eval/rewards/accuracies']:.3f} (margin > 0; "
+            f"0 when the policy is the reference), policy prefers chosen {before['eval/logps_accuracy']:.3f}"
+        )
         logger.log(before, 0)
 
     # ---- training loop ----
@@ -716,7 +912,9 @@ def main(args: Args):
             sums += rows.double().sum(0)
         if dist.is_initialized():
             dist.all_reduce(sums)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            trainable, args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+        )
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -725,11 +923,33 @@ def main(args: Args):
         step += 1
 
         means = (sums / global_pairs).tolist()
-        metrics = dict(zip(("train/loss", "train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins",
-                            "train/rewards/accuracies", "train/logps/chosen", "train/logps/rejected"), means[:7]))
-        metrics.update({"train/lr": lr, "train/grad_norm": grad_norm.item(), "train/epoch": step / steps_per_epoch,
-                        "train/pairs_per_s": global_pairs / (time.time() - t0)})
-        metrics |= {f"train/lr_{group['name']}": group_lr for group, group_lr in zip(optimizer.param_groups, lrs)} if vlm else {}
+        metrics = dict(
+            zip(
+                (
+                    "train/loss",
+                    "train/rewards/chosen",
+                    "train/rewards/rejected",
+                    "train/rewards/margins",
+                    "train/rewards/accuracies",
+                    "train/logps/chosen",
+                    "train/logps/rejected",
+                ),
+                means[:7],
+            )
+        )
+        metrics.update(
+            {
+                "train/lr": lr,
+                "train/grad_norm": grad_norm.item(),
+                "train/epoch": step / steps_per_epoch,
+                "train/pairs_per_s": global_pairs / (time.time() - t0),
+            }
+        )
+        metrics |= (
+            {f"train/lr_{group['name']}": group_lr for group, group_lr in zip(optimizer.param_groups, lrs)}
+            if vlm
+            else {}
+        )
         if kl is not None:
             metrics["train/kl"] = kl.item()
         if eval_pairs and ((args.eval_every and step % args.eval_every == 0) or step == total_steps):
@@ -750,7 +970,9 @@ def main(args: Args):
                 return {"step": step, "preempted": True, **results}
     progress.close()
     if eval_pairs:
-        final = [metrics[k] for k in ("eval/rewards/accuracies", "eval/logps_accuracy")] if "eval/loss" in metrics else None
+        final = (
+            [metrics[k] for k in ("eval/rewards/accuracies", "eval/logps_accuracy")] if "eval/loss" in metrics else None
+        )
         if final:
             results.update({"preference_accuracy_after": final[0], "logps_accuracy_after": final[1]})
             say(f"[eval] held-out after training: reward accuracy {final[0]:.3f}, policy prefers chosen {final[1]:.3f}")
@@ -766,13 +988,19 @@ def main(args: Args):
             if out is not None and (vlm or (out / "config.json").exists()):
                 from transformers import AutoModelForCausalLM
 
-                scorer = (load_vlm(out, device=device)[0] if vlm else
-                          AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device))
+                scorer = (
+                    load_vlm(out, device=device)[0]
+                    if vlm
+                    else AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device)
+                )
         if scorer is not None:
-            results["accuracy_after"] = answer_accuracy(scorer, tokenizer, eval_records, args.max_new_tokens, compute_dtype,
-                                                        processor=processor)
-            say(f"[eval] held-out answer accuracy after training: {results['accuracy_after']:.3f}"
-                + (f" (before: {results['accuracy_before']:.3f})" if "accuracy_before" in results else ""))
+            results["accuracy_after"] = answer_accuracy(
+                scorer, tokenizer, eval_records, args.max_new_tokens, compute_dtype, processor=processor
+            )
+            say(
+                f"[eval] held-out answer accuracy after training: {results['accuracy_after']:.3f}"
+                + (f" (before: {results['accuracy_before']:.3f})" if "accuracy_before" in results else "")
+            )
     if rank == 0:
         logger.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, float)}, step)
     barrier()
@@ -781,7 +1009,6 @@ def main(args: Args):
         dist.barrier()  # gloo aborts a rank whose peer tears down while it is still in a collective
         dist.destroy_process_group()
     return {"step": step, **results}
-
 
 
 if __name__ == "__main__":

@@ -54,8 +54,17 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from common.data import DataError, content_text, load_records
-from common.metrics import (RunLogger, anls, cli, counting_accuracy, exact_match, mc_accuracy, relaxed_correctness,
-                            vqa_normalize, vqa_score)
+from common.metrics import (
+    RunLogger,
+    anls,
+    cli,
+    counting_accuracy,
+    exact_match,
+    mc_accuracy,
+    relaxed_correctness,
+    vqa_normalize,
+    vqa_score,
+)
 from common.models import pick_dtype
 from common.vision import CONFIG_FILE, EASY_VQA_COLORS, EASY_VQA_SHAPES, is_vlm, load_vlm, vlm_generate
 
@@ -102,13 +111,24 @@ def answer_type(answers: list[str]) -> str:
 
 def easy_vqa_question_type(answer: str) -> str:
     """easy-vqa asks three kinds of question, told apart by their answer: yes/no, a colour, or a shape."""
-    return "yes/no" if answer in ("yes", "no") else "color" if answer in EASY_VQA_COLORS else \
-        "shape" if answer in EASY_VQA_SHAPES else "other"
+    return (
+        "yes/no"
+        if answer in ("yes", "no")
+        else "color"
+        if answer in EASY_VQA_COLORS
+        else "shape"
+        if answer in EASY_VQA_SHAPES
+        else "other"
+    )
 
 
 def add_suffix(message: dict, suffix: str) -> dict:
     """A copy of a user message with `suffix` appended to its last text part (a new text part if it has none)."""
-    parts = [{"type": "text", "text": message["content"]}] if isinstance(message["content"], str) else list(message["content"])
+    parts = (
+        [{"type": "text", "text": message["content"]}]
+        if isinstance(message["content"], str)
+        else list(message["content"])
+    )
     texts = [i for i, p in enumerate(parts) if p.get("type") == "text"]
     if texts:
         parts[texts[-1]] = {**parts[texts[-1]], "text": parts[texts[-1]]["text"] + suffix}
@@ -123,7 +143,9 @@ def first_image_path(messages: list[dict], base_dir: str) -> str | None:
         for p in m["content"] if isinstance(m["content"], list) else []:
             ref = p.get("image") if p.get("type") == "image" else (p.get("image_url") or {}).get("url")
             if p.get("type") in ("image", "image_url"):
-                return str(Path(base_dir, ref)) if isinstance(ref, str) and not ref.startswith(("data:", "http")) else None
+                return (
+                    str(Path(base_dir, ref)) if isinstance(ref, str) and not ref.startswith(("data:", "http")) else None
+                )
     return None
 
 
@@ -133,7 +155,11 @@ def normalise_record(record: dict, prompt_suffix: str = "") -> dict:
     where, reference = record.get("_where", "?"), None
     if "messages" in record:
         messages = record["messages"]
-        if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) and "content" in m for m in messages):
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(isinstance(m, dict) and "content" in m for m in messages)
+        ):
             raise DataError(f"{where}: messages: expected a non-empty list of {{role, content}} messages")
         if messages[-1].get("role") == "assistant":  # the reference answer, not part of the prompt
             messages, reference = messages[:-1], content_text(messages[-1]["content"])
@@ -141,10 +167,17 @@ def normalise_record(record: dict, prompt_suffix: str = "") -> dict:
         question = str(record["question"])
         if "options" in record:  # multiple choice: list the options the answer is matched against
             question += "".join(f"\n{chr(65 + i)}. {o}" for i, o in enumerate(record["options"]))
-        messages = [{"role": "user", "content": [{"type": "image", "image": record["image"]}, {"type": "text", "text": question}]}]
+        messages = [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": record["image"]}, {"type": "text", "text": question}],
+            }
+        ]
     else:
-        raise DataError(f"{where}: expected a chat record (messages) or a flat one (image, question, answers); "
-                        f"got fields {', '.join(k for k in record if not k.startswith('_')) or 'none'}")
+        raise DataError(
+            f"{where}: expected a chat record (messages) or a flat one (image, question, answers); "
+            f"got fields {', '.join(k for k in record if not k.startswith('_')) or 'none'}"
+        )
     if "options" in record and "answer_index" in record:
         options, index = record["options"], record["answer_index"]
         if not isinstance(options, list) or not isinstance(index, int) or not 0 <= index < len(options):
@@ -153,8 +186,10 @@ def normalise_record(record: dict, prompt_suffix: str = "") -> dict:
     answers = record.get("answers", record.get("answer", reference))
     answers = [str(answers)] if isinstance(answers, (str, int, float)) else answers
     if not answers or not isinstance(answers, list):
-        raise DataError(f"{where}: answers: expected a reference answer (answers: [...], answer: \"...\" or a final "
-                        f"assistant turn), got {answers!r:.80}")
+        raise DataError(
+            f'{where}: answers: expected a reference answer (answers: [...], answer: "..." or a final '
+            f"assistant turn), got {answers!r:.80}"
+        )
     answers = [str(a) for a in answers]
     users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
     if not users:
@@ -164,8 +199,15 @@ def normalise_record(record: dict, prompt_suffix: str = "") -> dict:
     if prompt_suffix:
         messages[users[-1]] = add_suffix(messages[users[-1]], prompt_suffix)
     base_dir = record.get("_dir", ".")
-    out = {"messages": messages, "question": question, "answers": answers, "image": first_image_path(messages, base_dir),
-           "answer_type": record.get("answer_type") or answer_type(answers), "_dir": base_dir, "_where": where}
+    out = {
+        "messages": messages,
+        "question": question,
+        "answers": answers,
+        "image": first_image_path(messages, base_dir),
+        "answer_type": record.get("answer_type") or answer_type(answers),
+        "_dir": base_dir,
+        "_where": where,
+    }
     if "question_type" in record:
         out["question_type"] = record["question_type"]
     elif where.startswith("easy-vqa:"):
@@ -181,12 +223,17 @@ def score(metric: str, prediction: str, record: dict) -> float:
         return mc_accuracy(prediction, record["options"], record["answer_index"])
     if metric == "counting_accuracy":
         return counting_accuracy(prediction, Counter(record["answers"]).most_common(1)[0][0])
-    return {"vqa_score": vqa_score, "exact_match": exact_match, "anls": anls,
-            "relaxed_correctness": relaxed_correctness}[metric](prediction, record["answers"])
+    return {
+        "vqa_score": vqa_score,
+        "exact_match": exact_match,
+        "anls": anls,
+        "relaxed_correctness": relaxed_correctness,
+    }[metric](prediction, record["answers"])
 
 
 def summarise(rows: list[dict], metrics: list[str]) -> dict:
     """Means of the per-question scores: overall, per answer type and (where rows have one) per question type."""
+
     def means(group):
         return {"n": len(group), **{m: sum(r["scores"][m] for r in group) / max(1, len(group)) for m in metrics}}
 
@@ -200,10 +247,15 @@ def summarise(rows: list[dict], metrics: list[str]) -> dict:
 
 def format_table(summary: dict, metrics: list[str]) -> str:
     """Rows = metrics; columns = all questions, then each answer type and each question type (n in the header)."""
-    columns = [("all", summary["overall"])] + [(f"{'A' if key == 'by_answer_type' else 'Q'}:{t}", group)
-               for key in ("by_answer_type", "by_question_type") for t, group in summary.get(key, {}).items()]
+    columns = [("all", summary["overall"])] + [
+        (f"{'A' if key == 'by_answer_type' else 'Q'}:{t}", group)
+        for key in ("by_answer_type", "by_question_type")
+        for t, group in summary.get(key, {}).items()
+    ]
     width = max(12, *(len(name) + 2 for name in metrics))
-    header = "metric".ljust(width) + "".join(f"{name} (n={g['n']})".rjust(max(10, len(name) + 10)) for name, g in columns)
+    header = "metric".ljust(width) + "".join(
+        f"{name} (n={g['n']})".rjust(max(10, len(name) + 10)) for name, g in columns
+    )
     lines = [header, "-" * len(header)]
     for m in metrics:
         lines.append(m.ljust(width) + "".join(f"{g[m]:.4f}".rjust(max(10, len(name) + 10)) for name, g in columns))
@@ -214,14 +266,21 @@ def check_model_path(path: str) -> Path:
     """The folder load_vlm will read, or SystemExit with one line saying what is wrong with it."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise SystemExit(f"error: model folder '{path}' does not exist; expected a VLM folder written by save_vlm "
-                         f"(pretrain_captioner.py, sft.py) or a local native Hugging Face VLM folder")
+        raise SystemExit(
+            f"error: model folder '{path}' does not exist; expected a VLM folder written by save_vlm "
+            f"(pretrain_captioner.py, sft.py) or a local native Hugging Face VLM folder"
+        )
     if not is_vlm(folder):
         config = folder / "config.json"
-        found = f"config.json says model_type {json.loads(config.read_text()).get('model_type')!r}, a text-only " \
-                f"model" if config.exists() else f"no {CONFIG_FILE} and no config.json"
-        raise SystemExit(f"error: '{path}' is not a vision-language model ({found}); pass a folder written by "
-                         f"save_vlm or a native image-text-to-text model (Qwen2-VL, ...)")
+        found = (
+            f"config.json says model_type {json.loads(config.read_text()).get('model_type')!r}, a text-only model"
+            if config.exists()
+            else f"no {CONFIG_FILE} and no config.json"
+        )
+        raise SystemExit(
+            f"error: '{path}' is not a vision-language model ({found}); pass a folder written by "
+            f"save_vlm or a native image-text-to-text model (Qwen2-VL, ...)"
+        )
     return folder
 
 
@@ -240,13 +299,23 @@ def answer_batch(model, processor, chunk, args, device, autocast) -> list[str]:
     input_ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)  # [B, T], left-padded
     attention_mask = torch.zeros((len(prompts), T), dtype=torch.long)  # [B, T]
     for row, p in enumerate(prompts):
-        input_ids[row, T - len(p["input_ids"]):] = torch.tensor(p["input_ids"])
-        attention_mask[row, T - len(p["input_ids"]):] = 1
-    image_inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in processor.image_inputs(prompts, input_ids).items()}
+        input_ids[row, T - len(p["input_ids"]) :] = torch.tensor(p["input_ids"])
+        attention_mask[row, T - len(p["input_ids"]) :] = 1
+    image_inputs = {
+        k: v.to(device) if torch.is_tensor(v) else v for k, v in processor.image_inputs(prompts, input_ids).items()
+    }
     with autocast:
-        new_tokens = vlm_generate(model, input_ids.to(device), attention_mask.to(device), **image_inputs,
-                                  max_new_tokens=args.max_new_tokens, do_sample=False, num_beams=args.num_beams,
-                                  use_cache=True, pad_token_id=pad_id)  # [B, n_new]
+        new_tokens = vlm_generate(
+            model,
+            input_ids.to(device),
+            attention_mask.to(device),
+            **image_inputs,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=False,
+            num_beams=args.num_beams,
+            use_cache=True,
+            pad_token_id=pad_id,
+        )  # [B, n_new]
     return [t.strip() for t in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
 
@@ -277,9 +346,11 @@ def main(args: Args):
     if not not_mc and "mc_accuracy" not in metrics:
         metrics.append("mc_accuracy")
     mine = list(range(rank, len(records), world_size))
-    say(f"[plan] model {args.model_path} | {len(records)} questions from {args.dataset} | metrics {', '.join(metrics)} "
+    say(
+        f"[plan] model {args.model_path} | {len(records)} questions from {args.dataset} | metrics {', '.join(metrics)} "
         f"| {'greedy' if args.num_beams == 1 else f'beam search x{args.num_beams}'}, <= {args.max_new_tokens} new "
-        f"tokens | world size {world_size} | {device} {compute_dtype}")
+        f"tokens | world size {world_size} | {device} {compute_dtype}"
+    )
 
     # ---- answer this rank's share, then gather every rank's rows ----
     model, processor = load_vlm(model_dir, device=device)
@@ -287,11 +358,20 @@ def main(args: Args):
     autocast = torch.autocast(device.type, dtype=compute_dtype) if compute_dtype != torch.float32 else nullcontext()
     rows, t0 = [], time.time()
     for lo in tqdm(range(0, len(mine), args.batch_size), desc="eval_vqa", disable=rank != 0, dynamic_ncols=True):
-        chunk = [records[i] for i in mine[lo:lo + args.batch_size]]
-        for i, r, prediction in zip(mine[lo:lo + args.batch_size], chunk, answer_batch(model, processor, chunk, args, device, autocast)):
-            row = {"index": i, "question": r["question"], "answers": r["answers"], "prediction": prediction,
-                   "scores": {m: score(m, prediction, r) for m in metrics}, "image": r["image"],
-                   "answer_type": r["answer_type"], "where": r["_where"]}
+        chunk = [records[i] for i in mine[lo : lo + args.batch_size]]
+        for i, r, prediction in zip(
+            mine[lo : lo + args.batch_size], chunk, answer_batch(model, processor, chunk, args, device, autocast)
+        ):
+            row = {
+                "index": i,
+                "question": r["question"],
+                "answers": r["answers"],
+                "prediction": prediction,
+                "scores": {m: score(m, prediction, r) for m in metrics},
+                "image": r["image"],
+                "answer_type": r["answer_type"],
+                "where": r["_where"],
+            }
             row.update({k: r[k] for k in ("question_type", "options", "answer_index") if k in r})
             rows.append(row)
     if dist.is_initialized():
@@ -313,8 +393,10 @@ def main(args: Args):
         logger.log({f"eval/{m}": v for m, v in summary["overall"].items() if m != "n"}, step=0)
         logger.close()
         say(format_table(summary, metrics))
-        say(f"[done] {len(rows)} questions in {seconds:.1f} s ({len(rows) / max(seconds, 1e-9):.1f}/s over "
-            f"{world_size} process{'es' if world_size > 1 else ''}) -> {out / 'predictions.jsonl'}, {out / 'metrics.json'}")
+        say(
+            f"[done] {len(rows)} questions in {seconds:.1f} s ({len(rows) / max(seconds, 1e-9):.1f}/s over "
+            f"{world_size} process{'es' if world_size > 1 else ''}) -> {out / 'predictions.jsonl'}, {out / 'metrics.json'}"
+        )
     if dist.is_initialized():
         dist.barrier()  # gloo aborts a rank whose peer tears down while it is still in a collective
         dist.destroy_process_group()

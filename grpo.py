@@ -55,8 +55,17 @@ from tqdm import tqdm
 from common.data import detect_format, load_records, to_messages
 from common.logprob import sequence_logprobs
 from common.metrics import RunLogger, cli, exact_match
-from common.models import (barrier, checkpoint_dirs, load_checkpoint, load_model, load_tokenizer, pick_dtype,
-                           resolve_model_path, replace_dir, save_checkpoint)
+from common.models import (
+    barrier,
+    checkpoint_dirs,
+    load_checkpoint,
+    load_model,
+    load_tokenizer,
+    pick_dtype,
+    replace_dir,
+    resolve_model_path,
+    save_checkpoint,
+)
 from common.rewards import VERIFY_STATS, answer_correct, load_reward_fn, remote_reward, safe_rewards
 from common.vision import checkpoint_vlm, export_vlm, is_vlm, load_vlm, param_groups, vlm_generate
 
@@ -245,8 +254,21 @@ def aggregate(token_values, response_mask, agg, *, n_tokens=None, n_seqs=None, n
     raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
 
 
-def policy_loss(logps, old_logps, advantages, response_mask, *, variant, clip_low=0.2, clip_high=0.2, dual_clip=None,
-                agg="token-mean", n_tokens=None, n_seqs=None, norm_len=None):
+def policy_loss(
+    logps,
+    old_logps,
+    advantages,
+    response_mask,
+    *,
+    variant,
+    clip_low=0.2,
+    clip_high=0.2,
+    dual_clip=None,
+    agg="token-mean",
+    n_tokens=None,
+    n_seqs=None,
+    norm_len=None,
+):
     """(scalar loss, stats) of the clipped surrogate. logps, old_logps, advantages [B, T] float, response_mask [B, T].
 
       ppo:  per token, -min(rho A, clip(rho, 1-clip_low, 1+clip_high) A), rho = pi/pi_old (PPO, Schulman et al. 2017,
@@ -332,7 +354,9 @@ def prompt_records(source):
     records = load_records(source)
     fmt = detect_format(records)
     if fmt == "preference":
-        raise SystemExit(f"error: {source}: preference data is for dpo.py; grpo.py needs prompts (messages or message+answer)")
+        raise SystemExit(
+            f"error: {source}: preference data is for dpo.py; grpo.py needs prompts (messages or message+answer)"
+        )
     out = []
     for r in records:
         messages = to_messages(r, fmt)
@@ -350,8 +374,15 @@ def prompt_records(source):
 
 def render_prompt(tokenizer, messages):
     """The chat as text up to the assistant header; an image part shows as <image> (rollouts.jsonl, vLLM's prompts)."""
-    text_messages = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else "\n".join(
-        p["text"] if p.get("type") == "text" else "<image>" for p in m["content"])} for m in messages]
+    text_messages = [
+        {
+            "role": m["role"],
+            "content": m["content"]
+            if isinstance(m["content"], str)
+            else "\n".join(p["text"] if p.get("type") == "text" else "<image>" for p in m["content"]),
+        }
+        for m in messages
+    ]
     return tokenizer.apply_chat_template(text_messages, add_generation_prompt=True, tokenize=False)
 
 
@@ -360,11 +391,18 @@ def encode_prompt(tokenizer, processor, messages) -> dict:
     expands each image part into its image tokens; a text model refuses image parts instead of silently dropping them."""
     if processor is not None:
         return processor(messages, add_generation_prompt=True)
-    if any(isinstance(m["content"], list) and any(p.get("type") in ("image", "image_url") for p in m["content"])
-           for m in messages):
-        raise SystemExit("error: a prompt holds an image but --model-path is a text model; pass a VLM folder "
-                         "(pretrain_captioner.py / sft.py export, or a native image-text-to-text model)")
-    return {"input_ids": tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"], "images": []}
+    if any(
+        isinstance(m["content"], list) and any(p.get("type") in ("image", "image_url") for p in m["content"])
+        for m in messages
+    ):
+        raise SystemExit(
+            "error: a prompt holds an image but --model-path is a text model; pass a VLM folder "
+            "(pretrain_captioner.py / sft.py export, or a native image-text-to-text model)"
+        )
+    return {
+        "input_ids": tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"],
+        "images": [],
+    }
 
 
 def stop_ids(tokenizer, model) -> list[int]:
@@ -412,7 +450,9 @@ class SampledTokenLogprobs:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts, args, autocast, *, processor=None, greedy=False, max_new_tokens=None, synced=None):
+def generate(
+    model, tokenizer, prompts, args, autocast, *, processor=None, greedy=False, max_new_tokens=None, synced=None
+):
     """Completions for encoded prompts (encode_prompt): (completion token lists (EOS kept, pads cut), truncated flags,
     the sampler's own logps of those tokens (lists; None when greedy)).
     Left-padded batch, KV cache, stops at EOS. Under FSDP2, synced_gpus keeps every rank stepping until all are done;
@@ -423,10 +463,12 @@ def generate(model, tokenizer, prompts, args, autocast, *, processor=None, greed
     model.eval()
     device = next(model.parameters()).device
     width = max(len(p["input_ids"]) for p in prompts)  # left-pad: generation appends on the right
-    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p["input_ids"])) + p["input_ids"] for p in prompts],
-                             device=device)  # [B, T]
-    attention_mask = torch.tensor([[0] * (width - len(p["input_ids"])) + [1] * len(p["input_ids"]) for p in prompts],
-                                  device=device)  # [B, T]
+    input_ids = torch.tensor(
+        [[tokenizer.pad_token_id] * (width - len(p["input_ids"])) + p["input_ids"] for p in prompts], device=device
+    )  # [B, T]
+    attention_mask = torch.tensor(
+        [[0] * (width - len(p["input_ids"])) + [1] * len(p["input_ids"]) for p in prompts], device=device
+    )  # [B, T]
     eos = stop_ids(tokenizer, model)
     sampling = {} if greedy else dict(temperature=args.temperature, top_p=args.top_p, top_k=0)
     processors = LogitsProcessorList()
@@ -435,15 +477,27 @@ def generate(model, tokenizer, prompts, args, autocast, *, processor=None, greed
     recorder = None if greedy else SampledTokenLogprobs(args.temperature)
     if recorder is not None:
         processors.append(recorder)  # after FIRE: it records the distribution tokens were actually drawn from
-    options = dict(max_new_tokens=max_new_tokens or args.max_new_tokens, do_sample=not greedy, use_cache=True,
-                   pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, logits_processor=processors,
-                   synced_gpus=dist.is_initialized() if synced is None else synced, **sampling)
+    options = dict(
+        max_new_tokens=max_new_tokens or args.max_new_tokens,
+        do_sample=not greedy,
+        use_cache=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos,
+        logits_processor=processors,
+        synced_gpus=dist.is_initialized() if synced is None else synced,
+        **sampling,
+    )
     with autocast:
         if processor is not None:  # a VLM: its images' inputs in the order their tokens appear row by row
-            images = {k: v.to(device) if torch.is_tensor(v) else v for k, v in processor.image_inputs(prompts, input_ids).items()}
+            images = {
+                k: v.to(device) if torch.is_tensor(v) else v
+                for k, v in processor.image_inputs(prompts, input_ids).items()
+            }
             new_tokens = vlm_generate(model, input_ids, attention_mask, **images, **options)  # [B, n_new]
         else:
-            new_tokens = model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)[:, width:]  # [B, n_new]
+            new_tokens = model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)[
+                :, width:
+            ]  # [B, n_new]
     model.train(was_training)
     sampler_logps = recorder.finish(new_tokens).tolist() if recorder is not None else None
     completions, truncated, rollout_logps = [], [], []
@@ -485,8 +539,13 @@ def build_batch(prompt_ids, completions, pad_id, rollout_logps=None):
     response_mask = torch.zeros((len(rows), L), dtype=torch.bool)  # [B, L]
     response_mask[:, :-1] = labels[:, 1:] != -100
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # [B, L]
-    batch = dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids,
-                 response_mask=response_mask)
+    batch = dict(
+        input_ids=input_ids,
+        labels=labels,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        response_mask=response_mask,
+    )
     if rollout_logps is not None and all(lp is not None for lp in rollout_logps):
         batch["rollout_logps"] = torch.zeros((len(rows), L))  # [B, L]
         for i, (p, lp) in enumerate(zip(prompt_ids, rollout_logps)):
@@ -498,8 +557,15 @@ def token_logps(model, mb, args, entropy=False, image_inputs=None):
     """log pi(completion tokens) [B, L] at the sampling temperature (and entropy [B, L]), via common/logprob.py.
     image_inputs: a VLM's processor.image_inputs for these rows (they may override position_ids, as Qwen-VL's do)."""
     kwargs = {"position_ids": mb["position_ids"], "attention_mask": mb["attention_mask"], **(image_inputs or {})}
-    return sequence_logprobs(model, mb["input_ids"], mb["labels"], impl=args.logprob_impl, temperature=args.temperature,
-                             return_entropy=entropy, **kwargs)
+    return sequence_logprobs(
+        model,
+        mb["input_ids"],
+        mb["labels"],
+        impl=args.logprob_impl,
+        temperature=args.temperature,
+        return_entropy=entropy,
+        **kwargs,
+    )
 
 
 def is_correct(text, answer, rewards) -> bool:
@@ -513,8 +579,16 @@ def answer_accuracy(model, tokenizer, items, args, autocast, processor=None, bat
     correct = 0
     for i in range(0, len(items), batch_size):
         chunk = items[i : i + batch_size]
-        completions, _, _ = generate(model, tokenizer, [encode_prompt(tokenizer, processor, m) for m, _ in chunk], args,
-                                     autocast, processor=processor, greedy=True, synced=False)  # rank 0, unsharded model
+        completions, _, _ = generate(
+            model,
+            tokenizer,
+            [encode_prompt(tokenizer, processor, m) for m, _ in chunk],
+            args,
+            autocast,
+            processor=processor,
+            greedy=True,
+            synced=False,
+        )  # rank 0, unsharded model
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
         correct += sum(is_correct(t, a, args.rewards) for t, (_, a) in zip(texts, chunk))
     return correct / max(1, len(items))
@@ -574,16 +648,22 @@ def main(args: Args):
 
     # ---- prompts, reward functions, plan ----
     if args.prompts_per_step % world_size:
-        raise SystemExit(f"error: --prompts-per-step {args.prompts_per_step} must be a multiple of the {world_size} processes")
+        raise SystemExit(
+            f"error: --prompts-per-step {args.prompts_per_step} must be a multiple of the {world_size} processes"
+        )
     if args.estimator != "reinforce_pp" and args.group_size < 2:
         raise SystemExit(f"error: --estimator {args.estimator} compares completions within a group: --group-size >= 2")
     my_prompts = args.prompts_per_step // world_size
     rows = my_prompts * args.group_size  # completions per process per step
     if rows % args.mini_batches:
-        raise SystemExit(f"error: {rows} completions per process is not divisible by --mini-batches {args.mini_batches}")
+        raise SystemExit(
+            f"error: {rows} completions per process is not divisible by --mini-batches {args.mini_batches}"
+        )
     if args.model_path == Args.model_path and not Path(args.model_path).is_dir():
-        raise SystemExit(f"error: --model-path {args.model_path} (the default) does not exist yet: run `python sft.py` first, "
-                         "whose default run exports there, or pass another model, e.g. --model-path smollm2-135m")
+        raise SystemExit(
+            f"error: --model-path {args.model_path} (the default) does not exist yet: run `python sft.py` first, "
+            "whose default run exports there, or pass another model, e.g. --model-path smollm2-135m"
+        )
     vlm = is_vlm(args.model_path)
     if vlm and args.vllm:
         raise SystemExit("error: --vllm rollouts are for text models here; drop --vllm for a VLM")
@@ -599,16 +679,22 @@ def main(args: Args):
         reward_fns.append(remote_reward(args.reward_url, args.reward_timeout, args.reward_retries))
     weights = list(args.reward_weights) if args.reward_weights else [1.0] * len(reward_fns)
     if len(weights) != len(reward_fns) or not reward_fns:
-        raise SystemExit(f"error: {len(reward_fns)} reward functions ({', '.join(reward_names)}) but {len(weights)} weights")
-    say(f"[plan] model {args.model_path}{' (VLM)' if vlm else ''} | {len(train_items)} prompts, {len(eval_items)} held-out | {args.max_steps} steps x "
+        raise SystemExit(
+            f"error: {len(reward_fns)} reward functions ({', '.join(reward_names)}) but {len(weights)} weights"
+        )
+    say(
+        f"[plan] model {args.model_path}{' (VLM)' if vlm else ''} | {len(train_items)} prompts, {len(eval_items)} held-out | {args.max_steps} steps x "
         f"{args.prompts_per_step} prompts x G={args.group_size} | {args.estimator} + {args.variant} ({args.agg}), "
         f"mu={args.mu}, {args.mini_batches} mini-batch(es) | rewards {', '.join(reward_names)} | kl {args.kl_coef} | "
-        f"world size {world_size} | {device} {compute_dtype}")
+        f"world size {world_size} | {device} {compute_dtype}"
+    )
     if args.dry_run:
         from transformers import AutoConfig
 
         config = model.config if vlm else AutoConfig.from_pretrained(resolve_model_path(args.model_path))
-        say(f"[plan] {config.model_type}: {config.num_hidden_layers} layers, hidden {config.hidden_size}; dry run, exiting")
+        say(
+            f"[plan] {config.model_type}: {config.num_hidden_layers} layers, hidden {config.hidden_size}; dry run, exiting"
+        )
         return None
 
     # ---- models: policy (and reference when KL is on), accuracy before, FSDP2 ----
@@ -618,7 +704,7 @@ def main(args: Args):
         checkpoint_vlm(model)
     ref_model = None
     if args.kl_coef > 0:
-        ref_model = (load_vlm(args.model_path, device=device)[0] if vlm else load_model(args.model_path, device=device))
+        ref_model = load_vlm(args.model_path, device=device)[0] if vlm else load_model(args.model_path, device=device)
         ref_model.eval().requires_grad_(False)
     autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
     results = {}
@@ -635,7 +721,9 @@ def main(args: Args):
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         for m in [model] + ([ref_model] if ref_model is not None else []):
             # a VLM's vision encoder blocks too: the first ModuleList under vision/visual (as in sft.py)
-            blocks = [b for n, b in m.named_modules() if isinstance(b, torch.nn.ModuleList) and re.search("vision|visual", n)]
+            blocks = [
+                b for n, b in m.named_modules() if isinstance(b, torch.nn.ModuleList) and re.search("vision|visual", n)
+            ]
             for layer in [*m.get_decoder().layers, *(blocks[0] if vlm and blocks else [])]:
                 fully_shard(layer, mesh=mesh, mp_policy=mp)
             fully_shard(m, mesh=mesh, mp_policy=mp)  # root: embeddings, final norm, LM head (a VLM's projector too)
@@ -661,8 +749,15 @@ def main(args: Args):
             say(f"[resume] from {found[-1]} at step {step}")
         else:
             say(f"[resume] no complete checkpoint in {args.output_dir}/checkpoints, starting fresh")
-    logger = RunLogger(args.output_dir, asdict(args), enabled=rank == 0, track=args.track, project=args.wandb_project,
-                       run_name=args.run_name, resume_step=step if args.resume else None)
+    logger = RunLogger(
+        args.output_dir,
+        asdict(args),
+        enabled=rank == 0,
+        track=args.track,
+        project=args.wandb_project,
+        run_name=args.run_name,
+        resume_step=step if args.resume else None,
+    )
     rollout_file = Path(args.output_dir) / "rollouts.jsonl"
     if args.save_rollouts and rank == 0 and not args.resume:
         rollout_file.unlink(missing_ok=True)
@@ -691,7 +786,9 @@ def main(args: Args):
                 texts = [render_prompt(tokenizer, m) for m, _ in mine for _ in range(args.group_size)]
                 completions, truncated, rollout_logps = vllm_generate(engine, model, texts, args)
             else:
-                completions, truncated, rollout_logps = generate(model, tokenizer, encoded, args, autocast, processor=processor)
+                completions, truncated, rollout_logps = generate(
+                    model, tokenizer, encoded, args, autocast, processor=processor
+                )
             decoded = tokenizer.batch_decode(completions, skip_special_tokens=True)
             prompts_msgs = [m for m, _ in mine for _ in range(args.group_size)]
             answers = [a for _, a in mine for _ in range(args.group_size)]
@@ -702,13 +799,22 @@ def main(args: Args):
                 reward_failures[k] += failures
             per_fn_t = torch.tensor(per_fn, dtype=torch.float32).T  # [rows, n_fns]
             total = per_fn_t @ torch.tensor(weights, dtype=torch.float32)  # [rows]
-            total += overlong_penalty([len(c) for c in completions], args.max_new_tokens, args.overlong_buffer,
-                                      args.overlong_penalty)
+            total += overlong_penalty(
+                [len(c) for c in completions], args.max_new_tokens, args.overlong_buffer, args.overlong_penalty
+            )
             for g in range(my_prompts):
                 sl = slice(g * args.group_size, (g + 1) * args.group_size)
-                group = dict(prompts=encoded[sl], completions=completions[sl], truncated=truncated[sl],
-                             rollout_logps=rollout_logps[sl], reward=total[sl], per_fn=per_fn_t[sl], texts=decoded[sl],
-                             prompt_text=render_prompt(tokenizer, prompts_msgs[sl.start]), answer=answers[sl.start])
+                group = dict(
+                    prompts=encoded[sl],
+                    completions=completions[sl],
+                    truncated=truncated[sl],
+                    rollout_logps=rollout_logps[sl],
+                    reward=total[sl],
+                    per_fn=per_fn_t[sl],
+                    texts=decoded[sl],
+                    prompt_text=render_prompt(tokenizer, prompts_msgs[sl.start]),
+                    answer=answers[sl.start],
+                )
                 n_generated_groups += 1
                 degenerate = args.dynamic_sampling and bool((group["reward"] == group["reward"][0]).all())
                 (dropped if degenerate else kept).append(group)
@@ -765,8 +871,18 @@ def main(args: Args):
                             old_logps[idx, :width] = token_logps(model, mb, args, image_inputs=images).float().cpu()
                         if ref_model is not None:
                             ref_logps[idx, :width] = token_logps(ref_model, mb, args, image_inputs=images).float().cpu()
-        sums = dict(loss=0.0, kl=0.0, entropy=0.0, clip=0.0, approx_kl=0.0, tokens=0.0, engine_tokens=0.0,
-                    engine_abs_diff=0.0, engine_ratio=0.0, engine_max_diff=0.0)
+        sums = dict(
+            loss=0.0,
+            kl=0.0,
+            entropy=0.0,
+            clip=0.0,
+            approx_kl=0.0,
+            tokens=0.0,
+            engine_tokens=0.0,
+            engine_abs_diff=0.0,
+            engine_ratio=0.0,
+            engine_max_diff=0.0,
+        )
         n_updates, grad_norms = 0, []
         rows_per_mini = rows // args.mini_batches
         for epoch in range(args.mu):
@@ -774,8 +890,10 @@ def main(args: Args):
             for m in range(args.mini_batches):
                 mini = perm[m * rows_per_mini : (m + 1) * rows_per_mini]
                 mini = mini[torch.argsort(batch["attention_mask"][mini].sum(1))]  # similar lengths share micro-batches
-                n_tok, n_seq = all_sum([float(batch["response_mask"][mini].sum()),
-                                        float(batch["response_mask"][mini].any(1).sum())], device)
+                n_tok, n_seq = all_sum(
+                    [float(batch["response_mask"][mini].sum()), float(batch["response_mask"][mini].any(1).sum())],
+                    device,
+                )
                 for i in range(0, len(mini), mb_size):
                     idx = mini[i : i + mb_size]
                     mb, width, images = micro(idx)
@@ -787,14 +905,33 @@ def main(args: Args):
                         sums["engine_tokens"] += diff.numel()
                         sums["engine_abs_diff"] += float(diff.abs().sum())
                         sums["engine_ratio"] += float(diff.exp().sum())
-                        sums["engine_max_diff"] = max(sums["engine_max_diff"], float(diff.abs().max()) if diff.numel() else 0.0)
-                    loss, stats = policy_loss(logps, old, mb["advantages"], mb["response_mask"], variant=args.variant,
-                                              clip_low=args.clip_low, clip_high=args.clip_high, dual_clip=args.dual_clip,
-                                              agg=args.agg, n_tokens=n_tok, n_seqs=n_seq, norm_len=args.max_new_tokens)
+                        sums["engine_max_diff"] = max(
+                            sums["engine_max_diff"], float(diff.abs().max()) if diff.numel() else 0.0
+                        )
+                    loss, stats = policy_loss(
+                        logps,
+                        old,
+                        mb["advantages"],
+                        mb["response_mask"],
+                        variant=args.variant,
+                        clip_low=args.clip_low,
+                        clip_high=args.clip_high,
+                        dual_clip=args.dual_clip,
+                        agg=args.agg,
+                        n_tokens=n_tok,
+                        n_seqs=n_seq,
+                        norm_len=args.max_new_tokens,
+                    )
                     if ref_model is not None:
                         kl_tok = kl_penalty(logps, ref_logps[idx, :width].to(device), args.kl_estimator)
-                        kl_term = aggregate(kl_tok * mb["response_mask"], mb["response_mask"], args.agg, n_tokens=n_tok,
-                                            n_seqs=n_seq, norm_len=args.max_new_tokens)
+                        kl_term = aggregate(
+                            kl_tok * mb["response_mask"],
+                            mb["response_mask"],
+                            args.agg,
+                            n_tokens=n_tok,
+                            n_seqs=n_seq,
+                            norm_len=args.max_new_tokens,
+                        )
                         loss = loss + args.kl_coef * kl_term
                         sums["kl"] += float((kl_tok.detach() * mb["response_mask"]).sum())
                     # FSDP2 averages gradients over ranks; scaling by world_size turns that into the global sum
@@ -805,7 +942,9 @@ def main(args: Args):
                     sums["clip"] += float(stats["clip_fraction"]) * n_mb_tok
                     sums["approx_kl"] += float(stats["approx_kl"]) * n_mb_tok
                     sums["tokens"] += n_mb_tok
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    trainable, args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+                )
                 grad_norms.append(float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -817,25 +956,52 @@ def main(args: Args):
         # -- metrics (global over ranks) --
         per_fn_rows = torch.cat([g["per_fn"] for g in groups])  # [rows, n_fns]
         n = float(world_size * rows)
-        totals = all_sum([float(rewards.sum()), float(rewards.square().sum()), float(lengths.sum()),
-                          float(truncated.sum()), sums["loss"], sums["entropy"], sums["clip"], sums["approx_kl"],
-                          sums["kl"], sums["tokens"], n_filtered_groups, n_generated_groups]
-                         + per_fn_rows.sum(0).tolist() + per_fn_rows.square().sum(0).tolist() + reward_failures, device)
-        (r_sum, r_sq, len_sum, trunc_sum, loss_sum, ent_sum, clip_sum, akl_sum, kl_sum, tok_sum, n_filt, n_gen) = totals[:12]
+        totals = all_sum(
+            [
+                float(rewards.sum()),
+                float(rewards.square().sum()),
+                float(lengths.sum()),
+                float(truncated.sum()),
+                sums["loss"],
+                sums["entropy"],
+                sums["clip"],
+                sums["approx_kl"],
+                sums["kl"],
+                sums["tokens"],
+                n_filtered_groups,
+                n_generated_groups,
+            ]
+            + per_fn_rows.sum(0).tolist()
+            + per_fn_rows.square().sum(0).tolist()
+            + reward_failures,
+            device,
+        )
+        (r_sum, r_sq, len_sum, trunc_sum, loss_sum, ent_sum, clip_sum, akl_sum, kl_sum, tok_sum, n_filt, n_gen) = (
+            totals[:12]
+        )
         k = len(reward_fns)
         fn_sum, fn_sq, fn_fail = totals[12 : 12 + k], totals[12 + k : 12 + 2 * k], totals[12 + 2 * k :]
-        metrics = {"reward/mean": r_sum / n, "reward/std": math.sqrt(max(0.0, r_sq / n - (r_sum / n) ** 2)),
-                   "completion/length_mean": len_sum / n, "completion/truncated_fraction": trunc_sum / n,
-                   "train/loss": loss_sum / n_updates, "train/entropy": ent_sum / max(tok_sum, 1),
-                   "train/clip_fraction": clip_sum / max(tok_sum, 1), "train/approx_kl": akl_sum / max(tok_sum, 1),
-                   "train/grad_norm": sum(grad_norms) / len(grad_norms), "train/lr": scheduler.get_last_lr()[0],
-                   "rollout/filtered_group_fraction": n_filt / max(n_gen, 1),
-                   "time/rollout_share": t_rollout / (t_end - t0), "time/step_s": t_end - t0,
-                   "time/completions_per_s": n / (t_end - t0)}
+        metrics = {
+            "reward/mean": r_sum / n,
+            "reward/std": math.sqrt(max(0.0, r_sq / n - (r_sum / n) ** 2)),
+            "completion/length_mean": len_sum / n,
+            "completion/truncated_fraction": trunc_sum / n,
+            "train/loss": loss_sum / n_updates,
+            "train/entropy": ent_sum / max(tok_sum, 1),
+            "train/clip_fraction": clip_sum / max(tok_sum, 1),
+            "train/approx_kl": akl_sum / max(tok_sum, 1),
+            "train/grad_norm": sum(grad_norms) / len(grad_norms),
+            "train/lr": scheduler.get_last_lr()[0],
+            "rollout/filtered_group_fraction": n_filt / max(n_gen, 1),
+            "time/rollout_share": t_rollout / (t_end - t0),
+            "time/step_s": t_end - t0,
+            "time/completions_per_s": n / (t_end - t0),
+        }
         if ref_model is not None:
             metrics["train/kl"] = kl_sum / max(tok_sum, 1)
-        engine_tok, engine_abs, engine_ratio = all_sum([sums["engine_tokens"], sums["engine_abs_diff"],
-                                                        sums["engine_ratio"]], device)
+        engine_tok, engine_abs, engine_ratio = all_sum(
+            [sums["engine_tokens"], sums["engine_abs_diff"], sums["engine_ratio"]], device
+        )
         if engine_tok:  # how far the sampler's numerics drift from the training forward's (same weights)
             metrics["rollout/train_vs_sampler_ratio_mean"] = engine_ratio / engine_tok
             metrics["rollout/train_vs_sampler_abs_logp_diff_mean"] = engine_abs / engine_tok
@@ -857,11 +1023,21 @@ def main(args: Args):
             with rollout_file.open("a") as f:
                 for j, g in enumerate(groups):
                     for q in range(args.group_size):
-                        f.write(json.dumps({"step": step, "prompt": g["prompt_text"], "completion": g["texts"][q],
-                                            "answer": g["answer"], "reward": float(g["reward"][q]),
-                                            "rewards": dict(zip(reward_names, g["per_fn"][q].tolist())),
-                                            "advantage": float(seq_adv[j * args.group_size + q]),
-                                            "truncated": bool(g["truncated"][q])}) + "\n")
+                        f.write(
+                            json.dumps(
+                                {
+                                    "step": step,
+                                    "prompt": g["prompt_text"],
+                                    "completion": g["texts"][q],
+                                    "answer": g["answer"],
+                                    "reward": float(g["reward"][q]),
+                                    "rewards": dict(zip(reward_names, g["per_fn"][q].tolist())),
+                                    "advantage": float(seq_adv[j * args.group_size + q]),
+                                    "truncated": bool(g["truncated"][q]),
+                                }
+                            )
+                            + "\n"
+                        )
         progress.update(1)
         progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", len=f"{metrics['completion/length_mean']:.0f}")
 
@@ -879,8 +1055,11 @@ def main(args: Args):
 
     # ---- export and answer accuracy after training ----
     if args.export:
-        out = (export_vlm(model, processor, Path(args.output_dir) / "model", lambda: load_vlm(args.model_path)[0], rank)
-               if vlm else export_hf(args, model, tokenizer, rank))
+        out = (
+            export_vlm(model, processor, Path(args.output_dir) / "model", lambda: load_vlm(args.model_path)[0], rank)
+            if vlm
+            else export_hf(args, model, tokenizer, rank)
+        )
         say(f"[export] {'VLM' if vlm else 'Hugging Face'} folder: {out}")
     if eval_items:
         if world_size == 1:
@@ -888,14 +1067,24 @@ def main(args: Args):
         elif args.export and rank == 0:
             from transformers import AutoModelForCausalLM
 
-            exported = (load_vlm(out, device=device)[0] if vlm else
-                        AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device))
-            results["accuracy_after"] = answer_accuracy(exported, tokenizer, eval_items, args,
-                                                        torch.autocast(device.type, dtype=compute_dtype,
-                                                                       enabled=compute_dtype != torch.float32), processor)
+            exported = (
+                load_vlm(out, device=device)[0]
+                if vlm
+                else AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device)
+            )
+            results["accuracy_after"] = answer_accuracy(
+                exported,
+                tokenizer,
+                eval_items,
+                args,
+                torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32),
+                processor,
+            )
         if "accuracy_after" in results:
-            say(f"[eval] held-out answer accuracy after training: {results['accuracy_after']:.3f}"
-                + (f" (before: {results['accuracy_before']:.3f})" if "accuracy_before" in results else ""))
+            say(
+                f"[eval] held-out answer accuracy after training: {results['accuracy_after']:.3f}"
+                + (f" (before: {results['accuracy_before']:.3f})" if "accuracy_before" in results else "")
+            )
             logger.log({f"eval/{k}": v for k, v in results.items()}, step)
     barrier()
     logger.close()

@@ -73,10 +73,30 @@ from tqdm import tqdm
 from common.data import content_text, detect_format, load_records, preference_messages, to_messages
 from common.logprob import forward_hidden, sequence_logprobs
 from common.metrics import RunLogger, cli, exact_match
-from common.models import (barrier, checkpoint_dirs, load_checkpoint, load_model, load_tokenizer, pick_attn_implementation,
-                           pick_dtype, prepare_model, resolve_model_path, replace_dir, save_checkpoint)
+from common.models import (
+    barrier,
+    checkpoint_dirs,
+    load_checkpoint,
+    load_model,
+    load_tokenizer,
+    pick_attn_implementation,
+    pick_dtype,
+    prepare_model,
+    replace_dir,
+    resolve_model_path,
+    save_checkpoint,
+)
 from common.rewards import answer_correct, load_reward_fn, remote_reward, safe_rewards
-from common.vision import checkpoint_vlm, export_vlm, gather_unsharded, is_vlm, load_vlm, param_groups, save_vlm, vlm_generate
+from common.vision import (
+    checkpoint_vlm,
+    export_vlm,
+    gather_unsharded,
+    is_vlm,
+    load_vlm,
+    param_groups,
+    save_vlm,
+    vlm_generate,
+)
 
 DEFAULT_MODEL = "runs/sft/model"
 MODE_DEFAULTS = {  # field: (ppo default, rm default)
@@ -306,14 +326,18 @@ def load_value_model(path, pad_token_id, device, *, zero_new_head, gradient_chec
     """AutoModelForSequenceClassification with one label: a transformer plus a linear `score` head. From a causal-LM
     folder the head is new (zeroed with zero_new_head: the critic's values start at 0); from a sequence-classification
     folder (a reward model) it is kept."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, logging as hf_logging
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import logging as hf_logging
 
     resolved = resolve_model_path(path)
-    has_head = any(a.endswith("ForSequenceClassification") for a in AutoConfig.from_pretrained(resolved).architectures or [])
+    has_head = any(
+        a.endswith("ForSequenceClassification") for a in AutoConfig.from_pretrained(resolved).architectures or []
+    )
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected here
-    model = AutoModelForSequenceClassification.from_pretrained(resolved, num_labels=1, dtype=torch.float32,
-                                                               attn_implementation=pick_attn_implementation(device))
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolved, num_labels=1, dtype=torch.float32, attn_implementation=pick_attn_implementation(device)
+    )
     hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = pad_token_id
     if zero_new_head and not has_head:
@@ -333,8 +357,9 @@ class VLMCritic(torch.nn.Module):
         torch.nn.init.zeros_(self.score.weight)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, **image_inputs):
-        hidden = forward_hidden(self.vlm, input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                **image_inputs)  # [B, L, H]
+        hidden = forward_hidden(
+            self.vlm, input_ids, attention_mask=attention_mask, position_ids=position_ids, **image_inputs
+        )  # [B, L, H]
         return self.score(hidden)  # [B, L, 1]
 
 
@@ -345,8 +370,11 @@ def token_values(value_model, mb, image_inputs=None):
     captured = []
     handle = value_model.score.register_forward_hook(lambda module, inputs, output: captured.append(output))
     try:
-        value_model(input_ids=mb["input_ids"], use_cache=False, **{"attention_mask": mb["attention_mask"],
-                    "position_ids": mb["position_ids"], **(image_inputs or {})})
+        value_model(
+            input_ids=mb["input_ids"],
+            use_cache=False,
+            **{"attention_mask": mb["attention_mask"], "position_ids": mb["position_ids"], **(image_inputs or {})},
+        )
     finally:
         handle.remove()
     return captured[0].squeeze(-1).float()
@@ -384,8 +412,9 @@ def row_scores(value_model, rows, pad_id, device, processor=None):
 
 def chat_ids(tokenizer, messages):
     """Token ids of a whole chat rendered by the tokenizer's template (text parts only)."""
-    text = tokenizer.apply_chat_template([{"role": m["role"], "content": content_text(m["content"])} for m in messages],
-                                         tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": m["role"], "content": content_text(m["content"])} for m in messages], tokenize=False
+    )
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -397,8 +426,11 @@ def pad_rows(rows, pad_id, device):
     for i, r in enumerate(rows):
         input_ids[i, : len(r)], attention_mask[i, : len(r)] = torch.tensor(r), 1
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
-            "position_ids": position_ids.to(device)}
+    return {
+        "input_ids": input_ids.to(device),
+        "attention_mask": attention_mask.to(device),
+        "position_ids": position_ids.to(device),
+    }
 
 
 @torch.no_grad()
@@ -420,17 +452,27 @@ def preference_pairs(source, tokenizer, max_len, processor=None, limit=None):
     kept = []
     for r in records:
         chats = preference_messages(r)
-        if any(isinstance(m["content"], list) and any(p.get("type") in ("image", "image_url") for p in m["content"])
-               for m in chats[0]) != (processor is not None):
-            raise SystemExit(f"error: {r.get('_where', source)}: " + (
-                "the pair holds no image but --model-path is a VLM (a VLM reward model trains on image pairs)"
-                if processor else "the pair holds an image but --model-path is a text model; pass a VLM folder"))
+        if any(
+            isinstance(m["content"], list) and any(p.get("type") in ("image", "image_url") for p in m["content"])
+            for m in chats[0]
+        ) != (processor is not None):
+            raise SystemExit(
+                f"error: {r.get('_where', source)}: "
+                + (
+                    "the pair holds no image but --model-path is a VLM (a VLM reward model trains on image pairs)"
+                    if processor
+                    else "the pair holds an image but --model-path is a text model; pass a VLM folder"
+                )
+            )
         if processor is None:
             sides = [chat_ids(tokenizer, m) for m in chats]
             sides = sides if max(len(ids) for ids in sides) <= max_len else [None]
         else:  # a side over max_len comes back None (overlong="drop")
-            sides = [processor(m, base_dir=r.get("_dir", "."), max_len=max_len, overlong="drop") and
-                     {"chat": m, "base_dir": r.get("_dir", ".")} for m in chats]
+            sides = [
+                processor(m, base_dir=r.get("_dir", "."), max_len=max_len, overlong="drop")
+                and {"chat": m, "base_dir": r.get("_dir", ".")}
+                for m in chats
+            ]
         if None not in sides:
             kept.append(tuple(sides))
     if not kept:
@@ -445,7 +487,9 @@ def prompt_records(source):
     records = load_records(source)
     fmt = detect_format(records)
     if fmt == "preference":
-        raise SystemExit(f"error: {source}: preference data is for --mode rm; PPO needs prompts (messages or message+answer)")
+        raise SystemExit(
+            f"error: {source}: preference data is for --mode rm; PPO needs prompts (messages or message+answer)"
+        )
     out = []
     for r in records:
         messages = to_messages(r, fmt)
@@ -471,11 +515,18 @@ def encode_prompt(tokenizer, processor, messages) -> dict:
     expands each image part into its image tokens; a text model refuses image parts instead of silently dropping them."""
     if processor is not None:
         return processor(messages, add_generation_prompt=True)
-    if any(isinstance(m["content"], list) and any(p.get("type") in ("image", "image_url") for p in m["content"])
-           for m in messages):
-        raise SystemExit("error: a prompt holds an image but --model-path is a text model; pass a VLM folder "
-                         "(pretrain_captioner.py / sft.py export, or a native image-text-to-text model)")
-    return {"input_ids": tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"], "images": []}
+    if any(
+        isinstance(m["content"], list) and any(p.get("type") in ("image", "image_url") for p in m["content"])
+        for m in messages
+    ):
+        raise SystemExit(
+            "error: a prompt holds an image but --model-path is a text model; pass a VLM folder "
+            "(pretrain_captioner.py / sft.py export, or a native image-text-to-text model)"
+        )
+    return {
+        "input_ids": tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"],
+        "images": [],
+    }
 
 
 def stop_ids(tokenizer, model) -> list[int]:
@@ -493,18 +544,30 @@ def generate(model, tokenizer, prompts, args, autocast, *, processor=None, greed
     model.eval()
     device = next(model.parameters()).device
     width = max(len(p["input_ids"]) for p in prompts)  # left-pad: generation appends on the right
-    input_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p["input_ids"])) + p["input_ids"] for p in prompts],
-                             device=device)  # [B, T]
-    attention_mask = (torch.arange(width) >= width - torch.tensor([len(p["input_ids"]) for p in prompts])[:, None]).long()
+    input_ids = torch.tensor(
+        [[tokenizer.pad_token_id] * (width - len(p["input_ids"])) + p["input_ids"] for p in prompts], device=device
+    )  # [B, T]
+    attention_mask = (
+        torch.arange(width) >= width - torch.tensor([len(p["input_ids"]) for p in prompts])[:, None]
+    ).long()
     attention_mask = attention_mask.to(device)  # [B, T]
     eos = stop_ids(tokenizer, model)
     sampling = {} if greedy else dict(temperature=args.temperature, top_p=args.top_p, top_k=0)
-    options = dict(max_new_tokens=args.max_new_tokens, do_sample=not greedy, use_cache=True,
-                   pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
-                   synced_gpus=dist.is_initialized() if synced is None else synced, **sampling)
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=not greedy,
+        use_cache=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos,
+        synced_gpus=dist.is_initialized() if synced is None else synced,
+        **sampling,
+    )
     with autocast:
         if processor is not None:  # a VLM: its images' inputs in the order their tokens appear row by row
-            images = {k: v.to(device) if torch.is_tensor(v) else v for k, v in processor.image_inputs(prompts, input_ids).items()}
+            images = {
+                k: v.to(device) if torch.is_tensor(v) else v
+                for k, v in processor.image_inputs(prompts, input_ids).items()
+            }
             new_tokens = vlm_generate(model, input_ids, attention_mask, **images, **options)  # [B, n_new]
         else:
             new_tokens = model.generate(input_ids=input_ids, attention_mask=attention_mask, **options)[:, width:]
@@ -545,16 +608,22 @@ def build_batch(prompt_ids, completions, pad_id):
     response_mask = torch.zeros((len(rows), L), dtype=torch.bool)  # [B, L]
     response_mask[:, :-1] = labels[:, 1:] != -100
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # [B, L]
-    return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids,
-                response_mask=response_mask)
+    return dict(
+        input_ids=input_ids,
+        labels=labels,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        response_mask=response_mask,
+    )
 
 
 def token_logps(model, mb, args, entropy=False, image_inputs=None):
     """log pi(completion tokens) [B, L] at the sampling temperature (and entropy [B, L]), via common/logprob.py.
     image_inputs: a VLM's processor.image_inputs for these rows (they may override position_ids, as Qwen-VL's do)."""
     kwargs = {"position_ids": mb["position_ids"], "attention_mask": mb["attention_mask"], **(image_inputs or {})}
-    return sequence_logprobs(model, mb["input_ids"], mb["labels"], temperature=args.temperature,
-                             return_entropy=entropy, **kwargs)
+    return sequence_logprobs(
+        model, mb["input_ids"], mb["labels"], temperature=args.temperature, return_entropy=entropy, **kwargs
+    )
 
 
 def is_correct(text, answer, vlm) -> bool:
@@ -569,8 +638,16 @@ def answer_accuracy(model, tokenizer, items, args, autocast, processor=None, bat
     correct = 0
     for i in range(0, len(items), batch_size):
         chunk = items[i : i + batch_size]
-        completions, _ = generate(model, tokenizer, [encode_prompt(tokenizer, processor, m) for m, _ in chunk], args,
-                                  autocast, processor=processor, greedy=True, synced=False)  # rank 0, unsharded model
+        completions, _ = generate(
+            model,
+            tokenizer,
+            [encode_prompt(tokenizer, processor, m) for m, _ in chunk],
+            args,
+            autocast,
+            processor=processor,
+            greedy=True,
+            synced=False,
+        )  # rank 0, unsharded model
         texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
         correct += sum(is_correct(t, a, processor is not None) for t, (_, a) in zip(texts, chunk))
     return correct / max(1, len(items))
@@ -627,7 +704,9 @@ def shard(models, device, compute_dtype, world_size):
         base = getattr(inner, "base_model", None)  # text: LlamaModel; a VLM's decoder sits under get_decoder()
         decoder = base if hasattr(base, "layers") else inner.get_decoder()
         # a VLM's vision encoder blocks: the first ModuleList under vision/visual (as in sft.py)
-        blocks = [b for n, b in inner.named_modules() if isinstance(b, torch.nn.ModuleList) and re.search("vision|visual", n)]
+        blocks = [
+            b for n, b in inner.named_modules() if isinstance(b, torch.nn.ModuleList) and re.search("vision|visual", n)
+        ]
         for layer in [*decoder.layers, *(blocks[0] if blocks else [])]:
             fully_shard(layer, mesh=mesh, mp_policy=mp)
         fully_shard(m, mesh=mesh, mp_policy=mp)
@@ -645,8 +724,10 @@ def main(args: Args):
     # ---- mode defaults, distributed setup, seeding ----
     args = replace(args, **{k: v[args.mode == "rm"] for k, v in MODE_DEFAULTS.items() if getattr(args, k) is None})
     if args.model_path == DEFAULT_MODEL and not Path(DEFAULT_MODEL).exists():
-        raise SystemExit(f"error: {DEFAULT_MODEL} not found: run `python sft.py` first (its default run exports there), "
-                         "or pass --model-path smollm2-135m")
+        raise SystemExit(
+            f"error: {DEFAULT_MODEL} not found: run `python sft.py` first (its default run exports there), "
+            "or pass --model-path smollm2-135m"
+        )
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -664,25 +745,35 @@ def main(args: Args):
 
     # ---- prompts, rewards, plan ----
     if args.prompts_per_step % world_size:
-        raise SystemExit(f"error: --prompts-per-step {args.prompts_per_step} must be a multiple of the {world_size} processes")
+        raise SystemExit(
+            f"error: --prompts-per-step {args.prompts_per_step} must be a multiple of the {world_size} processes"
+        )
     rows = args.prompts_per_step // world_size  # completions per process per step
     if rows % args.mini_batches:
-        raise SystemExit(f"error: {rows} completions per process is not divisible by --mini-batches {args.mini_batches}")
+        raise SystemExit(
+            f"error: {rows} completions per process is not divisible by --mini-batches {args.mini_batches}"
+        )
     vlm = is_vlm(args.model_path)
     if vlm and args.vllm:
         raise SystemExit("error: --vllm rollouts are for text models here; drop --vllm for a VLM")
     if vlm and args.critic_path and not is_vlm(args.critic_path):
-        raise SystemExit(f"error: --critic-path {args.critic_path}: a VLM policy needs a VLM critic (or no --critic-path)")
+        raise SystemExit(
+            f"error: --critic-path {args.critic_path}: a VLM policy needs a VLM critic (or no --critic-path)"
+        )
     if args.reward_model and is_vlm(args.reward_model) and not vlm:
-        raise SystemExit(f"error: --reward-model {args.reward_model} is a VLM reward model, which scores a prompt with its "
-                         "image, but --model-path is a text model (its prompts hold no images)")
+        raise SystemExit(
+            f"error: --reward-model {args.reward_model} is a VLM reward model, which scores a prompt with its "
+            "image, but --model-path is a text model (its prompts hold no images)"
+        )
     model, processor = load_vlm(args.model_path, device=device) if vlm else (None, None)  # master weights float32
     tokenizer = processor.tokenizer if vlm else load_tokenizer(args.model_path)
     train_items = prompt_records(args.dataset)
     eval_items = []
     if args.eval_dataset and args.eval_samples:
         eval_items = [it for it in prompt_records(args.eval_dataset) if it[1] is not None][: args.eval_samples]
-    reward_names = list(args.rewards) + (["reward_model"] if args.reward_model else []) + (["remote"] if args.reward_url else [])
+    reward_names = (
+        list(args.rewards) + (["reward_model"] if args.reward_model else []) + (["remote"] if args.reward_url else [])
+    )
     reward_fns = [load_reward_fn(n) for n in args.rewards]
     if args.reward_url:
         remote = remote_reward(args.reward_url)  # 30 s per attempt, 3 retries
@@ -692,11 +783,13 @@ def main(args: Args):
         raise SystemExit(f"error: {len(reward_names)} rewards ({listed}) but {len(weights)} weights")
     if args.kl_target is not None and args.kl_coef <= 0:
         raise SystemExit("error: --kl-target adapts --kl-coef multiplicatively: give a starting --kl-coef > 0")
-    say(f"[plan] ppo | model {args.model_path}{' (VLM)' if vlm else ''} | critic {args.critic_path or 'policy + zero head'} | {len(train_items)} "
+    say(
+        f"[plan] ppo | model {args.model_path}{' (VLM)' if vlm else ''} | critic {args.critic_path or 'policy + zero head'} | {len(train_items)} "
         f"prompts, {len(eval_items)} held-out | {args.max_steps} steps x {args.prompts_per_step} prompts | mu={args.mu}, "
         f"{args.mini_batches} mini-batch(es), critic warm-up {args.critic_warmup_steps} | rewards {', '.join(reward_names)}"
         f" | kl {args.kl_estimator} x {args.kl_coef}{f' -> target {args.kl_target}' if args.kl_target else ''} | "
-        f"world size {world_size} | {device} {compute_dtype}")
+        f"world size {world_size} | {device} {compute_dtype}"
+    )
     if args.dry_run:
         return None
 
@@ -707,8 +800,13 @@ def main(args: Args):
             checkpoint_vlm(vlm_model)
     else:
         model = load_model(args.model_path, device=device, gradient_checkpointing=args.gradient_checkpointing)
-        critic = load_value_model(args.critic_path or args.model_path, tokenizer.pad_token_id, device, zero_new_head=True,
-                                  gradient_checkpointing=args.gradient_checkpointing)
+        critic = load_value_model(
+            args.critic_path or args.model_path,
+            tokenizer.pad_token_id,
+            device,
+            zero_new_head=True,
+            gradient_checkpointing=args.gradient_checkpointing,
+        )
     ref_model = None
     if args.kl_coef > 0:
         ref_model = load_vlm(args.model_path, device=device)[0] if vlm else load_model(args.model_path, device=device)
@@ -741,12 +839,16 @@ def main(args: Args):
     state = torch.nn.ModuleDict({"actor": model, "critic": critic})
     state.register_buffer("kl_coef", torch.tensor(float(args.kl_coef), dtype=torch.float64, device=device))
     # a VLM actor gets one lr per module (projector, vision, LM); a module at lr 0 is frozen and left out
-    actor_groups = param_groups(model, args.lr, args.lr_projector, args.lr_vision, None, args.weight_decay) if vlm else None
+    actor_groups = (
+        param_groups(model, args.lr, args.lr_projector, args.lr_vision, None, args.weight_decay) if vlm else None
+    )
     actor_params = [p for p in model.parameters() if p.requires_grad]
     critic_params = [p for p in critic.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW((actor_groups or [{"params": actor_params, "lr": args.lr}])
-                                  + [{"params": critic_params, "lr": args.critic_lr}],
-                                  weight_decay=args.weight_decay, betas=(0.9, 0.99))
+    optimizer = torch.optim.AdamW(
+        (actor_groups or [{"params": actor_params, "lr": args.lr}]) + [{"params": critic_params, "lr": args.critic_lr}],
+        weight_decay=args.weight_decay,
+        betas=(0.9, 0.99),
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
     step = 0
     if args.resume:
@@ -756,8 +858,15 @@ def main(args: Args):
             say(f"[resume] from {found[-1]} at step {step}")
         else:
             say(f"[resume] no complete checkpoint in {args.output_dir}/checkpoints, starting fresh")
-    logger = RunLogger(args.output_dir, asdict(args), enabled=rank == 0, track=args.track, project=args.wandb_project,
-                       run_name=args.run_name, resume_step=step if args.resume else None)
+    logger = RunLogger(
+        args.output_dir,
+        asdict(args),
+        enabled=rank == 0,
+        track=args.track,
+        project=args.wandb_project,
+        run_name=args.run_name,
+        resume_step=step if args.resume else None,
+    )
     stop_signal = []  # SIGTERM/SIGUSR1 (preemption): save at the end of the step and exit cleanly
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
@@ -790,8 +899,10 @@ def main(args: Args):
         if reward_model is not None:
             chats = [m + [{"role": "assistant", "content": c}] for m, c in zip(prompts_msgs, decoded)]
             rm_rows = [{"chat": c, "base_dir": "."} if rm_processor else chat_ids(rm_tokenizer, c) for c in chats]
-            per_fn.insert(len(reward_fns), score_rows(reward_model, rm_rows, rm_tokenizer.pad_token_id, device, autocast,
-                                                      mb_size, rm_processor))
+            per_fn.insert(
+                len(reward_fns),
+                score_rows(reward_model, rm_rows, rm_tokenizer.pad_token_id, device, autocast, mb_size, rm_processor),
+            )
             failures.insert(len(reward_fns), 0)
         per_fn_t = torch.stack(per_fn, 1).float()  # [rows, n_rewards]
         scores = per_fn_t @ weights  # [rows]: the sequence-level reward
@@ -806,7 +917,9 @@ def main(args: Args):
             width = int(mb["attention_mask"].sum(1).max())  # trim right padding to this micro-batch's longest row
             mb = {k: v[:, :width].to(device) for k, v in mb.items()}
             images = None
-            if processor is not None:  # a VLM: these rows' images, in row order (actor, reference and critic all see them)
+            if (
+                processor is not None
+            ):  # a VLM: these rows' images, in row order (actor, reference and critic all see them)
                 images = processor.image_inputs([encoded[i] for i in rows_idx.tolist()], mb["input_ids"])
                 images = {k: v.to(device) if torch.is_tensor(v) else v for k, v in images.items()}
             return mb, width, images
@@ -824,7 +937,11 @@ def main(args: Args):
 
         # -- token rewards (KL penalty + the score on the last response token), GAE --
         kl_coef = float(state.kl_coef)
-        kl_tok = kl_penalty(old_logps, ref_logps, args.kl_estimator) * mask if ref_model is not None else torch.zeros(mask.shape)
+        kl_tok = (
+            kl_penalty(old_logps, ref_logps, args.kl_estimator) * mask
+            if ref_model is not None
+            else torch.zeros(mask.shape)
+        )
         token_rewards = -kl_coef * kl_tok  # [rows, L]
         last = (mask * torch.arange(mask.shape[1])).argmax(1)  # [rows]: each row's last response position
         token_rewards[torch.arange(rows), last] += scores
@@ -837,8 +954,9 @@ def main(args: Args):
         # -- mu epochs over mini-batches; micro-batches accumulate with global-count normalisation --
         train_actor = step >= args.critic_warmup_steps
         order_gen = torch.Generator().manual_seed(args.seed + step)
-        sums = dict(policy_loss=0.0, value_loss=0.0, entropy=0.0, policy_clip=0.0, value_clip=0.0, approx_kl=0.0,
-                    tokens=0.0)
+        sums = dict(
+            policy_loss=0.0, value_loss=0.0, entropy=0.0, policy_clip=0.0, value_clip=0.0, approx_kl=0.0, tokens=0.0
+        )
         n_updates, actor_norms, critic_norms = 0, [], []
         rows_per_mini = rows // args.mini_batches
         for epoch in range(args.mu):
@@ -853,13 +971,21 @@ def main(args: Args):
                         values = token_values(critic, mb, images)
                         if train_actor:
                             logps, entropy = token_logps(model, mb, args, entropy=True, image_inputs=images)
-                    loss, v_clip = value_loss(values, mb["old_values"], mb["returns"], mb["response_mask"], args.value_clip,
-                                              n_tokens=n_tok)
+                    loss, v_clip = value_loss(
+                        values, mb["old_values"], mb["returns"], mb["response_mask"], args.value_clip, n_tokens=n_tok
+                    )
                     sums["value_loss"] += float(loss.detach())  # already over global counts: ranks' shares add up
                     n_mb_tok = float(mb["response_mask"].sum())
                     if train_actor:
-                        p_loss, stats = policy_loss(logps, mb["old_logps"], mb["advantages"], mb["response_mask"],
-                                                    clip_low=args.clip_low, clip_high=args.clip_high, n_tokens=n_tok)
+                        p_loss, stats = policy_loss(
+                            logps,
+                            mb["old_logps"],
+                            mb["advantages"],
+                            mb["response_mask"],
+                            clip_low=args.clip_low,
+                            clip_high=args.clip_high,
+                            n_tokens=n_tok,
+                        )
                         loss = loss + p_loss
                         sums["policy_loss"] += float(p_loss.detach())
                         sums["entropy"] += float((entropy.detach() * mb["response_mask"]).sum())
@@ -883,29 +1009,60 @@ def main(args: Args):
         n = float(args.prompts_per_step)
         residual = (returns - old_values) * mask
         lengths = torch.tensor([len(c) for c in completions], dtype=torch.float64)
-        totals = all_sum([float(scores.sum()), float(scores.square().sum()), float(lengths.sum()), float(sum(truncated)),
-                          float(kl_tok.sum()), float(returns.sum()), float(returns.square().sum()), float(residual.sum()),
-                          float(residual.square().sum()), float(mask.sum()), float(old_values.sum())]
-                         + list(sums.values()) + per_fn_t.sum(0).tolist() + failures, device)
+        totals = all_sum(
+            [
+                float(scores.sum()),
+                float(scores.square().sum()),
+                float(lengths.sum()),
+                float(sum(truncated)),
+                float(kl_tok.sum()),
+                float(returns.sum()),
+                float(returns.square().sum()),
+                float(residual.sum()),
+                float(residual.square().sum()),
+                float(mask.sum()),
+                float(old_values.sum()),
+            ]
+            + list(sums.values())
+            + per_fn_t.sum(0).tolist()
+            + failures,
+            device,
+        )
         r_sum, r_sq, len_sum, trunc_sum, kl_sum, ret_sum, ret_sq, res_sum, res_sq, n_resp, v_sum = totals[:11]
         s = dict(zip(sums, totals[11 : 11 + len(sums)]))
-        fn_sums, fn_failures = totals[11 + len(sums) : 11 + len(sums) + len(reward_names)], totals[11 + len(sums) + len(reward_names) :]
+        fn_sums, fn_failures = (
+            totals[11 + len(sums) : 11 + len(sums) + len(reward_names)],
+            totals[11 + len(sums) + len(reward_names) :],
+        )
         var_ret = ret_sq / n_resp - (ret_sum / n_resp) ** 2
         var_res = res_sq / n_resp - (res_sum / n_resp) ** 2
-        metrics = {"reward/mean": r_sum / n, "reward/std": math.sqrt(max(0.0, r_sq / n - (r_sum / n) ** 2)),
-                   "completion/length_mean": len_sum / n, "completion/truncated_fraction": trunc_sum / n,
-                   "train/kl": kl_sum / n, "train/kl_coef": kl_coef,
-                   "train/value_loss": s["value_loss"] / n_updates, "train/value_clip_fraction": s["value_clip"] / s["tokens"],
-                   "train/explained_variance": 1.0 - var_res / var_ret if var_ret > 1e-8 else 0.0,
-                   "train/value_mean": v_sum / n_resp, "train/return_mean": ret_sum / n_resp,
-                   "train/critic_grad_norm": sum(critic_norms) / len(critic_norms),
-                   "train/lr": scheduler.get_last_lr()[0], "time/rollout_share": t_rollout / (t_end - t0),
-                   "time/step_s": t_end - t0}
+        metrics = {
+            "reward/mean": r_sum / n,
+            "reward/std": math.sqrt(max(0.0, r_sq / n - (r_sum / n) ** 2)),
+            "completion/length_mean": len_sum / n,
+            "completion/truncated_fraction": trunc_sum / n,
+            "train/kl": kl_sum / n,
+            "train/kl_coef": kl_coef,
+            "train/value_loss": s["value_loss"] / n_updates,
+            "train/value_clip_fraction": s["value_clip"] / s["tokens"],
+            "train/explained_variance": 1.0 - var_res / var_ret if var_ret > 1e-8 else 0.0,
+            "train/value_mean": v_sum / n_resp,
+            "train/return_mean": ret_sum / n_resp,
+            "train/critic_grad_norm": sum(critic_norms) / len(critic_norms),
+            "train/lr": scheduler.get_last_lr()[0],
+            "time/rollout_share": t_rollout / (t_end - t0),
+            "time/step_s": t_end - t0,
+        }
         if train_actor:
-            metrics.update({"train/policy_loss": s["policy_loss"] / n_updates, "train/entropy": s["entropy"] / s["tokens"],
-                            "train/policy_clip_fraction": s["policy_clip"] / s["tokens"],
-                            "train/approx_kl": s["approx_kl"] / s["tokens"],
-                            "train/actor_grad_norm": sum(actor_norms) / len(actor_norms)})
+            metrics.update(
+                {
+                    "train/policy_loss": s["policy_loss"] / n_updates,
+                    "train/entropy": s["entropy"] / s["tokens"],
+                    "train/policy_clip_fraction": s["policy_clip"] / s["tokens"],
+                    "train/approx_kl": s["approx_kl"] / s["tokens"],
+                    "train/actor_grad_norm": sum(actor_norms) / len(actor_norms),
+                }
+            )
         for name, total, failed in zip(reward_names, fn_sums, fn_failures):
             metrics[f"reward/{name}_mean"], metrics[f"reward/{name}_failures"] = total / n, failed
         if args.kl_target is not None and ref_model is not None:
@@ -932,7 +1089,9 @@ def main(args: Args):
     if args.export and vlm:
         out = export_vlm(model, processor, Path(args.output_dir) / "model", lambda: load_vlm(args.model_path)[0], rank)
         export_vlm_critic(args, critic, processor, Path(args.output_dir) / "critic", rank)
-        say(f"[export] VLM folders: {out} (policy), {Path(args.output_dir) / 'critic'} (critic + value_head.safetensors)")
+        say(
+            f"[export] VLM folders: {out} (policy), {Path(args.output_dir) / 'critic'} (critic + value_head.safetensors)"
+        )
     elif args.export:
         out = export_hf(model, tokenizer, Path(args.output_dir) / "model", rank, AutoModelForCausalLM)
         export_hf(critic, tokenizer, Path(args.output_dir) / "critic", rank, AutoModelForSequenceClassification)
@@ -941,13 +1100,24 @@ def main(args: Args):
         if world_size == 1:
             results["accuracy_after"] = answer_accuracy(model, tokenizer, eval_items, args, autocast, processor)
         elif args.export and rank == 0:
-            exported = (load_vlm(out, device=device)[0] if vlm else
-                        AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device))
-            results["accuracy_after"] = answer_accuracy(exported, tokenizer, eval_items, args, torch.autocast(
-                device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32), processor)
+            exported = (
+                load_vlm(out, device=device)[0]
+                if vlm
+                else AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device)
+            )
+            results["accuracy_after"] = answer_accuracy(
+                exported,
+                tokenizer,
+                eval_items,
+                args,
+                torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32),
+                processor,
+            )
         if "accuracy_after" in results:
-            say(f"[eval] held-out answer accuracy after training: {results['accuracy_after']:.3f}"
-                + (f" (before: {results['accuracy_before']:.3f})" if "accuracy_before" in results else ""))
+            say(
+                f"[eval] held-out answer accuracy after training: {results['accuracy_after']:.3f}"
+                + (f" (before: {results['accuracy_before']:.3f})" if "accuracy_before" in results else "")
+            )
             logger.log({f"eval/{k}": v for k, v in results.items()}, step)
     return finish(logger, {"step": step, **results})
 
@@ -966,7 +1136,9 @@ def train_reward_model(args, world_size, rank, device, compute_dtype, autocast, 
     exported to <output-dir>/model as an AutoModelForSequenceClassification folder (num_labels=1, pad_token_id set).
     A VLM --model-path trains a VLMCritic on image pairs (each side scored with its image), exported as the VLM critic."""
     if args.pairs_per_step % world_size:
-        raise SystemExit(f"error: --pairs-per-step {args.pairs_per_step} must be a multiple of the {world_size} processes")
+        raise SystemExit(
+            f"error: --pairs-per-step {args.pairs_per_step} must be a multiple of the {world_size} processes"
+        )
     vlm = is_vlm(args.model_path)
     model, processor = load_vlm_critic(args.model_path, device) if vlm else (None, None)
     tokenizer = processor.tokenizer if vlm else load_tokenizer(args.model_path)
@@ -974,13 +1146,20 @@ def train_reward_model(args, world_size, rank, device, compute_dtype, autocast, 
     eval_pairs = []
     if args.eval_dataset and args.eval_samples:
         eval_pairs = preference_pairs(args.eval_dataset, tokenizer, args.max_len, processor, args.eval_samples)
-    say(f"[plan] rm | model {args.model_path}{' (VLM)' if vlm else ''} | {len(pairs)} pairs, {len(eval_pairs)} held-out | "
-        f"{args.max_steps} steps x {args.pairs_per_step} pairs | lr {args.lr} | world size {world_size} | {device} {compute_dtype}")
+    say(
+        f"[plan] rm | model {args.model_path}{' (VLM)' if vlm else ''} | {len(pairs)} pairs, {len(eval_pairs)} held-out | "
+        f"{args.max_steps} steps x {args.pairs_per_step} pairs | lr {args.lr} | world size {world_size} | {device} {compute_dtype}"
+    )
     if args.dry_run:
         return None
     if not vlm:
-        model = load_value_model(args.model_path, tokenizer.pad_token_id, device, zero_new_head=False,
-                                 gradient_checkpointing=args.gradient_checkpointing)
+        model = load_value_model(
+            args.model_path,
+            tokenizer.pad_token_id,
+            device,
+            zero_new_head=False,
+            gradient_checkpointing=args.gradient_checkpointing,
+        )
     elif args.gradient_checkpointing:
         checkpoint_vlm(model.vlm)
     if world_size > 1:
@@ -988,13 +1167,21 @@ def train_reward_model(args, world_size, rank, device, compute_dtype, autocast, 
         autocast = nullcontext()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup_steps)))
-    logger = RunLogger(args.output_dir, asdict(args), enabled=rank == 0, track=args.track, project=args.wandb_project,
-                       run_name=args.run_name)
+    logger = RunLogger(
+        args.output_dir,
+        asdict(args),
+        enabled=rank == 0,
+        track=args.track,
+        project=args.wandb_project,
+        run_name=args.run_name,
+    )
     pad, per_rank, chunk = tokenizer.pad_token_id, args.pairs_per_step // world_size, max(1, args.micro_batch_size // 2)
 
     def pair_accuracy():  # every rank scores every held-out pair: under FSDP2 the forwards are collective
         chosen = score_rows(model, [c for c, _ in eval_pairs], pad, device, autocast, args.micro_batch_size, processor)
-        rejected = score_rows(model, [r for _, r in eval_pairs], pad, device, autocast, args.micro_batch_size, processor)
+        rejected = score_rows(
+            model, [r for _, r in eval_pairs], pad, device, autocast, args.micro_batch_size, processor
+        )
         return float(bradley_terry_loss(chosen, rejected)[1])
 
     results = {}
@@ -1006,7 +1193,9 @@ def train_reward_model(args, world_size, rank, device, compute_dtype, autocast, 
     def pair_at(i):  # the i-th pair of an endless stream of shuffled epochs
         epoch = i // len(pairs)
         if epoch not in perms:
-            perms[epoch] = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed + epoch)).tolist()
+            perms[epoch] = torch.randperm(
+                len(pairs), generator=torch.Generator().manual_seed(args.seed + epoch)
+            ).tolist()
         return pairs[perms[epoch][i % len(pairs)]]
 
     model.train()
@@ -1026,12 +1215,21 @@ def train_reward_model(args, world_size, rank, device, compute_dtype, autocast, 
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         loss_sum, acc_sum = all_sum([loss_sum, acc_sum], device)
-        logger.log({"train/loss": loss_sum / args.pairs_per_step, "train/accuracy": acc_sum / args.pairs_per_step,
-                    "train/grad_norm": norm, "train/lr": scheduler.get_last_lr()[0]}, step)
+        logger.log(
+            {
+                "train/loss": loss_sum / args.pairs_per_step,
+                "train/accuracy": acc_sum / args.pairs_per_step,
+                "train/grad_norm": norm,
+                "train/lr": scheduler.get_last_lr()[0],
+            },
+            step,
+        )
     if eval_pairs:
         results["pair_accuracy_after"] = pair_accuracy()
-        say(f"[eval] held-out pair accuracy after training: {results['pair_accuracy_after']:.3f} "
-            f"(before: {results['pair_accuracy_before']:.3f})")
+        say(
+            f"[eval] held-out pair accuracy after training: {results['pair_accuracy_after']:.3f} "
+            f"(before: {results['pair_accuracy_before']:.3f})"
+        )
         logger.log({f"eval/{k}": v for k, v in results.items()}, args.max_steps)
     if args.export and vlm:
         out = export_vlm_critic(args, model, processor, Path(args.output_dir) / "model", rank)

@@ -57,8 +57,17 @@ from common.data import IGNORE, DataError, epoch_batches, load_mixture, pack_col
 from common.logprob import sequence_logprobs
 from common.metrics import RunLogger, cli, exact_match, vqa_normalize
 from common.models import barrier, checkpoint_dirs, load_checkpoint, pick_dtype, save_checkpoint
-from common.vision import (EASY_VQA_COLORS, EASY_VQA_SHAPES, ComposedVLM, build_vlm, export_vlm, is_vlm, load_vlm,
-                           param_groups, vlm_generate)
+from common.vision import (
+    EASY_VQA_COLORS,
+    EASY_VQA_SHAPES,
+    ComposedVLM,
+    build_vlm,
+    export_vlm,
+    is_vlm,
+    load_vlm,
+    param_groups,
+    vlm_generate,
+)
 
 
 @dataclass
@@ -170,8 +179,10 @@ def load_caption_records(spec: str, seed: int) -> list[dict]:
     for r in records:
         for field in ("image", "caption"):
             if not isinstance(r.get(field), str) or not r[field].strip():
-                raise DataError(f"{r.get('_where', spec)}: {field}: expected a non-empty string "
-                                f"(caption records are {{\"image\": path, \"caption\": text}})")
+                raise DataError(
+                    f"{r.get('_where', spec)}: {field}: expected a non-empty string "
+                    f'(caption records are {{"image": path, "caption": text}})'
+                )
     return records
 
 
@@ -191,8 +202,11 @@ def caption_examples(records, processor, max_len: int, overlong: str) -> list[di
 def collate(items, processor, packing: bool, max_len: int, device) -> dict:
     """Packed rows (items are lists of examples) or right-padded examples, plus the images in token order."""
     examples = [e for pack in items for e in pack] if packing else items
-    batch = pack_collate(items, processor.tokenizer.pad_token_id, max_len) if packing else \
-        pad_collate(items, processor.tokenizer.pad_token_id)
+    batch = (
+        pack_collate(items, processor.tokenizer.pad_token_id, max_len)
+        if packing
+        else pad_collate(items, processor.tokenizer.pad_token_id)
+    )
     batch = {k: v for k, v in batch.items() if k not in ("cu_seqlens", "max_seqlen")}  # flash-attn varlen only
     batch |= processor.image_inputs(examples, batch["input_ids"])  # a native VLM overrides position_ids here
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -229,22 +243,40 @@ def caption_accuracy(model, processor, prompts, references, max_new_tokens, dtyp
         mask = torch.tensor([[0] * (T - len(p["input_ids"])) + [1] * len(p["input_ids"]) for p in chunk], device=device)
         images = {k: v.to(device) if torch.is_tensor(v) else v for k, v in processor.image_inputs(chunk, ids).items()}
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            new = vlm_generate(model, ids, mask, **images, max_new_tokens=max_new_tokens, do_sample=False,
-                               use_cache=True, pad_token_id=pad)  # [B, n_new]
+            new = vlm_generate(
+                model,
+                ids,
+                mask,
+                **images,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=pad,
+            )  # [B, n_new]
         texts += [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
     model.train()
     n = max(1, len(texts))
-    return {"caption_accuracy": sum(caption_correct(t, r) for t, r in zip(texts, references)) / n,
-            "caption_exact_match": sum(exact_match(t, r) for t, r in zip(texts, references)) / n,
-            "samples": list(zip(texts[:3], references[:3]))}
+    return {
+        "caption_accuracy": sum(caption_correct(t, r) for t, r in zip(texts, references)) / n,
+        "caption_exact_match": sum(exact_match(t, r) for t, r in zip(texts, references)) / n,
+        "samples": list(zip(texts[:3], references[:3])),
+    }
 
 
 def build_model(args, device):
     """(model, processor): the VLM folder in --model-path, or --model-path's LM composed with --vision-encoder."""
     if is_vlm(args.model_path):
         return load_vlm(args.model_path, dtype=torch.float32, device=device)
-    return build_vlm(args.model_path, args.vision_encoder, image_size=args.image_size, projector=args.projector,
-                     pixel_shuffle=args.pixel_shuffle, dtype=torch.float32, device=device, seed=args.seed)
+    return build_vlm(
+        args.model_path,
+        args.vision_encoder,
+        image_size=args.image_size,
+        projector=args.projector,
+        pixel_shuffle=args.pixel_shuffle,
+        dtype=torch.float32,
+        device=device,
+        seed=args.seed,
+    )
 
 
 def freeze_unused_vision_params(model) -> list[str]:
@@ -256,7 +288,9 @@ def freeze_unused_vision_params(model) -> list[str]:
     size = model.vision_encoder.config.image_size
     device = next(model.parameters()).device
     model.image_features(torch.zeros(1, 3, size, size, device=device)).sum().backward()
-    unused = [n for n, p in model.named_parameters() if n.startswith("vision_encoder.") and p.requires_grad and p.grad is None]
+    unused = [
+        n for n, p in model.named_parameters() if n.startswith("vision_encoder.") and p.requires_grad and p.grad is None
+    ]
     for name, p in model.named_parameters():
         p.grad = None
         p.requires_grad_(p.requires_grad and name not in unused)
@@ -266,8 +300,12 @@ def freeze_unused_vision_params(model) -> list[str]:
 def transformer_blocks(model) -> list[torch.nn.Module]:
     """Every block of the encoder's and the LM's layer lists (ModuleLists named layers / layer / blocks): the units
     FSDP2 gathers one at a time."""
-    return [block for name, module in model.named_modules() if isinstance(module, torch.nn.ModuleList)
-            and name.rsplit(".", 1)[-1] in ("layers", "layer", "blocks") for block in module]
+    return [
+        block
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "layer", "blocks")
+        for block in module
+    ]
 
 
 def main(args: Args):
@@ -294,16 +332,24 @@ def main(args: Args):
     eval_items, eval_prompts, eval_refs = [], [], []
     if eval_records:
         eval_examples = caption_examples(eval_records[: args.eval_size], processor, args.max_len, "truncate")
-        eval_items = [[eval_examples[i] for i in p] for p in pack_examples(eval_examples, args.max_len)] if packing else eval_examples
+        eval_items = (
+            [[eval_examples[i] for i in p] for p in pack_examples(eval_examples, args.max_len)]
+            if packing
+            else eval_examples
+        )
         if world_size == 1 or rank == 0:
-            eval_prompts = [processor(caption_chat(r, with_caption=False), base_dir=r.get("_dir", "."),
-                                      add_generation_prompt=True) for r in eval_records[: args.eval_samples]]
+            eval_prompts = [
+                processor(caption_chat(r, with_caption=False), base_dir=r.get("_dir", "."), add_generation_prompt=True)
+                for r in eval_records[: args.eval_samples]
+            ]
             eval_refs = [r["caption"] for r in eval_records[: args.eval_samples]]
     global_rows = args.batch_size * args.grad_accum * world_size
     steps_per_epoch = len(items) // global_rows
     if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(items)} training rows is less than one global batch of {global_rows} "
-                         f"(--batch-size {args.batch_size} x --grad-accum {args.grad_accum} x {world_size} processes)")
+        raise SystemExit(
+            f"error: {len(items)} training rows is less than one global batch of {global_rows} "
+            f"(--batch-size {args.batch_size} x --grad-accum {args.grad_accum} x {world_size} processes)"
+        )
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
     freeze_unused_vision_params(model)
     groups = param_groups(model, args.lr, lr_vision=args.lr_vision, lr_lm=args.lr_lm, weight_decay=args.weight_decay)
@@ -312,13 +358,16 @@ def main(args: Args):
     sizes = {g["name"]: 0 for g in groups}  # trainable parameters per part
     for g in groups:
         sizes[g["name"]] += sum(p.numel() for p in g["params"])
-    say(f"[plan] {args.model_path}" + ("" if is_vlm(args.model_path) else f" + {args.vision_encoder}")
+    say(
+        f"[plan] {args.model_path}"
+        + ("" if is_vlm(args.model_path) else f" + {args.vision_encoder}")
         + f" | {len(records)} records -> {len(examples)} examples -> {len(items)} rows "
         f"({'packed' if packing else 'padded'}, max {args.max_len} tokens) | eval {len(eval_items)} rows, "
         f"{len(eval_prompts)} images captioned | {total_steps} steps x {global_rows} rows "
         f"({total_steps / steps_per_epoch:.2f} epochs) | trains "
         + ", ".join(f"{name} {n / 1e6:.2f}M" for name, n in sizes.items())
-        + f" | world size {world_size} | {device} {compute_dtype}")
+        + f" | world size {world_size} | {device} {compute_dtype}"
+    )
     if args.dry_run:
         say("[plan] dry run, exiting")
         return None
@@ -336,11 +385,14 @@ def main(args: Args):
         fully_shard(model, mesh=mesh, mp_policy=mp)
         autocast = nullcontext()  # FSDP2's mixed-precision policy casts instead
         # sharding replaced the parameters; frozen parts stay frozen (requires_grad was set before)
-        groups = param_groups(model, args.lr, lr_vision=args.lr_vision, lr_lm=args.lr_lm, weight_decay=args.weight_decay)
+        groups = param_groups(
+            model, args.lr, lr_vision=args.lr_vision, lr_lm=args.lr_lm, weight_decay=args.weight_decay
+        )
     trainable = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, args.warmup_steps, total_steps, args.schedule, args.min_lr_ratio))
+        optimizer, lambda s: lr_lambda(s, args.warmup_steps, total_steps, args.schedule, args.min_lr_ratio)
+    )
 
     step = 0
     if args.resume:
@@ -350,8 +402,15 @@ def main(args: Args):
             say(f"[resume] from {found[-1]} at step {step}")
         else:
             say(f"[resume] no complete checkpoint in {args.output_dir}/checkpoints, starting fresh")
-    logger = RunLogger(args.output_dir, asdict(args), enabled=rank == 0, track=args.track, project=args.wandb_project,
-                       run_name=args.run_name, resume_step=step if args.resume else None)
+    logger = RunLogger(
+        args.output_dir,
+        asdict(args),
+        enabled=rank == 0,
+        track=args.track,
+        project=args.wandb_project,
+        run_name=args.run_name,
+        resume_step=step if args.resume else None,
+    )
 
     stop_signal = []  # set by SIGTERM/SIGUSR1 (cluster preemption): save at the end of the step and exit cleanly
     for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -367,7 +426,9 @@ def main(args: Args):
                 lo = (b * world_size + rank) * args.batch_size
                 chunk = eval_items[lo : lo + args.batch_size] or eval_items[:1]  # ranks run equal forwards for FSDP
                 with autocast:
-                    nll, n = caption_loss_sum(model, collate(chunk, processor, packing, args.max_len, device), args.logprob_impl)
+                    nll, n = caption_loss_sum(
+                        model, collate(chunk, processor, packing, args.max_len, device), args.logprob_impl
+                    )
                 if eval_items[lo : lo + args.batch_size]:
                     totals += torch.tensor([nll.item(), n], dtype=torch.float64, device=device)
         model.train()
@@ -376,9 +437,14 @@ def main(args: Args):
         out = {"eval/loss": (totals[0] / totals[1].clamp(min=1)).item()}
         if world_size == 1 and eval_prompts:
             acc = caption_accuracy(model, processor, eval_prompts, eval_refs, args.max_new_tokens, compute_dtype)
-            out |= {"eval/caption_accuracy": acc["caption_accuracy"], "eval/caption_exact_match": acc["caption_exact_match"]}
-            say(f"\n[eval] step {step}: loss {out['eval/loss']:.4f}, colour+shape right {acc['caption_accuracy']:.3f}, "
-                f"e.g. " + " | ".join(f"{t!r} (ref {r!r})" for t, r in acc["samples"]))
+            out |= {
+                "eval/caption_accuracy": acc["caption_accuracy"],
+                "eval/caption_exact_match": acc["caption_exact_match"],
+            }
+            say(
+                f"\n[eval] step {step}: loss {out['eval/loss']:.4f}, colour+shape right {acc['caption_accuracy']:.3f}, "
+                f"e.g. " + " | ".join(f"{t!r} (ref {r!r})" for t, r in acc["samples"])
+            )
         return out
 
     # ---- training loop ----
@@ -392,13 +458,29 @@ def main(args: Args):
         epoch, position = divmod(step, steps_per_epoch)
         order = [i for batch in epoch_batches(len(items), global_rows, args.seed, epoch) for i in batch]
         global_batch = order[position * global_rows : (position + 1) * global_rows]
-        my_rows = global_batch[rank * args.batch_size * args.grad_accum : (rank + 1) * args.batch_size * args.grad_accum]
-        micro_batches = [collate([items[i] for i in my_rows[m * args.batch_size : (m + 1) * args.batch_size]],
-                                 processor, packing, args.max_len, device) for m in range(args.grad_accum)]
+        my_rows = global_batch[
+            rank * args.batch_size * args.grad_accum : (rank + 1) * args.batch_size * args.grad_accum
+        ]
+        micro_batches = [
+            collate(
+                [items[i] for i in my_rows[m * args.batch_size : (m + 1) * args.batch_size]],
+                processor,
+                packing,
+                args.max_len,
+                device,
+            )
+            for m in range(args.grad_accum)
+        ]
         # normalise by the caption tokens of the whole global batch, known before any forward
-        counts = torch.tensor([sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro_batches),
-                               sum(len(e["input_ids"]) for i in my_rows for e in (items[i] if packing else [items[i]])),
-                               sum(mb["input_ids"].numel() for mb in micro_batches)], dtype=torch.float64, device=device)
+        counts = torch.tensor(
+            [
+                sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro_batches),
+                sum(len(e["input_ids"]) for i in my_rows for e in (items[i] if packing else [items[i]])),
+                sum(mb["input_ids"].numel() for mb in micro_batches),
+            ],
+            dtype=torch.float64,
+            device=device,
+        )
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         if dist.is_initialized():
             dist.all_reduce(counts)
@@ -411,7 +493,9 @@ def main(args: Args):
             loss_sum += nll.detach().double()
         if dist.is_initialized():
             dist.all_reduce(loss_sum)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            trainable, args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+        )
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -420,9 +504,14 @@ def main(args: Args):
         step += 1
 
         loss = (loss_sum / n_target).item()
-        metrics = {"train/loss": loss, **lrs, "train/grad_norm": grad_norm.item(), "train/epoch": step / steps_per_epoch,
-                   "train/tokens_per_s": counts[1].item() / (time.time() - t0),
-                   "train/padding_fraction": 1 - counts[1].item() / counts[2].item()}
+        metrics = {
+            "train/loss": loss,
+            **lrs,
+            "train/grad_norm": grad_norm.item(),
+            "train/epoch": step / steps_per_epoch,
+            "train/tokens_per_s": counts[1].item() / (time.time() - t0),
+            "train/padding_fraction": 1 - counts[1].item() / counts[2].item(),
+        }
         if eval_items and ((args.eval_every and step % args.eval_every == 0) or step == total_steps):
             metrics |= run_eval()
         logger.log(metrics, step)
@@ -444,7 +533,9 @@ def main(args: Args):
     # ---- export (and, after FSDP, caption accuracy of the exported model on rank 0) ----
     results = {"step": step, **{k.split("/")[1]: v for k, v in metrics.items() if k.startswith("eval/")}}
     if args.export:
-        out = export_vlm(model, processor, os.path.join(args.output_dir, "model"), lambda: build_model(args, "cpu")[0], rank)
+        out = export_vlm(
+            model, processor, os.path.join(args.output_dir, "model"), lambda: build_model(args, "cpu")[0], rank
+        )
         say(f"[export] VLM folder (load_vlm opens it): {out}")
         if world_size > 1 and rank == 0 and eval_prompts:
             exported, _ = load_vlm(out, device=device)

@@ -49,11 +49,29 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common.data import build_sft_examples, epoch_batches, load_mixture, pack_collate, pack_examples, pad_collate, to_messages
+from common.data import (
+    build_sft_examples,
+    epoch_batches,
+    load_mixture,
+    pack_collate,
+    pack_examples,
+    pad_collate,
+    to_messages,
+)
 from common.logprob import sequence_logprobs
 from common.metrics import RunLogger, cli, exact_match
-from common.models import (barrier, checkpoint_dirs, load_checkpoint, load_model, load_tokenizer, pick_dtype, prepare_model,
-                           resolve_model_path, replace_dir, save_checkpoint)
+from common.models import (
+    barrier,
+    checkpoint_dirs,
+    load_checkpoint,
+    load_model,
+    load_tokenizer,
+    pick_dtype,
+    prepare_model,
+    replace_dir,
+    resolve_model_path,
+    save_checkpoint,
+)
 from common.rewards import answer_correct
 from common.vision import ComposedVLM, checkpoint_vlm, export_vlm, is_vlm, load_vlm, param_groups, vlm_generate
 
@@ -161,7 +179,9 @@ def sft_loss_sum(model, batch, impl: str) -> tuple[torch.Tensor, int]:
     """Sum of assistant-token NLL in this micro-batch, and how many tokens it covers. The batch's other tensors
     (position_ids, attention_mask, a VLM's pixel_values...) go to the model."""
     kwargs = {k: v for k, v in batch.items() if k not in ("input_ids", "labels", "cu_seqlens", "max_seqlen")}
-    token_logps = sequence_logprobs(model, batch["input_ids"], batch["labels"], impl=impl, **kwargs)  # [B, T], 0 off-target
+    token_logps = sequence_logprobs(
+        model, batch["input_ids"], batch["labels"], impl=impl, **kwargs
+    )  # [B, T], 0 off-target
     return -token_logps.sum(), int((batch["labels"][:, 1:] != -100).sum())
 
 
@@ -173,12 +193,19 @@ def answer_accuracy(model, tokenizer, records, fmt, max_new_tokens, dtype, batch
     device, correct = next(model.parameters()).device, 0
     for i in tqdm(range(0, len(records), batch_size), desc="answer accuracy", leave=False):
         chunk = records[i : i + batch_size]
-        prompts = [tokenizer.apply_chat_template(to_messages(r, fmt)[:-1], add_generation_prompt=True, tokenize=False)
-                   for r in chunk]
+        prompts = [
+            tokenizer.apply_chat_template(to_messages(r, fmt)[:-1], add_generation_prompt=True, tokenize=False)
+            for r in chunk
+        ]
         inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                 pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         correct += sum(answer_correct(t, str(r["answer"])) for t, r in zip(texts, chunk))
     tokenizer.padding_side = "right"
@@ -193,14 +220,21 @@ def vlm_answer_accuracy(model, processor, records, fmt, max_new_tokens, dtype, b
     device, pad, correct = next(model.parameters()).device, processor.tokenizer.pad_token_id, 0
     for i in tqdm(range(0, len(records), batch_size), desc="answer accuracy", leave=False):
         chunk = records[i : i + batch_size]
-        prompts = [processor(to_messages(r, fmt)[:-1], base_dir=r.get("_dir", "."), add_generation_prompt=True) for r in chunk]
+        prompts = [
+            processor(to_messages(r, fmt)[:-1], base_dir=r.get("_dir", "."), add_generation_prompt=True) for r in chunk
+        ]
         width = max(len(p["input_ids"]) for p in prompts)  # left-pad: generation appends on the right
-        ids = torch.tensor([[pad] * (width - len(p["input_ids"])) + p["input_ids"] for p in prompts], device=device)  # [B, T]
-        mask = torch.tensor([[0] * (width - len(p["input_ids"])) + [1] * len(p["input_ids"]) for p in prompts], device=device)
+        ids = torch.tensor(
+            [[pad] * (width - len(p["input_ids"])) + p["input_ids"] for p in prompts], device=device
+        )  # [B, T]
+        mask = torch.tensor(
+            [[0] * (width - len(p["input_ids"])) + [1] * len(p["input_ids"]) for p in prompts], device=device
+        )
         images = {k: v.to(device) if torch.is_tensor(v) else v for k, v in processor.image_inputs(prompts, ids).items()}
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            new = vlm_generate(model, ids, mask, **images, max_new_tokens=max_new_tokens, do_sample=False,
-                               pad_token_id=pad)  # [B, n_new]
+            new = vlm_generate(
+                model, ids, mask, **images, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
+            )  # [B, n_new]
         texts = processor.tokenizer.batch_decode(new, skip_special_tokens=True)
         correct += sum(exact_match(t.strip(), str(r["answer"])) for t, r in zip(texts, chunk))
     model.train()
@@ -264,55 +298,76 @@ def main(args: Args):
     # ---- data: tokenise (a VLM's processor also reads the images), then pack (or not) into the items a batch draws from ----
     vlm = is_vlm(args.model_path)
     if vlm and args.lora_r > 0:
-        raise SystemExit("error: --lora-r is for text models; a VLM trains full weights (--lr-projector/--lr-vision/--lr-lm)")
+        raise SystemExit(
+            "error: --lora-r is for text models; a VLM trains full weights (--lr-projector/--lr-vision/--lr-lm)"
+        )
     model, processor = load_vlm(args.model_path, device=device) if vlm else (None, None)  # master weights float32
     tokenizer = processor.tokenizer if vlm else load_tokenizer(args.model_path)
     packing = args.packing and not (vlm and not isinstance(model, ComposedVLM))
     if packing != args.packing:
         say("[note] a native VLM computes its own (M-RoPE) positions, which packed rows cannot restart: --no-packing")
     records = load_mixture(args.dataset, seed=args.seed, total=args.dataset_records or None)
-    examples, stats = build_sft_examples(records, tokenizer, max_len=args.max_len, overlong=args.overlong,
-                                         processor=processor, name=args.dataset)
+    examples, stats = build_sft_examples(
+        records, tokenizer, max_len=args.max_len, overlong=args.overlong, processor=processor, name=args.dataset
+    )
     items = [[examples[i] for i in pack] for pack in pack_examples(examples, args.max_len)] if packing else examples
     eval_items, eval_records = [], []
     if args.eval_dataset:
         records = load_mixture(args.eval_dataset, seed=args.seed, total=args.eval_dataset_records or None)
-        eval_examples, eval_stats = build_sft_examples(records, tokenizer, max_len=args.max_len, overlong="truncate",
-                                                       processor=processor, name=args.eval_dataset)
-        eval_items = [[eval_examples[i] for i in p] for p in pack_examples(eval_examples, args.max_len)] if packing else eval_examples
+        eval_examples, eval_stats = build_sft_examples(
+            records, tokenizer, max_len=args.max_len, overlong="truncate", processor=processor, name=args.eval_dataset
+        )
+        eval_items = (
+            [[eval_examples[i] for i in p] for p in pack_examples(eval_examples, args.max_len)]
+            if packing
+            else eval_examples
+        )
         eval_fmt = eval_stats["format"]
         eval_records = [r for r in records if "answer" in r][: args.eval_samples]
     global_rows = args.batch_size * args.grad_accum * world_size
     steps_per_epoch = len(items) // global_rows
     if steps_per_epoch == 0:
-        raise SystemExit(f"error: {len(items)} training rows is less than one global batch of {global_rows} "
-                         f"(--batch-size {args.batch_size} x --grad-accum {args.grad_accum} x {world_size} processes)")
+        raise SystemExit(
+            f"error: {len(items)} training rows is less than one global batch of {global_rows} "
+            f"(--batch-size {args.batch_size} x --grad-accum {args.grad_accum} x {world_size} processes)"
+        )
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
-    say(f"[plan] model {args.model_path}{' (VLM)' if vlm else ''} | {stats['n_examples']} examples -> {len(items)} rows "
+    say(
+        f"[plan] model {args.model_path}{' (VLM)' if vlm else ''} | {stats['n_examples']} examples -> {len(items)} rows "
         f"({'packed' if packing else 'padded'}, max {args.max_len} tokens) | eval {len(eval_items)} rows, "
         f"{len(eval_records)} answer prompts | {total_steps} steps x {global_rows} rows "
-        f"({total_steps / steps_per_epoch:.2f} epochs) | world size {world_size} | {device} {compute_dtype}")
+        f"({total_steps / steps_per_epoch:.2f} epochs) | world size {world_size} | {device} {compute_dtype}"
+    )
     if args.dry_run:
         from transformers import AutoConfig
 
         config = model.config if vlm else AutoConfig.from_pretrained(resolve_model_path(args.model_path))
         config = getattr(config, "text_config", config)  # a native VLM's LM
-        say(f"[plan] {config.model_type}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-            f"vocab {config.vocab_size}; dry run, exiting")
+        say(
+            f"[plan] {config.model_type}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+            f"vocab {config.vocab_size}; dry run, exiting"
+        )
         return None
 
     # ---- model, answer accuracy before training, FSDP2 ----
     if not vlm:
-        model = load_model(args.model_path, device=device, gradient_checkpointing=args.gradient_checkpointing,
-                           lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                           lora_targets=list(args.lora_targets) if args.lora_targets else None)
+        model = load_model(
+            args.model_path,
+            device=device,
+            gradient_checkpointing=args.gradient_checkpointing,
+            lora_r=args.lora_r,
+            lora_alpha=args.lora_alpha,
+            lora_targets=list(args.lora_targets) if args.lora_targets else None,
+        )
     elif args.gradient_checkpointing:
         checkpoint_vlm(model)
     accuracy, reader = (vlm_answer_accuracy, processor) if vlm else (answer_accuracy, tokenizer)
     results = {}
     if eval_records and not args.resume:
         if rank == 0:
-            results["accuracy_before"] = accuracy(model, reader, eval_records, eval_fmt, args.max_new_tokens, compute_dtype)
+            results["accuracy_before"] = accuracy(
+                model, reader, eval_records, eval_fmt, args.max_new_tokens, compute_dtype
+            )
             say(f"[eval] held-out answer accuracy before training: {results['accuracy_before']:.3f}")
         barrier()
     autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
@@ -324,7 +379,9 @@ def main(args: Args):
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         # a VLM's vision encoder blocks too: the first ModuleList under vision/visual (SigLIP/CLIP encoder.layers,
         # DINOv2 encoder.layer, Qwen-VL visual.blocks)
-        blocks = [m for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and re.search("vision|visual", n)]
+        blocks = [
+            m for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and re.search("vision|visual", n)
+        ]
         for layer in [*model.get_decoder().layers, *(blocks[0] if vlm and blocks else [])]:
             fully_shard(layer, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)  # root: embeddings, final norm, LM head (a VLM's projector too)
@@ -332,9 +389,12 @@ def main(args: Args):
     if vlm:  # one lr per module (projector, vision, LM); a module at lr 0 is frozen and left out
         groups = param_groups(model, args.lr, args.lr_projector, args.lr_vision, args.lr_lm, args.weight_decay)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(groups if vlm else trainable, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        groups if vlm else trainable, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95)
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, args.warmup_steps, total_steps, args.schedule, args.min_lr_ratio))
+        optimizer, lambda s: lr_lambda(s, args.warmup_steps, total_steps, args.schedule, args.min_lr_ratio)
+    )
 
     step = 0
     if args.resume:
@@ -344,8 +404,15 @@ def main(args: Args):
             say(f"[resume] from {found[-1]} at step {step}")
         else:
             say(f"[resume] no complete checkpoint in {args.output_dir}/checkpoints, starting fresh")
-    logger = RunLogger(args.output_dir, asdict(args), enabled=rank == 0, track=args.track, project=args.wandb_project,
-                       run_name=args.run_name, resume_step=step if args.resume else None)
+    logger = RunLogger(
+        args.output_dir,
+        asdict(args),
+        enabled=rank == 0,
+        track=args.track,
+        project=args.wandb_project,
+        run_name=args.run_name,
+        resume_step=step if args.resume else None,
+    )
 
     stop_signal = []  # set by SIGTERM/SIGUSR1 (cluster preemption): save at the end of the step and exit cleanly
     for sig in (signal.SIGTERM, signal.SIGUSR1):
@@ -377,14 +444,30 @@ def main(args: Args):
         epoch, position = divmod(step, steps_per_epoch)
         order = [i for batch in epoch_batches(len(items), global_rows, args.seed, epoch) for i in batch]
         global_batch = order[position * global_rows : (position + 1) * global_rows]
-        my_rows = global_batch[rank * args.batch_size * args.grad_accum : (rank + 1) * args.batch_size * args.grad_accum]
-        micro_batches = [collate([items[i] for i in my_rows[m * args.batch_size : (m + 1) * args.batch_size]],
-                                 packing, tokenizer.pad_token_id, args.max_len, device, processor)
-                         for m in range(args.grad_accum)]
+        my_rows = global_batch[
+            rank * args.batch_size * args.grad_accum : (rank + 1) * args.batch_size * args.grad_accum
+        ]
+        micro_batches = [
+            collate(
+                [items[i] for i in my_rows[m * args.batch_size : (m + 1) * args.batch_size]],
+                packing,
+                tokenizer.pad_token_id,
+                args.max_len,
+                device,
+                processor,
+            )
+            for m in range(args.grad_accum)
+        ]
         # normalise by the target tokens of the whole global batch, known before any forward
-        counts = torch.tensor([sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches),
-                               sum(n_real_tokens(items[i]) for i in my_rows),
-                               sum(mb["input_ids"].numel() for mb in micro_batches)], dtype=torch.float64, device=device)
+        counts = torch.tensor(
+            [
+                sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in micro_batches),
+                sum(n_real_tokens(items[i]) for i in my_rows),
+                sum(mb["input_ids"].numel() for mb in micro_batches),
+            ],
+            dtype=torch.float64,
+            device=device,
+        )
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         if dist.is_initialized():
             dist.all_reduce(counts)
@@ -397,7 +480,9 @@ def main(args: Args):
             loss_sum += nll.detach().double()
         if dist.is_initialized():
             dist.all_reduce(loss_sum)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            trainable, args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+        )
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -407,10 +492,19 @@ def main(args: Args):
         step += 1
 
         loss = (loss_sum / n_target).item()
-        metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm.item(), "train/epoch": step / steps_per_epoch,
-                   "train/tokens_per_s": counts[1].item() / (time.time() - t0),
-                   "train/padding_fraction": 1 - counts[1].item() / counts[2].item()}
-        metrics |= {f"train/lr_{group['name']}": group_lr for group, group_lr in zip(optimizer.param_groups, lrs)} if vlm else {}
+        metrics = {
+            "train/loss": loss,
+            "train/lr": lr,
+            "train/grad_norm": grad_norm.item(),
+            "train/epoch": step / steps_per_epoch,
+            "train/tokens_per_s": counts[1].item() / (time.time() - t0),
+            "train/padding_fraction": 1 - counts[1].item() / counts[2].item(),
+        }
+        metrics |= (
+            {f"train/lr_{group['name']}": group_lr for group, group_lr in zip(optimizer.param_groups, lrs)}
+            if vlm
+            else {}
+        )
         if (args.eval_every and step % args.eval_every == 0) or step == total_steps:
             if eval_items:
                 metrics["eval/loss"] = run_eval()
@@ -432,18 +526,28 @@ def main(args: Args):
 
     # ---- export and answer accuracy after training ----
     if args.export:
-        out = (export_vlm(model, processor, Path(args.output_dir) / "model", lambda: load_vlm(args.model_path)[0], rank)
-               if vlm else export_hf(args, model, tokenizer, rank))
+        out = (
+            export_vlm(model, processor, Path(args.output_dir) / "model", lambda: load_vlm(args.model_path)[0], rank)
+            if vlm
+            else export_hf(args, model, tokenizer, rank)
+        )
         if rank == 0:
             say(f"[export] {'VLM' if vlm else 'Hugging Face'} folder: {out}")
             if eval_records:
                 from transformers import AutoModelForCausalLM
 
-                exported = (load_vlm(out, device=device)[0] if vlm else
-                            AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device))
-                results["accuracy_after"] = accuracy(exported, reader, eval_records, eval_fmt, args.max_new_tokens, compute_dtype)
-                say(f"[eval] held-out answer accuracy after training: {results['accuracy_after']:.3f}"
-                    + (f" (before: {results['accuracy_before']:.3f})" if "accuracy_before" in results else ""))
+                exported = (
+                    load_vlm(out, device=device)[0]
+                    if vlm
+                    else AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device)
+                )
+                results["accuracy_after"] = accuracy(
+                    exported, reader, eval_records, eval_fmt, args.max_new_tokens, compute_dtype
+                )
+                say(
+                    f"[eval] held-out answer accuracy after training: {results['accuracy_after']:.3f}"
+                    + (f" (before: {results['accuracy_before']:.3f})" if "accuracy_before" in results else "")
+                )
                 logger.log({f"eval/{k}": v for k, v in results.items()}, step)
         barrier()
     logger.close()

@@ -54,13 +54,15 @@ def evaluate(model, tokenizer, records, batch_size=25, max_new_tokens=80):
     completions = []
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
-        prompts = [tokenizer.apply_chat_template([r["messages"][0]], tokenize=False, add_generation_prompt=True)
-                   for r in batch]
+        prompts = [
+            tokenizer.apply_chat_template([r["messages"][0]], tokenize=False, add_generation_prompt=True) for r in batch
+        ]
         enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)  # (B, prompt_len + new)
-        completions += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            out = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )  # (B, prompt_len + new)
+        completions += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return accuracy(completions, [r["answer"] for r in records]), completions
 
 
@@ -71,7 +73,7 @@ def encode_example(tokenizer, record):
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
     assert full_ids[: len(prompt_ids)] == prompt_ids, "chat template prompt is not a prefix of the conversation"
-    return full_ids, [-100] * len(prompt_ids) + full_ids[len(prompt_ids):]
+    return full_ids, [-100] * len(prompt_ids) + full_ids[len(prompt_ids) :]
 
 
 def train(model, tokenizer, records, seconds, lr, batch_size, seed, max_examples=None):
@@ -106,7 +108,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-eval", type=int, default=100)
     parser.add_argument("--train-seconds", type=float, default=300.0, help="0 = only measure the base model")
-    parser.add_argument("--max-examples", type=int, default=None, help="stop after this many examples even if time is left")
+    parser.add_argument(
+        "--max-examples", type=int, default=None, help="stop after this many examples even if time is left"
+    )
     parser.add_argument("--dump", default=None, help="write before/after completions to this JSON file")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -132,19 +136,28 @@ def main():
         return
 
     base_completions = completions
-    steps, seen, elapsed = train(model, tokenizer, train_records, args.train_seconds, args.lr, args.batch_size, args.seed,
-                                 args.max_examples)
+    steps, seen, elapsed = train(
+        model, tokenizer, train_records, args.train_seconds, args.lr, args.batch_size, args.seed, args.max_examples
+    )
     t0 = time.time()
     after, completions = evaluate(model, tokenizer, test)
     if args.dump:
         with open(args.dump, "w") as f:
-            json.dump([{"problem": r["messages"][0]["content"], "answer": r["answer"], "before": b, "after": a}
-                       for r, b, a in zip(test, base_completions, completions)], f, indent=1)
+            json.dump(
+                [
+                    {"problem": r["messages"][0]["content"], "answer": r["answer"], "before": b, "after": a}
+                    for r, b, a in zip(test, base_completions, completions)
+                ],
+                f,
+                indent=1,
+            )
     print(f"after accuracy {after:.3f} ({time.time() - t0:.1f}s eval)")
     for record, completion in list(zip(test, completions))[: args.show]:
         print(f"  --- gold {record['answer']} extracted {extract_answer(completion)!r}\n  {completion!r}")
-    print(f"SUMMARY before {before:.3f} after {after:.3f} delta {after - before:+.3f} | lr {args.lr} batch {args.batch_size} "
-          f"steps {steps} examples {seen} train {elapsed:.0f}s")
+    print(
+        f"SUMMARY before {before:.3f} after {after:.3f} delta {after - before:+.3f} | lr {args.lr} batch {args.batch_size} "
+        f"steps {steps} examples {seen} train {elapsed:.0f}s"
+    )
 
 
 if __name__ == "__main__":

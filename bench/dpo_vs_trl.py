@@ -44,15 +44,35 @@ def run_ours(a, data: Path, work: Path) -> dict:
     import dpo
     from common.metrics import read_metrics
 
-    dpo.main(dpo.Args(model_path=a.model_path, dataset=str(data), eval_dataset=None, output_dir=str(work / "ours"),
-                      ref_cache_dir=str(work / "ref-cache"), max_steps=a.steps + 1, batch_size=a.batch_size,
-                      max_len=a.max_len, lr=a.lr, beta=a.beta, warmup_steps=1, dtype=a.dtype, save_every=10**9,
-                      export=False, eval_samples=0))
+    dpo.main(
+        dpo.Args(
+            model_path=a.model_path,
+            dataset=str(data),
+            eval_dataset=None,
+            output_dir=str(work / "ours"),
+            ref_cache_dir=str(work / "ref-cache"),
+            max_steps=a.steps + 1,
+            batch_size=a.batch_size,
+            max_len=a.max_len,
+            lr=a.lr,
+            beta=a.beta,
+            warmup_steps=1,
+            dtype=a.dtype,
+            save_every=10**9,
+            export=False,
+            eval_samples=0,
+        )
+    )
     end = time.time()
     rows = [r for r in read_metrics(work / "ours") if "train/loss" in r]
     step_times = [a.batch_size / r["train/pairs_per_s"] for r in rows[1:]]
-    return dict(steady=a.batch_size * len(step_times) / sum(step_times), end_to_end=a.batch_size * len(rows) / (end - T_START),
-                first_loss=rows[0]["train/loss"], last_loss=rows[-1]["train/loss"], peak_mib=peak_rss_mib())
+    return dict(
+        steady=a.batch_size * len(step_times) / sum(step_times),
+        end_to_end=a.batch_size * len(rows) / (end - T_START),
+        first_loss=rows[0]["train/loss"],
+        last_loss=rows[-1]["train/loss"],
+        peak_mib=peak_rss_mib(),
+    )
 
 
 def run_trl(a, data: Path, work: Path) -> dict:
@@ -71,9 +91,16 @@ def run_trl(a, data: Path, work: Path) -> dict:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     records = [json.loads(line) for line in data.read_text().splitlines()]
     # conversational form, so TRL renders the same chat template as dpo.py
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
-                                  "chosen": [{"role": "assistant", "content": r["chosen"]}],
-                                  "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in records])
+    dataset = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": r["prompt"]}],
+                "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                "rejected": [{"role": "assistant", "content": r["rejected"]}],
+            }
+            for r in records
+        ]
+    )
     step_times, losses = [], []
 
     class Timer(TrainerCallback):
@@ -87,19 +114,39 @@ def run_trl(a, data: Path, work: Path) -> dict:
             if logs and "loss" in logs:
                 losses.append(logs["loss"])
 
-    config = DPOConfig(output_dir=str(work / "trl"), per_device_train_batch_size=a.batch_size, max_steps=a.steps + 1,
-                       learning_rate=a.lr, beta=a.beta, loss_type=["sigmoid"], max_length=a.max_len,
-                       bf16=a.dtype == "bfloat16", use_cpu=True, report_to="none", logging_steps=1, save_strategy="no",
-                       lr_scheduler_type="cosine", warmup_steps=1, max_grad_norm=1.0, adam_beta2=0.95,
-                       dataloader_num_workers=0, seed=0)
-    trainer = DPOTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-                         callbacks=[Timer()])
+    config = DPOConfig(
+        output_dir=str(work / "trl"),
+        per_device_train_batch_size=a.batch_size,
+        max_steps=a.steps + 1,
+        learning_rate=a.lr,
+        beta=a.beta,
+        loss_type=["sigmoid"],
+        max_length=a.max_len,
+        bf16=a.dtype == "bfloat16",
+        use_cpu=True,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        lr_scheduler_type="cosine",
+        warmup_steps=1,
+        max_grad_norm=1.0,
+        adam_beta2=0.95,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    trainer = DPOTrainer(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[Timer()]
+    )
     trainer.train()
     end = time.time()
     timed = step_times[1:]
-    return dict(steady=a.batch_size * len(timed) / sum(timed), end_to_end=a.batch_size * len(step_times) / (end - T_START),
-                first_loss=losses[0] if losses else float("nan"), last_loss=losses[-1] if losses else float("nan"),
-                peak_mib=peak_rss_mib())
+    return dict(
+        steady=a.batch_size * len(timed) / sum(timed),
+        end_to_end=a.batch_size * len(step_times) / (end - T_START),
+        first_loss=losses[0] if losses else float("nan"),
+        last_loss=losses[-1] if losses else float("nan"),
+        peak_mib=peak_rss_mib(),
+    )
 
 
 def main():
@@ -130,24 +177,53 @@ def main():
         write_pairs(a.pairs, work)
         results = {}
         for worker in ("ours", "trl"):
-            cmd = [sys.executable, __file__, "--worker", worker, "--work", tmp, "--model-path", a.model_path,
-                   "--batch-size", str(a.batch_size), "--steps", str(a.steps), "--max-len", str(a.max_len),
-                   "--lr", str(a.lr), "--beta", str(a.beta), "--dtype", a.dtype]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                worker,
+                "--work",
+                tmp,
+                "--model-path",
+                a.model_path,
+                "--batch-size",
+                str(a.batch_size),
+                "--steps",
+                str(a.steps),
+                "--max-len",
+                str(a.max_len),
+                "--lr",
+                str(a.lr),
+                "--beta",
+                str(a.beta),
+                "--dtype",
+                a.dtype,
+            ]
             env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "TQDM_DISABLE": "1"}
             run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             line = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT ")]
             if run.returncode != 0 or not line:
                 raise SystemExit(f"{worker} failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}")
-            results[worker] = json.loads(line[0][len("RESULT "):])
+            results[worker] = json.loads(line[0][len("RESULT ") :])
     ours, trl = results["ours"], results["trl"]
-    print(f"model {a.model_path} | {a.pairs} pairs, batch {a.batch_size}, max_len {a.max_len}, {a.steps} timed steps, "
-          f"sigmoid beta {a.beta}, {a.dtype}, CPU threads {os.cpu_count()}")
+    print(
+        f"model {a.model_path} | {a.pairs} pairs, batch {a.batch_size}, max_len {a.max_len}, {a.steps} timed steps, "
+        f"sigmoid beta {a.beta}, {a.dtype}, CPU threads {os.cpu_count()}"
+    )
     print(f"{'':22}{'dpo.py':>12}{'TRL':>12}{'ratio':>10}")
-    for key, label in (("steady", "pairs/s (steady)"), ("end_to_end", "pairs/s (end to end)"), ("peak_mib", "peak RSS MiB")):
+    for key, label in (
+        ("steady", "pairs/s (steady)"),
+        ("end_to_end", "pairs/s (end to end)"),
+        ("peak_mib", "peak RSS MiB"),
+    ):
         print(f"{label:22}{ours[key]:12.3f}{trl[key]:12.3f}{ours[key] / trl[key]:10.2f}")
-    print(f"{'first / last loss':22}{ours['first_loss']:6.3f}/{ours['last_loss']:5.3f}{trl['first_loss']:6.3f}/{trl['last_loss']:5.3f}")
-    print(f"throughput ratio dpo.py / TRL (steady): {ours['steady'] / trl['steady']:.2f}x; "
-          f"peak memory ratio: {ours['peak_mib'] / trl['peak_mib']:.2f}x")
+    print(
+        f"{'first / last loss':22}{ours['first_loss']:6.3f}/{ours['last_loss']:5.3f}{trl['first_loss']:6.3f}/{trl['last_loss']:5.3f}"
+    )
+    print(
+        f"throughput ratio dpo.py / TRL (steady): {ours['steady'] / trl['steady']:.2f}x; "
+        f"peak memory ratio: {ours['peak_mib'] / trl['peak_mib']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ torch.cuda.max_memory_allocated over the inputs, and Liger-Kernel's LigerFusedLi
 added as a third column when importable. The "extra" memory excludes the V x H weight gradient (both
 variants must produce it). Times are the best of --repeats runs of forward+backward of sum(logprobs).
 """
+
 import argparse
 import json
 import os
@@ -46,6 +47,7 @@ def worker(args):
         fn = naive_logprobs
     else:  # liger: returns the summed NLL, i.e. -sum(logprobs)
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
         liger = LigerFusedLinearCrossEntropyLoss(reduction="sum")
         fn = lambda h, w, t: -liger(w, h, t)  # noqa: E731
 
@@ -57,10 +59,13 @@ def worker(args):
                 fn(h, w, t).sum().item()
 
     # Warm up kernels/thread pools on a problem too small to move the peak-RSS high-water mark.
-    step(torch.randn(64, HIDDEN, device=device, requires_grad=train),
-         torch.randn(512, HIDDEN, device=device, requires_grad=train), torch.randint(0, 512, (64,), device=device))
+    step(
+        torch.randn(64, HIDDEN, device=device, requires_grad=train),
+        torch.randn(512, HIDDEN, device=device, requires_grad=train),
+        torch.randint(0, 512, (64,), device=device),
+    )
     hidden = (torch.randn(n, HIDDEN, device=device)).requires_grad_(train)  # [N, H]
-    weight = torch.randn(vocab, HIDDEN, device=device).mul_(HIDDEN ** -0.5).requires_grad_(train)  # [V, H]
+    weight = torch.randn(vocab, HIDDEN, device=device).mul_(HIDDEN**-0.5).requires_grad_(train)  # [V, H]
     targets = torch.randint(0, vocab, (n,), device=device)  # [N]
     if device == "cuda":
         torch.cuda.synchronize()
@@ -84,8 +89,22 @@ def worker(args):
 
 
 def measure(variant, n, vocab, mode, repeats, chunk_kw=None):
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--n", str(n), "--vocab", str(vocab),
-           "--mode", mode, "--repeats", str(repeats), "--chunk-kw", json.dumps(chunk_kw or {})]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        variant,
+        "--n",
+        str(n),
+        "--vocab",
+        str(vocab),
+        "--mode",
+        mode,
+        "--repeats",
+        str(repeats),
+        "--chunk-kw",
+        json.dumps(chunk_kw or {}),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         return dict(error=proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc={proc.returncode}")
@@ -116,6 +135,7 @@ def main():
     if torch.cuda.is_available():
         try:
             import liger_kernel.transformers  # noqa: F401
+
             variants.append("liger")
         except ImportError:
             pass
@@ -126,17 +146,34 @@ def main():
         n = 2048 if args.quick else 4096
         print(f"fused chunk sweep, N={n}, V=49152, forward+backward")
         print(f"{'chunk':>6} {'vocab_chunk':>12} {'seconds':>8} {'extra MiB':>10}")
-        for chunk, vocab_chunk in [(256, 49152), (512, 8192), (1024, 4096), (1024, 8192), (1024, 16384),
-                                   (2048, 4096), (2048, 8192), (1024, 49152)]:
-            r = measure("fused", n, 49152, "train", args.repeats or 2, dict(chunk_size=chunk, vocab_chunk_size=vocab_chunk))
-            print(f"{chunk:>6} {vocab_chunk:>12} {r.get('seconds', float('nan')):8.2f} {mib(r.get('extra_bytes', 0)):>10}")
+        for chunk, vocab_chunk in [
+            (256, 49152),
+            (512, 8192),
+            (1024, 4096),
+            (1024, 8192),
+            (1024, 16384),
+            (2048, 4096),
+            (2048, 8192),
+            (1024, 49152),
+        ]:
+            r = measure(
+                "fused", n, 49152, "train", args.repeats or 2, dict(chunk_size=chunk, vocab_chunk_size=vocab_chunk)
+            )
+            print(
+                f"{chunk:>6} {vocab_chunk:>12} {r.get('seconds', float('nan')):8.2f} {mib(r.get('extra_bytes', 0)):>10}"
+            )
         return
 
     if args.quick:
         rows = [(1024, 49152, "train"), (4096, 49152, "train"), (1024, 151936, "train"), (4096, 49152, "nograd")]
     else:
-        rows = [(2048, 49152, "train"), (8192, 49152, "train"), (16384, 49152, "train"), (4096, 151936, "train"),
-                (8192, 49152, "nograd")]
+        rows = [
+            (2048, 49152, "train"),
+            (8192, 49152, "train"),
+            (16384, 49152, "train"),
+            (4096, 151936, "train"),
+            (8192, 49152, "nograd"),
+        ]
     results = {}
     header = f"{'N':>6} {'V':>7} {'mode':>7} | " + " | ".join(f"{v:>6} s {v:>6} MiB" for v in variants)
     print(header + " | time f/n | mem f/n")
@@ -144,8 +181,9 @@ def main():
         repeats = args.repeats or (1 if args.quick or n * vocab > 4096 * 49152 else 2)
         r = {v: measure(v, n, vocab, mode, repeats) for v in variants}
         results[(n, vocab, mode)] = r
-        cells = " | ".join(f"{r[v].get('seconds', float('nan')):8.2f} {mib(r[v].get('extra_bytes', 0)):>10}"
-                           for v in variants)
+        cells = " | ".join(
+            f"{r[v].get('seconds', float('nan')):8.2f} {mib(r[v].get('extra_bytes', 0)):>10}" for v in variants
+        )
         fused, naive = r["fused"], r["naive"]
         if "error" in fused or "error" in naive:
             print(f"{n:>6} {vocab:>7} {mode:>7} | error: {fused.get('error') or naive.get('error')}")
@@ -159,14 +197,18 @@ def main():
     print("\nsummary (fused / naive; extra memory excludes the V x H weight grad)")
     for (n, vocab, mode), r in results.items():
         if "error" not in r["fused"] and "error" not in r["naive"]:
-            print(f"  {mode:>6} N={n:<6} V={vocab:<7} time {r['fused']['seconds'] / r['naive']['seconds']:.2f}x"
-                  f"   peak extra memory {r['fused']['extra_bytes'] / r['naive']['extra_bytes']:.3f}x")
+            print(
+                f"  {mode:>6} N={n:<6} V={vocab:<7} time {r['fused']['seconds'] / r['naive']['seconds']:.2f}x"
+                f"   peak extra memory {r['fused']['extra_bytes'] / r['naive']['extra_bytes']:.3f}x"
+            )
     if "error" not in results[lo]["fused"] and "error" not in results[hi]["fused"]:
-        print(f"  memory flatness: fused extra peak N={hi[0]} / N={lo[0]} = "
-              f"{results[hi]['fused']['extra_bytes'] / results[lo]['fused']['extra_bytes']:.2f}"
-              f" (naive: {results[hi]['naive']['extra_bytes'] / results[lo]['naive']['extra_bytes']:.2f});"
-              f" without the N x H hidden grad both must return: "
-              f"{(results[hi]['fused']['extra_bytes'] - hi[0] * HIDDEN * 4) / (results[lo]['fused']['extra_bytes'] - lo[0] * HIDDEN * 4):.2f}")
+        print(
+            f"  memory flatness: fused extra peak N={hi[0]} / N={lo[0]} = "
+            f"{results[hi]['fused']['extra_bytes'] / results[lo]['fused']['extra_bytes']:.2f}"
+            f" (naive: {results[hi]['naive']['extra_bytes'] / results[lo]['naive']['extra_bytes']:.2f});"
+            f" without the N x H hidden grad both must return: "
+            f"{(results[hi]['fused']['extra_bytes'] - hi[0] * HIDDEN * 4) / (results[lo]['fused']['extra_bytes'] - lo[0] * HIDDEN * 4):.2f}"
+        )
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
 
 

@@ -39,7 +39,9 @@ def synthetic_examples(n, vocab_size, min_len, max_len, seed):
 
 
 def train_step(model, optimizer, batch, device):
-    batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "labels", "attention_mask", "position_ids")}
+    batch = {
+        k: v.to(device) for k, v in batch.items() if k in ("input_ids", "labels", "attention_mask", "position_ids")
+    }
     labels = batch.pop("labels")
     logits = model(**batch, use_cache=False).logits  # [B, T, V]
     # unshifted labels: position t predicts labels[t + 1]
@@ -75,21 +77,30 @@ def main():
     pad_id = 0
 
     packs = pack_examples(examples, args.max_tokens)
-    packed_batches = [pack_collate([[examples[i] for i in p] for p in packs[s:s + args.batch_size]], pad_id, args.max_tokens)
-                      for s in range(0, len(packs), args.batch_size)]
+    packed_batches = [
+        pack_collate([[examples[i] for i in p] for p in packs[s : s + args.batch_size]], pad_id, args.max_tokens)
+        for s in range(0, len(packs), args.batch_size)
+    ]
 
     def padded_batches(epoch):  # shuffled like a real run; padding waste depends on who shares a batch
-        return [pad_collate([examples[i] for i in b], pad_id) for b in epoch_batches(len(examples), args.batch_size, args.seed, epoch)]
+        return [
+            pad_collate([examples[i] for i in b], pad_id)
+            for b in epoch_batches(len(examples), args.batch_size, args.seed, epoch)
+        ]
 
     def slots(batches):
         return sum(b["input_ids"].numel() for b in batches)
 
     n_tokens = sum(lengths)
-    print(f"model {args.model} on {args.device}; {len(examples)} examples, lengths min/median/p90/max = "
-          f"{lengths[0]}/{lengths[len(lengths) // 2]}/{lengths[int(0.9 * len(lengths))]}/{lengths[-1]}, {n_tokens} tokens")
-    print(f"padded: {math.ceil(len(examples) / args.batch_size)} steps/epoch, {n_tokens / slots(padded_batches(0)):.0%} "
-          f"of slots are real tokens | packed: {len(packed_batches)} steps/epoch of {args.batch_size}x{args.max_tokens}, "
-          f"{len(packs)} rows, {n_tokens / slots(packed_batches):.0%} real")
+    print(
+        f"model {args.model} on {args.device}; {len(examples)} examples, lengths min/median/p90/max = "
+        f"{lengths[0]}/{lengths[len(lengths) // 2]}/{lengths[int(0.9 * len(lengths))]}/{lengths[-1]}, {n_tokens} tokens"
+    )
+    print(
+        f"padded: {math.ceil(len(examples) / args.batch_size)} steps/epoch, {n_tokens / slots(padded_batches(0)):.0%} "
+        f"of slots are real tokens | packed: {len(packed_batches)} steps/epoch of {args.batch_size}x{args.max_tokens}, "
+        f"{len(packs)} rows, {n_tokens / slots(packed_batches):.0%} real"
+    )
 
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     for batch in (padded_batches(0)[0], packed_batches[0]):  # warm-up: allocator, kernels, optimizer state
@@ -109,10 +120,14 @@ def main():
             sync()
             totals[arm][1] += time.perf_counter() - start
             done[arm] += 1
-        print(f"  epoch {epoch}: " + ", ".join(f"{arm} {t[0]} target tokens in {t[1]:.1f} s" for arm, t in totals.items()))
+        print(
+            f"  epoch {epoch}: " + ", ".join(f"{arm} {t[0]} target tokens in {t[1]:.1f} s" for arm, t in totals.items())
+        )
     rate = {arm: tokens / seconds for arm, (tokens, seconds) in totals.items()}
-    print(f"target tokens/s  padded {rate['padded']:.0f}  packed {rate['packed']:.0f}  "
-          f"ratio packed/padded {rate['packed'] / rate['padded']:.2f}x")
+    print(
+        f"target tokens/s  padded {rate['padded']:.0f}  packed {rate['packed']:.0f}  "
+        f"ratio packed/padded {rate['packed'] / rate['padded']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,9 @@ def _read_file(path: Path) -> list[dict]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: malformed JSON ({e}); expected one JSON object per line") from None
+                    raise DataError(
+                        f"{path}:{lineno}: malformed JSON ({e}); expected one JSON object per line"
+                    ) from None
                 if not isinstance(obj, dict):
                     raise DataError(f"{path}:{lineno}: expected a JSON object per line, got {type(obj).__name__}")
                 records.append({**obj, "_where": f"{path}:{lineno}"})
@@ -55,7 +57,9 @@ def _read_file(path: Path) -> list[dict]:
             if isinstance(data, dict) and isinstance(data.get("data"), list):
                 data = data["data"]
             if not isinstance(data, list):
-                raise DataError(f"{path}: expected a JSON list of records or {{\"data\": [...]}}, got {type(data).__name__}")
+                raise DataError(
+                    f'{path}: expected a JSON list of records or {{"data": [...]}}, got {type(data).__name__}'
+                )
         else:  # parquet
             import pyarrow.parquet as pq
 
@@ -98,8 +102,11 @@ def load_records(source: str, split: str | None = None) -> list[dict]:
     except Exception as e:  # offline, unknown name, bad split...: all reported the same helpful way
         raise DataError(
             f"could not load {source!r} as a datasets hub name ({type(e).__name__}: {e}). Accepted sources: a "
-            f".jsonl/.json/.parquet file, a folder of such files, or a hub dataset name (needs internet)") from None
-    records = [{**row, "_where": f"{source}[{split or 'train'}][{i}]", "_dir": os.getcwd()} for i, row in enumerate(dataset)]
+            f".jsonl/.json/.parquet file, a folder of such files, or a hub dataset name (needs internet)"
+        ) from None
+    records = [
+        {**row, "_where": f"{source}[{split or 'train'}][{i}]", "_dir": os.getcwd()} for i, row in enumerate(dataset)
+    ]
     if not records:
         raise DataError(f"{source}: empty dataset (split {split or 'train'!r})")
     return records
@@ -114,7 +121,9 @@ def parse_source_spec(spec: str) -> tuple[str, float | None]:
         weight = float(tail) if head else None
     except ValueError:
         if Path(head).suffix in FILE_SUFFIXES or head.startswith("easy-vqa:"):
-            raise DataError(f"dataset {spec!r}: weight {tail!r} is not a number; expected source[:weight], weight > 0") from None
+            raise DataError(
+                f"dataset {spec!r}: weight {tail!r} is not a number; expected source[:weight], weight > 0"
+            ) from None
         weight = None
     if weight is not None and not 0 < weight < float("inf"):
         raise DataError(f"dataset {spec!r}: weight must be a positive number, got {tail!r}")
@@ -160,16 +169,27 @@ def _check_content(content, where: str, field: str) -> None:
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         # a bare {"type": "image"} is fine: hub datasets keep the images themselves in a separate column
-        ok = ((kind == "text" and isinstance(part.get("text"), str)) or kind == "image"
-              or (kind == "image_url" and isinstance(part.get("image_url"), dict) and isinstance(part["image_url"].get("url"), str)))
+        ok = (
+            (kind == "text" and isinstance(part.get("text"), str))
+            or kind == "image"
+            or (
+                kind == "image_url"
+                and isinstance(part.get("image_url"), dict)
+                and isinstance(part["image_url"].get("url"), str)
+            )
+        )
         if not ok:
-            raise DataError(f"{where}: {field}[{j}]: expected {{'type': 'text', 'text': str}}, {{'type': 'image', "
-                            f"'image': path}} or {{'type': 'image_url', 'image_url': {{'url': str}}}}, got {part!r:.120}")
+            raise DataError(
+                f"{where}: {field}[{j}]: expected {{'type': 'text', 'text': str}}, {{'type': 'image', "
+                f"'image': path}} or {{'type': 'image_url', 'image_url': {{'url': str}}}}, got {part!r:.120}"
+            )
 
 
 def _check_messages(messages, where: str, field: str) -> None:
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: {field}: expected a non-empty list of {{'role', 'content'}} messages, got {messages!r:.80}")
+        raise DataError(
+            f"{where}: {field}: expected a non-empty list of {{'role', 'content'}} messages, got {messages!r:.80}"
+        )
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
             raise DataError(f"{where}: {field}[{i}]: expected a message {{'role': str, 'content': ...}}, got {m!r:.80}")
@@ -187,15 +207,21 @@ def _parse_message_field(record: dict) -> list[dict]:
     return value
 
 
-REQUIRED_FIELDS = {"messages": ("messages",), "prompt_completion": ("prompt", "completion"),
-                   "message_answer": ("message", "answer"), "preference": ("prompt", "chosen", "rejected")}
+REQUIRED_FIELDS = {
+    "messages": ("messages",),
+    "prompt_completion": ("prompt", "completion"),
+    "message_answer": ("message", "answer"),
+    "preference": ("prompt", "chosen", "rejected"),
+}
 
 
 def _validate(record: dict, fmt: str) -> None:
     where = record["_where"]
     missing = [f for f in REQUIRED_FIELDS[fmt] if f not in record]
     if missing:
-        raise DataError(f"{where}: missing field {missing[0]!r} (format {fmt!r} needs {', '.join(REQUIRED_FIELDS[fmt])})")
+        raise DataError(
+            f"{where}: missing field {missing[0]!r} (format {fmt!r} needs {', '.join(REQUIRED_FIELDS[fmt])})"
+        )
     if fmt == "messages":
         _check_messages(record.get("messages"), where, "messages")
         messages = record["messages"]
@@ -207,7 +233,9 @@ def _validate(record: dict, fmt: str) -> None:
         fields = ("prompt", "completion") if fmt == "prompt_completion" else ("prompt", "chosen", "rejected")
         for field in fields:
             if not isinstance(record[field], (str, list)):
-                raise DataError(f"{where}: {field}: expected a string or a list of messages, got {type(record[field]).__name__}")
+                raise DataError(
+                    f"{where}: {field}: expected a string or a list of messages, got {type(record[field]).__name__}"
+                )
             if isinstance(record[field], list):
                 _check_messages(record[field], where, field)
         messages = [m for f in fields if isinstance(record[f], list) for m in record[f]]
@@ -228,9 +256,11 @@ def detect_format(records: list[dict]) -> str:
     elif "prompt" in keys and "completion" in keys:
         fmt = "prompt_completion"
     else:
-        raise DataError(f"{records[0].get('_where', '?')}: unknown record format, keys found: {keys}. Accepted formats: "
-                        "messages (messages: [{role, content}]), prompt_completion (prompt, completion), "
-                        "message_answer (message: JSON string of messages, answer), preference (prompt, chosen, rejected)")
+        raise DataError(
+            f"{records[0].get('_where', '?')}: unknown record format, keys found: {keys}. Accepted formats: "
+            "messages (messages: [{role, content}]), prompt_completion (prompt, completion), "
+            "message_answer (message: JSON string of messages, answer), preference (prompt, chosen, rejected)"
+        )
     for record in records:
         _validate(record, fmt)
     log(f"[data] format: {fmt} ({len(records)} records)")
@@ -250,8 +280,10 @@ def to_messages(record: dict, fmt: str) -> list[dict]:
         return _as_messages(record["prompt"], "user") + _as_messages(record["completion"], "assistant")
     if fmt == "message_answer":
         return _parse_message_field(record) + [{"role": "assistant", "content": str(record["answer"])}]
-    raise DataError(f"{record.get('_where', '?')}: to_messages needs a non-preference format, got {fmt!r} "
-                    "(use preference_messages for chosen/rejected pairs)")
+    raise DataError(
+        f"{record.get('_where', '?')}: to_messages needs a non-preference format, got {fmt!r} "
+        "(use preference_messages for chosen/rejected pairs)"
+    )
 
 
 def preference_messages(record: dict) -> tuple[list[dict], list[dict]]:
@@ -288,6 +320,7 @@ _warned_unstable: set[str] = set()
 
 def _assistant_spans(messages: list[dict], tokenizer, full: str) -> list[tuple[int, int]]:
     """Character spans of every assistant turn (content + end-of-turn token) inside the rendered `full` text."""
+
     def render(msgs, gen=False):
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
 
@@ -308,7 +341,9 @@ def _assistant_spans(messages: list[dict], tokenizer, full: str) -> list[tuple[i
             name = getattr(tokenizer, "name_or_path", "tokenizer")
             if name not in _warned_unstable:
                 _warned_unstable.add(name)
-                log(f"[data] warning: chat template of {name} is not prefix-stable; locating assistant turns by content")
+                log(
+                    f"[data] warning: chat template of {name} is not prefix-stable; locating assistant turns by content"
+                )
             text = m["content"]
             k = full.find(text, cursor) if text else -1
             if k < 0:
@@ -332,23 +367,35 @@ def tokenize_chat(messages: list[dict], tokenizer, *, max_len: int, overlong: st
     if overlong not in ("truncate", "drop"):
         raise ValueError(f"overlong must be 'truncate' or 'drop', got {overlong!r}")
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')} has no chat template; use an instruct model's tokenizer")
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '')} has no chat template; use an instruct model's tokenizer"
+        )
     text_messages = [{"role": m["role"], "content": content_text(m["content"])} for m in messages]
     full = tokenizer.apply_chat_template(text_messages, tokenize=False)
     spans = _assistant_spans(text_messages, tokenizer, full)
     enc = tokenizer(full, return_offsets_mapping=True, add_special_tokens=False)
     input_ids = list(enc["input_ids"])
     # a token is a target when it overlaps an assistant span (catches tokens merged across the span start)
-    labels = [tid if any(a < e and b > s for s, e in spans) else IGNORE
-              for tid, (a, b) in zip(input_ids, enc["offset_mapping"])]
+    labels = [
+        tid if any(a < e and b > s for s, e in spans) else IGNORE
+        for tid, (a, b) in zip(input_ids, enc["offset_mapping"])
+    ]
     truncated = len(input_ids) > max_len
     if truncated and overlong == "drop":
         return None
     return {"input_ids": input_ids[:max_len], "labels": labels[:max_len], "truncated": truncated}
 
 
-def build_sft_examples(source, tokenizer, *, max_len: int, overlong: str = "truncate", split: str | None = None,
-                       processor=None, name: str | None = None) -> tuple[list[dict], dict]:
+def build_sft_examples(
+    source,
+    tokenizer,
+    *,
+    max_len: int,
+    overlong: str = "truncate",
+    split: str | None = None,
+    processor=None,
+    name: str | None = None,
+) -> tuple[list[dict], dict]:
     """load -> detect -> to_messages -> tokenize_chat; returns (examples, stats). `source`: a load_records source, or
     records already loaded (load_mixture), called `name` in messages. A VLM `processor` (common.vision) tokenises
     instead of tokenize_chat: its examples also carry their images, and image tokens count toward max_len."""
@@ -356,13 +403,18 @@ def build_sft_examples(source, tokenizer, *, max_len: int, overlong: str = "trun
     source = source if isinstance(source, str) else name or "dataset"
     fmt = detect_format(records)
     if fmt == "preference":
-        raise DataError(f"{source}: preference data (prompt/chosen/rejected) is for dpo.py; SFT needs "
-                        "messages, prompt_completion or message_answer records")
+        raise DataError(
+            f"{source}: preference data (prompt/chosen/rejected) is for dpo.py; SFT needs "
+            "messages, prompt_completion or message_answer records"
+        )
     examples, n_truncated, n_dropped, n_no_target = [], 0, 0, 0
     for record in records:
         messages = to_messages(record, fmt)
-        example = (tokenize_chat(messages, tokenizer, max_len=max_len, overlong=overlong) if processor is None else
-                   processor(messages, base_dir=record.get("_dir", "."), max_len=max_len, overlong=overlong))
+        example = (
+            tokenize_chat(messages, tokenizer, max_len=max_len, overlong=overlong)
+            if processor is None
+            else processor(messages, base_dir=record.get("_dir", "."), max_len=max_len, overlong=overlong)
+        )
         if example is None:
             n_dropped += 1
             continue
@@ -371,16 +423,26 @@ def build_sft_examples(source, tokenizer, *, max_len: int, overlong: str = "trun
             continue
         n_truncated += example.pop("truncated")
         examples.append(example)
-    stats = dict(format=fmt, n_records=len(records), n_examples=len(examples), n_truncated=n_truncated,
-                 n_dropped=n_dropped, n_no_target=n_no_target,
-                 n_tokens=sum(len(e["input_ids"]) for e in examples),
-                 n_target_tokens=sum(sum(label != IGNORE for label in e["labels"]) for e in examples))
-    log(f"[data] {source}: {fmt}, {len(records)} records -> {len(examples)} examples, {stats['n_tokens']} tokens "
-          f"({stats['n_target_tokens']} targets); {n_truncated} truncated, {n_dropped} dropped as over-long, "
-          f"{n_no_target} without assistant tokens")
+    stats = dict(
+        format=fmt,
+        n_records=len(records),
+        n_examples=len(examples),
+        n_truncated=n_truncated,
+        n_dropped=n_dropped,
+        n_no_target=n_no_target,
+        n_tokens=sum(len(e["input_ids"]) for e in examples),
+        n_target_tokens=sum(sum(label != IGNORE for label in e["labels"]) for e in examples),
+    )
+    log(
+        f"[data] {source}: {fmt}, {len(records)} records -> {len(examples)} examples, {stats['n_tokens']} tokens "
+        f"({stats['n_target_tokens']} targets); {n_truncated} truncated, {n_dropped} dropped as over-long, "
+        f"{n_no_target} without assistant tokens"
+    )
     if not examples:
-        raise DataError(f"{source}: empty dataset after filtering ({len(records)} records, {n_dropped} dropped as "
-                        f"over-long: raise --max-len or use --overlong truncate; {n_no_target} had no assistant tokens)")
+        raise DataError(
+            f"{source}: empty dataset after filtering ({len(records)} records, {n_dropped} dropped as "
+            f"over-long: raise --max-len or use --overlong truncate; {n_no_target} had no assistant tokens)"
+        )
     return examples, stats
 
 
@@ -405,8 +467,10 @@ def pack_examples(examples: list[dict], max_tokens: int) -> list[list[int]]:
     """Example indices grouped into packs of total length <= max_tokens (first-fit decreasing, deterministic)."""
     lengths = [len(e["input_ids"]) for e in examples]
     too_long = [i for i, n in enumerate(lengths) if n > max_tokens]
-    assert not too_long, (f"{len(too_long)} examples longer than max_tokens={max_tokens} (e.g. #{too_long[0]}: "
-                          f"{lengths[too_long[0]]} tokens); tokenise with max_len <= max_tokens")
+    assert not too_long, (
+        f"{len(too_long)} examples longer than max_tokens={max_tokens} (e.g. #{too_long[0]}: "
+        f"{lengths[too_long[0]]} tokens); tokenise with max_len <= max_tokens"
+    )
     packs: list[list[int]] = []
     room: list[int] = []  # free tokens left in each pack
     for i in sorted(range(len(examples)), key=lambda i: (-lengths[i], i)):
@@ -436,11 +500,13 @@ def pack_collate(packs_of_examples: list[list[dict]], pad_id: int, max_tokens: i
         t = 0
         for e in pack:
             n = len(e["input_ids"])
-            assert t + n <= max_tokens, f"pack of {sum(len(x['input_ids']) for x in pack)} tokens > max_tokens={max_tokens}"
-            input_ids[row, t:t + n] = torch.tensor(e["input_ids"])
-            labels[row, t:t + n] = torch.tensor(e["labels"])
+            assert t + n <= max_tokens, (
+                f"pack of {sum(len(x['input_ids']) for x in pack)} tokens > max_tokens={max_tokens}"
+            )
+            input_ids[row, t : t + n] = torch.tensor(e["input_ids"])
+            labels[row, t : t + n] = torch.tensor(e["labels"])
             labels[row, t] = IGNORE  # the previous example's last token must never learn to predict this one
-            position_ids[row, t:t + n] = torch.arange(n)
+            position_ids[row, t : t + n] = torch.arange(n)
             seqlens.append(n)
             t += n
         if t < max_tokens:  # pad tail = its own segment, so it attends only to itself
@@ -448,12 +514,13 @@ def pack_collate(packs_of_examples: list[list[dict]], pad_id: int, max_tokens: i
             seqlens.append(max_tokens - t)
     cu_seqlens = torch.zeros(len(seqlens) + 1, dtype=torch.int32)  # [n_segments + 1]
     cu_seqlens[1:] = torch.tensor(seqlens, dtype=torch.int32).cumsum(0)
-    return dict(input_ids=input_ids, labels=labels, position_ids=position_ids, cu_seqlens=cu_seqlens,
-                max_seqlen=max(seqlens))
+    return dict(
+        input_ids=input_ids, labels=labels, position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=max(seqlens)
+    )
 
 
 def epoch_batches(n_items: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """Deterministic shuffled batches of indices for one epoch (last partial batch kept); exact resume."""
     generator = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(n_items, generator=generator).tolist()
-    return [order[i:i + batch_size] for i in range(0, n_items, batch_size)]
+    return [order[i : i + batch_size] for i in range(0, n_items, batch_size)]

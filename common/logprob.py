@@ -28,8 +28,10 @@ to the root's `fully_shard`, and call `lm_head_params` after `forward_hidden`, i
 (`lm_head_params` raises if it sees a sharded DTensor). tests/dist_logprob.py checks values and the
 reduced LM-head gradient against a single-process run.
 """
+
 import torch
 import torch.nn.functional as F
+
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # torch built without distributed support
@@ -84,16 +86,18 @@ def _chunks(n, size):
 
 class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, vocab_chunk_size,
-                return_entropy, ignore_index):
+    def forward(
+        ctx, hidden, weight, bias, targets, temperature, chunk_size, vocab_chunk_size, return_entropy, ignore_index
+    ):
         matmul_dtype, stats_dtype = _compute_dtypes(hidden, weight)
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
         chunk_size, vocab_chunk_size = min(chunk_size, n_tokens), min(vocab_chunk_size, vocab)
         with torch.autocast(hidden.device.type, enabled=False):
             hidden_mm, weight_mm = hidden.to(matmul_dtype), weight.to(matmul_dtype)
             bias_mm = None if bias is None else bias.to(matmul_dtype)
-            tiles = _Tiles(chunk_size, vocab_chunk_size, matmul_dtype, stats_dtype, hidden.device,
-                           2 if return_entropy else 1)
+            tiles = _Tiles(
+                chunk_size, vocab_chunk_size, matmul_dtype, stats_dtype, hidden.device, 2 if return_entropy else 1
+            )
             valid = targets != ignore_index  # [N]
             safe_targets = torch.where(valid, targets, 0)  # [N]
             lse = torch.empty(n_tokens, dtype=stats_dtype, device=hidden.device)  # [N]
@@ -103,8 +107,9 @@ class _FusedLinearLogprobs(torch.autograd.Function):
                 h, tgt = hidden_mm[start:end], safe_targets[start:end]
                 run_lse = run_mean = None  # online log-sum-exp and E_p[logit] over the vocab chunks
                 for v0, v1 in _chunks(vocab, vocab_chunk_size):
-                    logits = tiles.logits(h, weight_mm[v0:v1], None if bias_mm is None else bias_mm[v0:v1],
-                                          1.0 / temperature)  # [C, Vc]
+                    logits = tiles.logits(
+                        h, weight_mm[v0:v1], None if bias_mm is None else bias_mm[v0:v1], 1.0 / temperature
+                    )  # [C, Vc]
                     in_chunk = (tgt >= v0) & (tgt < v1)
                     picked = logits.gather(1, (tgt - v0).clamp_(0, v1 - v0 - 1)[:, None]).squeeze(1)
                     target_logit[start:end] += torch.where(in_chunk, picked, 0.0)
@@ -121,8 +126,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
                     else:
                         new_lse = torch.logaddexp(run_lse, chunk_lse)
                         if return_entropy:
-                            run_mean = (run_mean * (run_lse - new_lse).exp_()
-                                        + chunk_mean * (chunk_lse - new_lse).exp_())
+                            run_mean = run_mean * (run_lse - new_lse).exp_() + chunk_mean * (chunk_lse - new_lse).exp_()
                         run_lse = new_lse
                 lse[start:end] = run_lse
                 if return_entropy:
@@ -152,8 +156,9 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             g_ent = grad_entropy.to(stats_dtype) * scale if grad_entropy is not None else None
             hidden_mm, weight_mm = hidden.to(matmul_dtype), weight.to(matmul_dtype)
             bias_mm = None if bias is None else bias.to(matmul_dtype)
-            tiles = _Tiles(chunk_size, vocab_chunk_size, matmul_dtype, stats_dtype, hidden.device,
-                           1 if g_ent is None else 2)
+            tiles = _Tiles(
+                chunk_size, vocab_chunk_size, matmul_dtype, stats_dtype, hidden.device, 1 if g_ent is None else 2
+            )
             grad_h = torch.zeros(hidden.shape, dtype=stats_dtype, device=hidden.device) if need_h else None
             grad_w = torch.zeros(weight.shape, dtype=stats_dtype, device=weight.device) if need_w else None
             grad_b = torch.zeros(vocab, dtype=stats_dtype, device=weight.device) if need_b else None
@@ -163,17 +168,26 @@ class _FusedLinearLogprobs(torch.autograd.Function):
                 c_lse, c_glp = lse[start:end, None], g_lp[start:end, None]
                 for v0, v1 in _chunks(vocab, vocab_chunk_size):
                     w = weight_mm[v0:v1]
-                    logp = tiles.logits(h, w, None if bias_mm is None else bias_mm[v0:v1],
-                                        1.0 / temperature).sub_(c_lse)  # [C, Vc]
+                    logp = tiles.logits(h, w, None if bias_mm is None else bias_mm[v0:v1], 1.0 / temperature).sub_(
+                        c_lse
+                    )  # [C, Vc]
                     if g_ent is None:  # d logprob / d logit = onehot - p
                         dlogits = logp.exp_().mul_(-c_glp)
                     else:  # plus d entropy / d logit = -p (log p + H)
                         probs = torch.exp(logp, out=tiles.spare(logp))
-                        dlogits = (logp.add_(entropy[start:end, None]).mul_(g_ent[start:end, None])
-                                   .add_(c_glp).mul_(probs).neg_())
+                        dlogits = (
+                            logp.add_(entropy[start:end, None])
+                            .mul_(g_ent[start:end, None])
+                            .add_(c_glp)
+                            .mul_(probs)
+                            .neg_()
+                        )
                     in_chunk = (tgt >= v0) & (tgt < v1)
-                    dlogits.scatter_add_(1, (tgt - v0).clamp_(0, v1 - v0 - 1)[:, None],
-                                         torch.where(in_chunk, g_lp[start:end], 0.0)[:, None])
+                    dlogits.scatter_add_(
+                        1,
+                        (tgt - v0).clamp_(0, v1 - v0 - 1)[:, None],
+                        torch.where(in_chunk, g_lp[start:end], 0.0)[:, None],
+                    )
                     if need_b:
                         grad_b[v0:v1] += dlogits.sum(0)
                     dlogits_mm = tiles.to_matmul(dlogits)
@@ -187,13 +201,25 @@ class _FusedLinearLogprobs(torch.autograd.Function):
                             grad_h[start:end] += torch.mm(dlogits_mm, w)
                         if need_w:
                             grad_w[v0:v1] += torch.mm(dlogits_mm.T, h)
-        return (None if grad_h is None else grad_h.to(hidden.dtype),
-                None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype)) + none
+        return (
+            None if grad_h is None else grad_h.to(hidden.dtype),
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+        ) + none
 
 
-def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, chunk_size=DEFAULT_CHUNK_SIZE,
-                          vocab_chunk_size=None, return_entropy=False, ignore_index=-100):
+def fused_linear_logprobs(
+    hidden,
+    weight,
+    targets,
+    *,
+    bias=None,
+    temperature=1.0,
+    chunk_size=DEFAULT_CHUNK_SIZE,
+    vocab_chunk_size=None,
+    return_entropy=False,
+    ignore_index=-100,
+):
     """log p(targets) under logits = (hidden @ weight.T + bias) / temperature, chunked.
 
     hidden [N, H] (or [..., H]), weight [V, H], targets [N] (or [...]) long -> logprobs float32 with
@@ -205,8 +231,17 @@ def fused_linear_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0
     targets = targets.reshape(-1)
     if vocab_chunk_size is None:
         vocab_chunk_size = DEFAULT_VOCAB_CHUNK_SIZE
-    out = _FusedLinearLogprobs.apply(hidden, weight, bias, targets, float(temperature), int(chunk_size),
-                                     int(vocab_chunk_size), bool(return_entropy), ignore_index)
+    out = _FusedLinearLogprobs.apply(
+        hidden,
+        weight,
+        bias,
+        targets,
+        float(temperature),
+        int(chunk_size),
+        int(vocab_chunk_size),
+        bool(return_entropy),
+        ignore_index,
+    )
     if return_entropy:
         return out[0].view(lead_shape), out[1].view(lead_shape)
     return out.view(lead_shape)
@@ -248,8 +283,14 @@ def forward_hidden(model, input_ids, *, position_ids=None, attention_mask=None, 
     captured = []
     handle = _final_norm(model).register_forward_hook(lambda module, args, output: captured.append(output))
     try:
-        model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-              use_cache=False, logits_to_keep=1, **kwargs)
+        model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            logits_to_keep=1,
+            **kwargs,
+        )
     finally:
         handle.remove()
     return captured[0]
@@ -262,13 +303,25 @@ def lm_head_params(model):
     if hasattr(head, "base_layer"):  # a PEFT tuner wrapped the head: its .weight would skip the adapter
         raise NotImplementedError("adapters on the LM head are not supported by the fused logprob path")
     if isinstance(head.weight, DTensor):
-        raise RuntimeError("the LM-head weight is still sharded: call forward_hidden(model, ...) first, and don't "
-                           "pass reshard_after_forward=True to the root's fully_shard (see common/logprob.py)")
+        raise RuntimeError(
+            "the LM-head weight is still sharded: call forward_hidden(model, ...) first, and don't "
+            "pass reshard_after_forward=True to the root's fully_shard (see common/logprob.py)"
+        )
     return head.weight, getattr(head, "bias", None)
 
 
-def sequence_logprobs(model, input_ids, labels, *, position_ids=None, attention_mask=None, impl="fused",
-                      temperature=1.0, return_entropy=False, **model_kwargs):
+def sequence_logprobs(
+    model,
+    input_ids,
+    labels,
+    *,
+    position_ids=None,
+    attention_mask=None,
+    impl="fused",
+    temperature=1.0,
+    return_entropy=False,
+    **model_kwargs,
+):
     """Per-token log p(labels[:, t+1] | tokens <= t) as [B, T] float32 (and entropy [B, T] if asked).
 
     labels are aligned with input_ids as in HF (-100 = ignore); the shift happens here, so
@@ -284,8 +337,9 @@ def sequence_logprobs(model, input_ids, labels, *, position_ids=None, attention_
         valid = next_labels != -100  # [B, T]: the LM head runs only where a token is scored (not on prompts, pads)
         if not valid.any():
             valid = torch.ones_like(valid)
-        out = fused_linear_logprobs(hidden[valid], weight, next_labels[valid], bias=bias, temperature=temperature,
-                                    return_entropy=return_entropy)
+        out = fused_linear_logprobs(
+            hidden[valid], weight, next_labels[valid], bias=bias, temperature=temperature, return_entropy=return_entropy
+        )
 
         def scatter(x):  # [n_valid] -> [B, T], 0 at unscored positions
             full = x.new_zeros(valid.shape)

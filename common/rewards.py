@@ -91,7 +91,9 @@ def accuracy(completions: list[str], answers: list[str]) -> float:
 # Every reward function takes (completions, prompts, answers) lists of equal length (prompts are chat message lists or
 # strings, answers may be None) plus keyword extras, and returns one float per completion. `safe_rewards` calls them so
 # that an exception or a non-finite value costs that sample its reward (0.0) and a count, never the training run.
-VERIFY_STATS: Counter = Counter()  # math_verify_correct outcomes: "verified", "no_parse", "error", "timeout", "missing_lib"
+VERIFY_STATS: Counter = (
+    Counter()
+)  # math_verify_correct outcomes: "verified", "no_parse", "error", "timeout", "missing_lib"
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
@@ -161,9 +163,11 @@ def format_reward(completions, prompts=None, answers=None, **kwargs) -> list[flo
 
 def exact_match_reward(completions, prompts=None, answers=None, **kwargs) -> list[float]:
     """1.0 when the completion (or its <answer> tag) equals the reference after lower-casing and collapsing spaces."""
+
     def norm(s):
         tags = _ANSWER_TAG.findall(s)
         return " ".join((tags[-1] if tags else s).lower().split()).rstrip(".")
+
     return [float(a is not None and norm(c) == norm(str(a))) for c, a in zip(completions, answers)]
 
 
@@ -175,8 +179,11 @@ def vqa_reward(completions, prompts=None, answers=None, **kwargs) -> list[float]
     def answer_part(s):
         tags = _ANSWER_TAG.findall(s)
         return tags[-1] if tags else s
-    return [0.0 if a is None else vqa_score(answer_part(c), a if isinstance(a, list) else [str(a)])
-            for c, a in zip(completions, answers)]
+
+    return [
+        0.0 if a is None else vqa_score(answer_part(c), a if isinstance(a, list) else [str(a)])
+        for c, a in zip(completions, answers)
+    ]
 
 
 REWARD_FUNCTIONS = {"math": math_reward, "format": format_reward, "exact": exact_match_reward, "vqa": vqa_reward}
@@ -206,6 +213,7 @@ def remote_reward(url: str, timeout_s: float = 30.0, retries: int = 3, backoff_s
 
     Each attempt has `timeout_s`; failed attempts are retried `retries` times with exponential backoff, then it raises
     (and safe_rewards scores the batch 0 and counts it)."""
+
     def reward(completions, prompts=None, answers=None, **kwargs):
         body = json.dumps({"prompts": prompts, "completions": completions, "answers": answers}).encode()
         for attempt in range(retries + 1):
@@ -219,7 +227,8 @@ def remote_reward(url: str, timeout_s: float = 30.0, retries: int = 3, backoff_s
             except Exception:
                 if attempt == retries:
                     raise
-                time.sleep(backoff_s * 2 ** attempt)
+                time.sleep(backoff_s * 2**attempt)
+
     reward.__name__ = "remote"
     return reward
 

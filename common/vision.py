@@ -12,6 +12,7 @@ A processor (`VLMProcessor`, or `NativeVLMProcessor` around a HF AutoProcessor) 
 into {"input_ids", "labels" (assistant-only), "images" (one dict of tensors per image), "truncated"}; batch with
 common.data.pad_collate / pack_collate and add `processor.image_inputs(examples, input_ids)` to the model kwargs.
 """
+
 from __future__ import annotations
 
 import base64
@@ -33,12 +34,16 @@ IMAGE_TOKEN = "<image>"
 CONFIG_FILE = "vlm_config.json"  # marks a composed-VLM folder (weights in model.safetensors, tokenizer beside)
 # Tiny random-init encoders for offline runs: 8x8-pixel patches; the default 64x64 image gives an 8x8 patch grid.
 _TINY = dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, patch_size=8)
-ENCODER_PRESETS = {"siglip-tiny": ("siglip_vision_model", dict(_TINY, intermediate_size=768)),
-                   "clip-tiny": ("clip_vision_model", dict(_TINY, intermediate_size=768)),
-                   "dinov2-tiny": ("dinov2", dict(_TINY, mlp_ratio=4))}
-MEAN_STD = {"siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # normalisation each family was trained with
-            "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-            "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+ENCODER_PRESETS = {
+    "siglip-tiny": ("siglip_vision_model", dict(_TINY, intermediate_size=768)),
+    "clip-tiny": ("clip_vision_model", dict(_TINY, intermediate_size=768)),
+    "dinov2-tiny": ("dinov2", dict(_TINY, mlp_ratio=4)),
+}
+MEAN_STD = {
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # normalisation each family was trained with
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
 
 
 def pixel_shuffle(x, factor):
@@ -60,8 +65,10 @@ class Projector(torch.nn.Module):
         if kind not in ("mlp", "linear"):
             raise ValueError(f"projector must be 'mlp' or 'linear', got {kind!r}")
         self.settings = dict(vision_dim=vision_dim, lm_dim=lm_dim, kind=kind, pixel_shuffle=pixel_shuffle, pool=pool)
-        in_dim = vision_dim * pixel_shuffle ** 2
-        layers = [torch.nn.Linear(in_dim, lm_dim)] + ([torch.nn.GELU(), torch.nn.Linear(lm_dim, lm_dim)] if kind == "mlp" else [])
+        in_dim = vision_dim * pixel_shuffle**2
+        layers = [torch.nn.Linear(in_dim, lm_dim)] + (
+            [torch.nn.GELU(), torch.nn.Linear(lm_dim, lm_dim)] if kind == "mlp" else []
+        )
         self.mlp = torch.nn.Sequential(*layers)
 
     def forward(self, patches):
@@ -103,7 +110,7 @@ class ComposedVLM(torch.nn.Module):
         """[N, 3, S, S] -> [N, tokens_per_image, H_lm]."""
         dtype = next(self.vision_encoder.parameters()).dtype
         hidden = self.vision_encoder(pixel_values=pixel_values.to(dtype)).last_hidden_state  # [N, n_prefix + g*g, Dv]
-        return self.projector(hidden[:, hidden.shape[1] - self.grid ** 2:])  # drop CLS / register tokens (CLIP, DINOv2)
+        return self.projector(hidden[:, hidden.shape[1] - self.grid**2 :])  # drop CLS / register tokens (CLIP, DINOv2)
 
     def embed(self, input_ids, pixel_values=None):
         """LM token embeddings [B, T, H] with image features written, in order, at the image-token positions."""
@@ -111,25 +118,42 @@ class ComposedVLM(torch.nn.Module):
         is_image = input_ids == self.image_token_id  # [B, T]
         n_images = 0 if pixel_values is None else pixel_values.shape[0]
         if int(is_image.sum()) != n_images * self.tokens_per_image:
-            raise ValueError(f"input_ids hold {int(is_image.sum())} image tokens but {n_images} images x "
-                             f"{self.tokens_per_image} tokens_per_image = {n_images * self.tokens_per_image} were expected")
+            raise ValueError(
+                f"input_ids hold {int(is_image.sum())} image tokens but {n_images} images x "
+                f"{self.tokens_per_image} tokens_per_image = {n_images * self.tokens_per_image} were expected"
+            )
         if n_images == 0:
             return embeds
         features = self.image_features(pixel_values).to(embeds.dtype)  # [N, tokens_per_image, H]
         return embeds.masked_scatter(is_image[..., None], features)  # row-major: image k fills the k-th run
 
-    def forward(self, input_ids, pixel_values=None, attention_mask=None, position_ids=None, labels=None,
-                use_cache=False, **kwargs):
-        return self.language_model(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask,
-                                   position_ids=position_ids, labels=labels, use_cache=use_cache, **kwargs)
+    def forward(
+        self,
+        input_ids,
+        pixel_values=None,
+        attention_mask=None,
+        position_ids=None,
+        labels=None,
+        use_cache=False,
+        **kwargs,
+    ):
+        return self.language_model(
+            inputs_embeds=self.embed(input_ids, pixel_values),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            use_cache=use_cache,
+            **kwargs,
+        )
 
     @torch.no_grad()
     def generate(self, input_ids, pixel_values=None, attention_mask=None, **gen_kwargs):
         """NEW tokens only, [B, n_new] (HF generate from inputs_embeds returns no prompt). Left-pad batched prompts."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        return self.language_model.generate(inputs_embeds=self.embed(input_ids, pixel_values),
-                                            attention_mask=attention_mask, **gen_kwargs)
+        return self.language_model.generate(
+            inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask, **gen_kwargs
+        )
 
 
 def vlm_generate(model, input_ids, attention_mask=None, **kwargs):
@@ -137,7 +161,7 @@ def vlm_generate(model, input_ids, attention_mask=None, **kwargs):
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if isinstance(model, ComposedVLM):
         return model.generate(input_ids, attention_mask=attention_mask, **kwargs)
-    return model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[:, input_ids.shape[1]:]
+    return model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)[:, input_ids.shape[1] :]
 
 
 def load_images(messages, base_dir="."):
@@ -160,7 +184,9 @@ def load_images(messages, base_dir="."):
                     raise DataError(f"image not found: {ref!r} (resolved to {path})")
                 images.append(Image.open(path).convert("RGB"))
             else:
-                raise DataError(f"image part {part!r:.100}: expected a local path, a data: URL or a PIL image (no network)")
+                raise DataError(
+                    f"image part {part!r:.100}: expected a local path, a data: URL or a PIL image (no network)"
+                )
     return images
 
 
@@ -168,7 +194,12 @@ class VLMProcessor:
     """Tokenizer + image preprocessing for a ComposedVLM. processor(messages) -> one example (see module docstring)."""
 
     def __init__(self, tokenizer, image_size, image_mean, image_std, tokens_per_image, image_token=IMAGE_TOKEN):
-        self.tokenizer, self.image_size, self.tokens_per_image, self.image_token = tokenizer, image_size, tokens_per_image, image_token
+        self.tokenizer, self.image_size, self.tokens_per_image, self.image_token = (
+            tokenizer,
+            image_size,
+            tokens_per_image,
+            image_token,
+        )
         self.image_mean, self.image_std = list(image_mean), list(image_std)
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.placeholder = image_token  # the text standing for one image before expansion
@@ -198,8 +229,15 @@ class VLMProcessor:
         renders a prompt ending in the assistant header), "images", "truncated"}, or None (overlong="drop").
         Truncation never cuts an image in half: it cuts before it, and images past the cut are dropped."""
         encoded = [self.encode_image(img) for img in load_images(messages, base_dir)]
-        text_messages = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else "\n".join(
-            p["text"] if p.get("type") == "text" else self.placeholder for p in m["content"])} for m in messages]
+        text_messages = [
+            {
+                "role": m["role"],
+                "content": m["content"]
+                if isinstance(m["content"], str)
+                else "\n".join(p["text"] if p.get("type") == "text" else self.placeholder for p in m["content"]),
+            }
+            for m in messages
+        ]
         if add_generation_prompt:
             text = self.tokenizer.apply_chat_template(text_messages, tokenize=False, add_generation_prompt=True)
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -208,8 +246,10 @@ class VLMProcessor:
             example = tokenize_chat(text_messages, self.tokenizer, max_len=1 << 30)
             ids, labels = example["input_ids"], example["labels"]
         if ids.count(self.image_token_id) != len(encoded):
-            raise DataError(f"chat has {len(encoded)} image parts but its text renders {ids.count(self.image_token_id)} "
-                            f"image tokens {self.image_token!r} (a literal {self.image_token!r} in the text?)")
+            raise DataError(
+                f"chat has {len(encoded)} image parts but its text renders {ids.count(self.image_token_id)} "
+                f"image tokens {self.image_token!r} (a literal {self.image_token!r} in the text?)"
+            )
         out_ids, out_labels, starts, k = [], [], [], 0
         for tid, label in zip(ids, labels):
             n = encoded[k][1] if tid == self.image_token_id else 1
@@ -226,8 +266,12 @@ class VLMProcessor:
         if n_kept and starts[n_kept - 1] + encoded[n_kept - 1][1] > cut:  # would cut an image: cut before it
             n_kept -= 1
             cut = starts[n_kept]
-        return {"input_ids": out_ids[:cut], "labels": out_labels[:cut], "images": [e[0] for e in encoded[:n_kept]],
-                "truncated": truncated}
+        return {
+            "input_ids": out_ids[:cut],
+            "labels": out_labels[:cut],
+            "images": [e[0] for e in encoded[:n_kept]],
+            "truncated": truncated,
+        }
 
     def image_inputs(self, examples, input_ids=None):
         """Model kwargs for a batch of examples, images in the order their tokens appear row by row (the order
@@ -252,10 +296,14 @@ class NativeVLMProcessor(VLMProcessor):
     def encode_image(self, image):
         inputs = dict(self.image_processor(images=[image], return_tensors="pt"))
         if "image_grid_thw" in inputs:  # Qwen-VL: patches merged merge_size x merge_size into one token
-            return inputs, int(inputs["image_grid_thw"].prod()) // self.image_processor.merge_size ** 2
+            return inputs, int(inputs["image_grid_thw"].prod()) // self.image_processor.merge_size**2
         if self.hf_processor is None:
-            raise NotImplementedError(f"{type(self.image_processor).__name__}: image-token count needs the HF processor")
-        return inputs, self.hf_processor._get_num_multimodal_tokens(image_sizes=[image.size[::-1]])["num_image_tokens"][0]
+            raise NotImplementedError(
+                f"{type(self.image_processor).__name__}: image-token count needs the HF processor"
+            )
+        return inputs, self.hf_processor._get_num_multimodal_tokens(image_sizes=[image.size[::-1]])["num_image_tokens"][
+            0
+        ]
 
     def image_inputs(self, examples, input_ids=None):
         """As VLMProcessor.image_inputs, plus what the native model needs: Qwen-VL's mm_token_type_ids (from the
@@ -267,8 +315,18 @@ class NativeVLMProcessor(VLMProcessor):
         return inputs
 
 
-def build_vlm(lm_path, encoder="siglip-tiny", *, image_size=64, projector="mlp", pixel_shuffle=2, pool=1,
-              dtype=torch.float32, device="cpu", seed=0):
+def build_vlm(
+    lm_path,
+    encoder="siglip-tiny",
+    *,
+    image_size=64,
+    projector="mlp",
+    pixel_shuffle=2,
+    pool=1,
+    dtype=torch.float32,
+    device="cpu",
+    seed=0,
+):
     """(ComposedVLM, VLMProcessor) from an LM (anything common.models.load_model loads) and an encoder: a preset in
     ENCODER_PRESETS (random init) or a local SigLIP / CLIP / DINOv2 folder (pretrained; its own image size)."""
     from transformers import AutoConfig, AutoModel, CLIPVisionModel, Dinov2Model, SiglipVisionModel
@@ -289,7 +347,9 @@ def build_vlm(lm_path, encoder="siglip-tiny", *, image_size=64, projector="mlp",
             pre = json.loads(pre.read_text()) if pre.exists() else {}
             mean, std = pre.get("image_mean", MEAN_STD[family][0]), pre.get("image_std", MEAN_STD[family][1])
         else:
-            raise ValueError(f"encoder must be one of {', '.join(ENCODER_PRESETS)} or a local encoder folder, got {encoder!r}")
+            raise ValueError(
+                f"encoder must be one of {', '.join(ENCODER_PRESETS)} or a local encoder folder, got {encoder!r}"
+            )
         lm = load_model(lm_path, dtype=dtype, device=device)
         tokenizer = load_tokenizer(lm_path)
         tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
@@ -313,17 +373,25 @@ def save_vlm(model, processor, folder, extra_tensors=None):
     tmp.mkdir(parents=True)
     if isinstance(model, ComposedVLM):
         if hasattr(model.language_model, "merge_and_unload"):
-            raise ValueError("merge LoRA adapters first: model.language_model = model.language_model.merge_and_unload()")
+            raise ValueError(
+                "merge LoRA adapters first: model.language_model = model.language_model.merge_and_unload()"
+            )
         save_model(model, str(tmp / "model.safetensors"))  # tied LM embeddings are stored once
-        config = dict(encoder=model.vision_encoder.config.to_dict(), projector=model.projector.settings,
-                      language_model=model.language_model.config.to_dict(), image_token=processor.image_token,
-                      tokens_per_image=processor.tokens_per_image, image=dict(size=processor.image_size,
-                      mean=processor.image_mean, std=processor.image_std))
+        config = dict(
+            encoder=model.vision_encoder.config.to_dict(),
+            projector=model.projector.settings,
+            language_model=model.language_model.config.to_dict(),
+            image_token=processor.image_token,
+            tokens_per_image=processor.tokens_per_image,
+            image=dict(size=processor.image_size, mean=processor.image_mean, std=processor.image_std),
+        )
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         processor.tokenizer.save_pretrained(tmp)
     else:
         model.save_pretrained(tmp)
-        for part in (processor.hf_processor,) if processor.hf_processor else (processor.tokenizer, processor.image_processor):
+        for part in (
+            (processor.hf_processor,) if processor.hf_processor else (processor.tokenizer, processor.image_processor)
+        ):
             part.save_pretrained(tmp)
     for name, tensors in (extra_tensors or {}).items():
         save_file(tensors, str(tmp / name))
@@ -361,7 +429,10 @@ def is_vlm(path) -> bool:
     if (path / CONFIG_FILE).exists():
         return True
     config = path / "config.json"
-    return config.exists() and json.loads(config.read_text()).get("model_type") in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    return (
+        config.exists()
+        and json.loads(config.read_text()).get("model_type") in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    )
 
 
 def checkpoint_vlm(model):
@@ -385,7 +456,12 @@ def load_vlm(path, *, dtype=torch.float32, device="cpu"):
         try:
             hf = AutoProcessor.from_pretrained(path)
             return model, NativeVLMProcessor(hf.tokenizer, hf.image_processor, hf.image_token, hf)
-        except (ImportError, ValueError, AttributeError, TypeError):  # e.g. Qwen2-VL's video processor needs torchvision
+        except (
+            ImportError,
+            ValueError,
+            AttributeError,
+            TypeError,
+        ):  # e.g. Qwen2-VL's video processor needs torchvision
             tokenizer = AutoTokenizer.from_pretrained(path)
             image_token = tokenizer.convert_ids_to_tokens(model.config.image_token_id)
             return model, NativeVLMProcessor(tokenizer, AutoImageProcessor.from_pretrained(path), image_token)
@@ -402,12 +478,18 @@ def load_vlm(path, *, dtype=torch.float32, device="cpu"):
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = ComposedVLM(vision, Projector(**cfg["projector"]), lm, tokenizer.convert_tokens_to_ids(cfg["image_token"]),
-                        cfg["tokens_per_image"])
+    model = ComposedVLM(
+        vision,
+        Projector(**cfg["projector"]),
+        lm,
+        tokenizer.convert_tokens_to_ids(cfg["image_token"]),
+        cfg["tokens_per_image"],
+    )
     load_safetensors(model, str(path / "model.safetensors"))
     image = cfg["image"]
-    processor = VLMProcessor(tokenizer, image["size"], image["mean"], image["std"], cfg["tokens_per_image"],
-                             cfg["image_token"])
+    processor = VLMProcessor(
+        tokenizer, image["size"], image["mean"], image["std"], cfg["tokens_per_image"], cfg["image_token"]
+    )
     return model.to(device=device, dtype=dtype), processor
 
 
@@ -416,12 +498,20 @@ def param_groups(model, lr, lr_projector=None, lr_vision=None, lr_lm=None, weigh
     connector / visual, vision_tower, vision_model). A part whose lr is 0 is frozen (requires_grad False, left out);
     parameters already frozen stay so.
     Weight decay applies to matrices only, not to biases and norm gains."""
-    lrs = {"projector": lr if lr_projector is None else lr_projector, "vision": lr if lr_vision is None else lr_vision,
-           "lm": lr if lr_lm is None else lr_lm}
+    lrs = {
+        "projector": lr if lr_projector is None else lr_projector,
+        "vision": lr if lr_vision is None else lr_vision,
+        "lm": lr if lr_lm is None else lr_lm,
+    }
     groups = {}
     for name, p in model.named_parameters():
-        part = ("projector" if re.search(r"projector|merger|connector", name) else
-                "vision" if re.search(r"vision|visual", name) else "lm")
+        part = (
+            "projector"
+            if re.search(r"projector|merger|connector", name)
+            else "vision"
+            if re.search(r"vision|visual", name)
+            else "lm"
+        )
         if lrs[part] == 0:
             p.requires_grad_(False)
         if p.requires_grad:  # parameters frozen before (LoRA's base weights) stay frozen
@@ -456,16 +546,35 @@ def easy_vqa_records(kind):
         for n, (q, a, i) in enumerate(questions):
             group = next((g for g in (("yes", "no"), EASY_VQA_COLORS, EASY_VQA_SHAPES) if a in g), None)
             if group is None:
-                raise DataError(f"easy-vqa:{kind}[{n}]: answer {a!r} is no yes/no, colour or shape: no wrong answer to pair")
+                raise DataError(
+                    f"easy-vqa:{kind}[{n}]: answer {a!r} is no yes/no, colour or shape: no wrong answer to pair"
+                )
             wrong = [w for w in group if w != a]
             user = {"role": "user", "content": [{"type": "image", "image": image[i]}, {"type": "text", "text": q}]}
-            records.append({"prompt": [user], "chosen": a, "rejected": wrong[n % len(wrong)], "answer": a,
-                            "_where": f"easy-vqa:{kind}[{n}]", "_dir": str(root)})
+            records.append(
+                {
+                    "prompt": [user],
+                    "chosen": a,
+                    "rejected": wrong[n % len(wrong)],
+                    "answer": a,
+                    "_where": f"easy-vqa:{kind}[{n}]",
+                    "_dir": str(root),
+                }
+            )
         return records
     if not kind.startswith("captions"):
-        return [{"messages": [{"role": "user", "content": [{"type": "image", "image": image[i]}, {"type": "text", "text": q}]},
-                              {"role": "assistant", "content": a}], "answer": a,
-                 "_where": f"easy-vqa:{kind}[{n}]", "_dir": str(root)} for n, (q, a, i) in enumerate(questions)]
+        return [
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image", "image": image[i]}, {"type": "text", "text": q}]},
+                    {"role": "assistant", "content": a},
+                ],
+                "answer": a,
+                "_where": f"easy-vqa:{kind}[{n}]",
+                "_dir": str(root),
+            }
+            for n, (q, a, i) in enumerate(questions)
+        ]
     present, absent = {}, {}  # image id -> words known to be (or not be) in the image
     for q, a, i in questions:
         words = set(re.findall(r"[a-z]+", q))
@@ -475,11 +584,19 @@ def easy_vqa_records(kind):
             (present if (a == "yes") != bool(words & {"not", "no"}) else absent).setdefault(i, set()).update(words)
     records = []
     for n, i in enumerate(sorted(image)):
+
         def known(names):
             hits = [w for w in names if w in present.get(i, ())] or [w for w in names if w not in absent.get(i, ())]
             return hits[0] if len(hits) == 1 else None  # by elimination when no question names it directly
+
         color, shape = known(EASY_VQA_COLORS), known(EASY_VQA_SHAPES)
         thing = " ".join(w for w in (color, shape or "shape") if w)
-        records.append({"image": image[i], "caption": CAPTION_TEMPLATES[i % len(CAPTION_TEMPLATES)].format(thing),
-                        "_where": f"easy-vqa:{kind}[{n}]", "_dir": str(root)})
+        records.append(
+            {
+                "image": image[i],
+                "caption": CAPTION_TEMPLATES[i % len(CAPTION_TEMPLATES)].format(thing),
+                "_where": f"easy-vqa:{kind}[{n}]",
+                "_dir": str(root),
+            }
+        )
     return records

@@ -22,8 +22,38 @@ import json
 import os
 import random
 
-NAMES = ["Tom", "Ann", "Mia", "Sam", "Leo", "Zoe", "Max", "Eva", "Ben", "Lily", "Noah", "Emma", "Jack", "Ruby", "Omar", "Nina"]
-OBJECTS = ["apples", "pencils", "stickers", "marbles", "cookies", "books", "cards", "shells", "stamps", "candies", "toys", "coins"]
+NAMES = [
+    "Tom",
+    "Ann",
+    "Mia",
+    "Sam",
+    "Leo",
+    "Zoe",
+    "Max",
+    "Eva",
+    "Ben",
+    "Lily",
+    "Noah",
+    "Emma",
+    "Jack",
+    "Ruby",
+    "Omar",
+    "Nina",
+]
+OBJECTS = [
+    "apples",
+    "pencils",
+    "stickers",
+    "marbles",
+    "cookies",
+    "books",
+    "cards",
+    "shells",
+    "stamps",
+    "candies",
+    "toys",
+    "coins",
+]
 GOODS = ["pen", "notebook", "ball", "cup", "kite", "hat", "sandwich", "toy car", "comb", "ruler"]
 CONTAINERS = ["boxes", "bags", "jars", "baskets", "packs"]
 
@@ -43,8 +73,9 @@ def buy_and_give(rng, max_n):
     total, eq1 = _op(a, "+", b)
     c = rng.randint(1, total - 1)
     left, eq2 = _op(total, "-", c)
-    problem = (f"{name} has {a} {obj} and buys {b} more. {name} gives {c} to {other}. "
-               f"How many {obj} does {name} have now?")
+    problem = (
+        f"{name} has {a} {obj} and buys {b} more. {name} gives {c} to {other}. How many {obj} does {name} have now?"
+    )
     return problem, f"{name} starts with {a} {obj}. {eq1} {eq2}", left
 
 
@@ -56,8 +87,7 @@ def sell_twice(rng, max_n):
     c = rng.randint(1, a - b)
     mid, eq1 = _op(a, "-", b)
     left, eq2 = _op(mid, "-", c)
-    problem = (f"A shop has {a} {obj}. It sells {b} in the morning and {c} in the afternoon. "
-               f"How many {obj} are left?")
+    problem = f"A shop has {a} {obj}. It sells {b} in the morning and {c} in the afternoon. How many {obj} are left?"
     return problem, f"The shop starts with {a} {obj}. {eq1} {eq2}", left
 
 
@@ -81,14 +111,18 @@ def share_equally(rng, max_n):
     friends, each = rng.randint(2, 9), rng.randint(2, 12)
     total = friends * each
     if rng.random() < 0.5:
-        problem = (f"{name} has {total} {obj} and shares them equally among {friends} friends. "
-                   f"How many {obj} does each friend get?")
+        problem = (
+            f"{name} has {total} {obj} and shares them equally among {friends} friends. "
+            f"How many {obj} does each friend get?"
+        )
         share, eq = _op(total, "/", friends)
         return problem, eq, share
     extra = rng.randint(1, total - 1)
     start = total - extra
-    problem = (f"{name} has {start} {obj} and finds {extra} more. {name} shares all of them equally "
-               f"among {friends} friends. How many {obj} does each friend get?")
+    problem = (
+        f"{name} has {start} {obj} and finds {extra} more. {name} shares all of them equally "
+        f"among {friends} friends. How many {obj} does each friend get?"
+    )
     total, eq1 = _op(start, "+", extra)
     share, eq2 = _op(total, "/", friends)
     return problem, f"{eq1} {eq2}", share
@@ -102,13 +136,17 @@ def containers(rng, max_n):
     if rng.random() < 0.5:
         extra = rng.randint(1, max_n // 2)
         final, eq2 = _op(total, "+", extra)
-        problem = (f"{name} has {k} {box} with {m} {obj} in each and {extra} more loose {obj}. "
-                   f"How many {obj} does {name} have in total?")
+        problem = (
+            f"{name} has {k} {box} with {m} {obj} in each and {extra} more loose {obj}. "
+            f"How many {obj} does {name} have in total?"
+        )
     else:
         lost = rng.randint(1, total - 1)
         final, eq2 = _op(total, "-", lost)
-        problem = (f"{name} has {k} {box} with {m} {obj} in each. {name} loses {lost} {obj}. "
-                   f"How many {obj} does {name} have left?")
+        problem = (
+            f"{name} has {k} {box} with {m} {obj} in each. {name} loses {lost} {obj}. "
+            f"How many {obj} does {name} have left?"
+        )
     return problem, f"{name} has {k} {box} of {m}. {eq1} {eq2}", final
 
 
@@ -125,8 +163,7 @@ def compare_together(rng, max_n):
         b, eq1 = _op(a, "-", d)
         relation = "fewer"
     together, eq2 = _op(a, "+", b)
-    problem = (f"{x} has {a} {obj}. {y} has {d} {relation} {obj} than {x}. "
-               f"How many {obj} do they have together?")
+    problem = f"{x} has {a} {obj}. {y} has {d} {relation} {obj} than {x}. How many {obj} do they have together?"
     return problem, f"{y} has {eq1[:-1]} {obj}. {eq2}", together
 
 
@@ -137,8 +174,10 @@ def make_record(rng, max_n):
     """One conversational record from a uniformly chosen template."""
     problem, steps, answer = rng.choice(TEMPLATES)(rng, max_n)
     solution = f"{steps}\n#### {answer}"
-    return {"messages": [{"role": "user", "content": problem}, {"role": "assistant", "content": solution}],
-            "answer": str(answer)}
+    return {
+        "messages": [{"role": "user", "content": problem}, {"role": "assistant", "content": solution}],
+        "answer": str(answer),
+    }
 
 
 def generate(seed, n_train, n_test, max_n=50):

@@ -79,7 +79,9 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for split, limit in (("test", None), ("train", args.n_train)):
-        records = [json.loads(line) for line in (Path(args.source) / f"{split}.jsonl").read_text().splitlines() if line.strip()]
+        records = [
+            json.loads(line) for line in (Path(args.source) / f"{split}.jsonl").read_text().splitlines() if line.strip()
+        ]
         pairs = build(records[:limit], rng)
         with open(out / f"{split}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(p) + "\n" for p in pairs)

@@ -123,9 +123,18 @@ def write_color_records(folder, n, seed):
         x, y = rng.randrange(0, 24), rng.randrange(0, 24)
         image.paste(COLORS[color], (x, y, x + 20, y + 20))
         image.save(folder / "images" / f"{seed}_{k}.png")
-        user = [{"type": "image", "image": f"images/{seed}_{k}.png"}, {"type": "text", "text": QUESTIONS[k % len(QUESTIONS)]}]
-        lines.append(json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": color}],
-                                 "answer": color}))
+        user = [
+            {"type": "image", "image": f"images/{seed}_{k}.png"},
+            {"type": "text", "text": QUESTIONS[k % len(QUESTIONS)]},
+        ]
+        lines.append(
+            json.dumps(
+                {
+                    "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": color}],
+                    "answer": color,
+                }
+            )
+        )
     path = folder / f"colors_{seed}.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return str(path)
@@ -148,8 +157,15 @@ def write_pref_records(folder, n, seed, names=tuple(COLORS)):
         x, y = rng.randrange(0, 12), rng.randrange(0, 12)
         image.paste(COLORS[color], (x, y, x + 36, y + 36))
         image.save(folder / "images" / f"{seed}_{k}.png")
-        prompt = [{"role": "user", "content": [{"type": "image", "image": f"images/{seed}_{k}.png"},
-                                               {"type": "text", "text": "what color is the shape?"}]}]
+        prompt = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": f"images/{seed}_{k}.png"},
+                    {"type": "text", "text": "what color is the shape?"},
+                ],
+            }
+        ]
         lines.append(json.dumps({"prompt": prompt, "chosen": color, "rejected": wrong, "answer": color}))
     path = folder / f"prefs_{seed}.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -168,17 +184,34 @@ def tiny_qwen_vl_folder(folder, family):
     specials = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
     tokenizer.add_tokens(specials, special_tokens=True)
     start, end, image, video = tokenizer.convert_tokens_to_ids(specials)
-    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2,
-                rope_parameters=dict(rope_type="default", mrope_section=[2, 3, 3], rope_theta=10000.0))
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_parameters=dict(rope_type="default", mrope_section=[2, 3, 3], rope_theta=10000.0),
+    )
     ids = dict(image_token_id=image, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end)
     if family == "qwen2_vl":
-        from transformers import Qwen2VLConfig as Config, Qwen2VLForConditionalGeneration as Model
+        from transformers import Qwen2VLConfig as Config
+        from transformers import Qwen2VLForConditionalGeneration as Model
+
         vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
     else:
-        from transformers import Qwen2_5_VLConfig as Config, Qwen2_5_VLForConditionalGeneration as Model
-        vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2,
-                      fullatt_block_indexes=[1], window_size=56)
+        from transformers import Qwen2_5_VLConfig as Config
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
+
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            out_hidden_size=64,
+            intermediate_size=64,
+            num_heads=2,
+            fullatt_block_indexes=[1],
+            window_size=56,
+        )
     torch.manual_seed(0)
     Model(Config(text_config=text, vision_config=vision, **ids)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)  # no AutoProcessor offline: Qwen2-VL's video processor needs torchvision

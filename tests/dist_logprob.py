@@ -8,6 +8,7 @@ unsharded copy on the whole batch; the FSDP2 gradient (averaged over ranks by th
 the single-process gradient of the mean of the per-rank losses. Rank 0 writes a JSON report and the script
 exits non-zero on a mismatch.
 """
+
 import argparse
 import copy
 import json
@@ -45,7 +46,7 @@ def main():
 
     # Single process: the mean over ranks of each rank's loss, on the unsharded copy.
     ref_logps = sequence_logprobs(reference, input_ids, labels)  # [2W, T]
-    ref_loss = sum(token_nll(ref_logps[2 * r:2 * r + 2], labels[2 * r:2 * r + 2]) for r in range(world)) / world
+    ref_loss = sum(token_nll(ref_logps[2 * r : 2 * r + 2], labels[2 * r : 2 * r + 2]) for r in range(world)) / world
     ref_loss.backward()
     ref_grad = reference.get_output_embeddings().weight.grad  # [V, H] (tied with the embedding)
 
@@ -73,8 +74,14 @@ def main():
     logp_err, grad_err, head_not_full = stats.tolist()
     ok = logp_err <= 1e-5 and grad_err <= 1e-5 and not head_not_full
     if rank == 0:
-        report = dict(ok=ok, world_size=world, logprob_max_rel_err=logp_err, weight_grad_rel_err=grad_err,
-                      lm_head_weight_is_full_tensor=not head_not_full, weight_grad_is_dtensor=isinstance(grad, DTensor))
+        report = dict(
+            ok=ok,
+            world_size=world,
+            logprob_max_rel_err=logp_err,
+            weight_grad_rel_err=grad_err,
+            lm_head_weight_is_full_tensor=not head_not_full,
+            weight_grad_is_dtensor=isinstance(grad, DTensor),
+        )
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
         print(json.dumps(report))

@@ -9,8 +9,18 @@ import pytest
 import torch
 
 from common.data import (
-    DataError, build_sft_examples, content_text, detect_format, epoch_batches, image_paths, load_records,
-    pack_collate, pack_examples, pad_collate, to_messages, tokenize_chat,
+    DataError,
+    build_sft_examples,
+    content_text,
+    detect_format,
+    epoch_batches,
+    image_paths,
+    load_records,
+    pack_collate,
+    pack_examples,
+    pad_collate,
+    to_messages,
+    tokenize_chat,
 )
 from common.models import load_tokenizer, tiny_model
 
@@ -57,7 +67,11 @@ def test_load_every_file_kind_with_where(tmp_path):
     assert [r["completion"] for r in load_records(str(tmp_path / "c.json"))] == ["c0", "c1", "c2"]
     assert [r["prompt"] for r in load_records(str(tmp_path / "d.parquet"))] == ["p0", "p1", "p2"]
     folder = load_records(str(tmp_path))  # all four files, in sorted order
-    assert len(folder) == 12 and folder[0]["_where"].endswith("a.jsonl:1") and folder[-1]["_where"].endswith("d.parquet[2]")
+    assert (
+        len(folder) == 12
+        and folder[0]["_where"].endswith("a.jsonl:1")
+        and folder[-1]["_where"].endswith("d.parquet[2]")
+    )
 
 
 def test_blank_lines_skipped_and_line_numbers_kept(tmp_path):
@@ -85,8 +99,10 @@ def test_detect_and_normalise_each_format(tmp_path):
 
 
 def test_prompt_completion_with_message_lists(tmp_path):
-    record = {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
-              "completion": [{"role": "assistant", "content": "a"}]}
+    record = {
+        "prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+        "completion": [{"role": "assistant", "content": "a"}],
+    }
     records = load_records(write_jsonl(tmp_path / "pc.jsonl", [record]))
     assert detect_format(records) == "prompt_completion"
     assert [m["role"] for m in to_messages(records[0], "prompt_completion")] == ["system", "user", "assistant"]
@@ -95,8 +111,11 @@ def test_prompt_completion_with_message_lists(tmp_path):
 def test_typed_parts_with_image(tmp_path):
     (tmp_path / "img").mkdir()
     make_png(tmp_path / "img" / "red.png")
-    parts = [{"type": "image", "image": "img/red.png"}, {"type": "text", "text": "What colour?"},
-             {"type": "text", "text": "One word."}]
+    parts = [
+        {"type": "image", "image": "img/red.png"},
+        {"type": "text", "text": "What colour?"},
+        {"type": "text", "text": "One word."},
+    ]
     record = {"message": json.dumps([{"role": "user", "content": parts}]), "answer": 7}
     records = load_records(write_jsonl(tmp_path / "mm.jsonl", [record]))
     assert detect_format(records) == "message_answer"
@@ -117,17 +136,41 @@ def test_image_not_found_names_record(tmp_path):
 
 
 # --------------------------------------------------------------------------------------- bad input
-@pytest.mark.parametrize("lines, pattern", [
-    (['{"prompt": "a", "completion": "b"}', '{"prompt": "a", "completion": }'], r"x\.jsonl:2: malformed JSON \(Expecting value"),
-    (['{"prompt": "a", "completion": "b"}', '["not", "an", "object"]'], r"x\.jsonl:2: expected a JSON object per line, got list"),
-    (['{"prompt": "a", "completion": "b"}', '{"prompt": "a"}'], r"x\.jsonl:2: missing field 'completion'"),
-    (['{"prompt": "a", "completion": 3}'], r"x\.jsonl:1: completion: expected a string or a list of messages, got int"),
-    (['{"messages": [{"role": "user", "content": 5}]}'], r"x\.jsonl:1: messages\[0\]\.content: expected a string or a list"),
-    (['{"messages": [{"role": "user", "content": [{"type": "video", "video": "v.mp4"}]}]}'], r"x\.jsonl:1: messages\[0\]\.content\[0\]: expected \{'type': 'text'"),
-    (['{"message": "[{\\"role\\": \\"user\\"", "answer": "4"}'], r"x\.jsonl:1: message: expected a JSON string of a messages list"),
-    (['{"question": "a", "response": "b"}'], r"unknown record format, keys found: \['question', 'response'\]. Accepted formats: messages"),
-    ([], r"x\.jsonl: empty file"),
-])
+@pytest.mark.parametrize(
+    "lines, pattern",
+    [
+        (
+            ['{"prompt": "a", "completion": "b"}', '{"prompt": "a", "completion": }'],
+            r"x\.jsonl:2: malformed JSON \(Expecting value",
+        ),
+        (
+            ['{"prompt": "a", "completion": "b"}', '["not", "an", "object"]'],
+            r"x\.jsonl:2: expected a JSON object per line, got list",
+        ),
+        (['{"prompt": "a", "completion": "b"}', '{"prompt": "a"}'], r"x\.jsonl:2: missing field 'completion'"),
+        (
+            ['{"prompt": "a", "completion": 3}'],
+            r"x\.jsonl:1: completion: expected a string or a list of messages, got int",
+        ),
+        (
+            ['{"messages": [{"role": "user", "content": 5}]}'],
+            r"x\.jsonl:1: messages\[0\]\.content: expected a string or a list",
+        ),
+        (
+            ['{"messages": [{"role": "user", "content": [{"type": "video", "video": "v.mp4"}]}]}'],
+            r"x\.jsonl:1: messages\[0\]\.content\[0\]: expected \{'type': 'text'",
+        ),
+        (
+            ['{"message": "[{\\"role\\": \\"user\\"", "answer": "4"}'],
+            r"x\.jsonl:1: message: expected a JSON string of a messages list",
+        ),
+        (
+            ['{"question": "a", "response": "b"}'],
+            r"unknown record format, keys found: \['question', 'response'\]. Accepted formats: messages",
+        ),
+        ([], r"x\.jsonl: empty file"),
+    ],
+)
 def test_bad_input_errors(tmp_path, lines, pattern):
     path = tmp_path / "x.jsonl"
     path.write_text("".join(line + "\n" for line in lines))
@@ -180,16 +223,20 @@ def test_assistant_only_labels_multi_turn(tokenizer):
     for other in ("pirate", "France", "Spain", "user", "system", "assistant"):
         assert other not in target_text
     # the ids are exactly the template's rendering, tokenised once
-    assert example["input_ids"] == tokenizer(tokenizer.apply_chat_template(CHAT, tokenize=False),
-                                             add_special_tokens=False)["input_ids"]
+    assert (
+        example["input_ids"]
+        == tokenizer(tokenizer.apply_chat_template(CHAT, tokenize=False), add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_labels_fallback_for_non_prefix_stable_template(tokenizer):
     # a template that marks only the last message differently: prefix renders no longer match the full text
     original = tokenizer.chat_template
-    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if loop.last %}[final]\n{% endif %}"
-                               "{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if loop.last %}[final]\n{% endif %}"
+        "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     try:
         example = tokenize_chat(CHAT, tokenizer, max_len=512)
     finally:
@@ -202,8 +249,10 @@ def test_truncate_and_drop_counts(tmp_path, tokenizer):
     long = {"prompt": "Tell me a story.", "completion": "Once upon a time " * 40}
     prompt_only_fits = {"prompt": "word " * 60, "completion": "ok"}  # truncation removes every target
     path = write_jsonl(tmp_path / "d.jsonl", [short, long, short, prompt_only_fits])
-    lengths = [len(tokenize_chat(to_messages(r, "prompt_completion"), tokenizer, max_len=10**6)["input_ids"])
-               for r in (short, long, prompt_only_fits)]
+    lengths = [
+        len(tokenize_chat(to_messages(r, "prompt_completion"), tokenizer, max_len=10**6)["input_ids"])
+        for r in (short, long, prompt_only_fits)
+    ]
     max_len = 64
     assert lengths[0] <= max_len < lengths[2] < lengths[1]
 
@@ -216,7 +265,9 @@ def test_truncate_and_drop_counts(tmp_path, tokenizer):
 
     examples, stats = build_sft_examples(path, tokenizer, max_len=max_len, overlong="drop")
     assert (stats["n_examples"], stats["n_truncated"], stats["n_dropped"]) == (2, 0, 2)
-    with pytest.raises(DataError, match=r"empty dataset after filtering \(4 records, 4 dropped as over-long: raise --max-len"):
+    with pytest.raises(
+        DataError, match=r"empty dataset after filtering \(4 records, 4 dropped as over-long: raise --max-len"
+    ):
         build_sft_examples(path, tokenizer, max_len=4, overlong="drop")
 
 
@@ -263,10 +314,10 @@ def test_pack_examples_and_collate():
         t = 0
         for i in pack:  # each example lies whole, in order, inside its own row
             e, n = examples[i], len(examples[i]["input_ids"])
-            assert batch["input_ids"][row, t:t + n].tolist() == e["input_ids"]
-            assert batch["position_ids"][row, t:t + n].tolist() == list(range(n))
+            assert batch["input_ids"][row, t : t + n].tolist() == e["input_ids"]
+            assert batch["position_ids"][row, t : t + n].tolist() == list(range(n))
             assert batch["labels"][row, t].item() == -100  # never predict across examples
-            assert batch["labels"][row, t + 1:t + n].tolist() == e["labels"][1:]
+            assert batch["labels"][row, t + 1 : t + n].tolist() == e["labels"][1:]
             expected_seqlens.append(n)
             t += n
         if t < max_tokens:
@@ -311,8 +362,8 @@ def test_packed_logprobs_equal_unpacked(attn):
             for i in pack:
                 n = len(examples[i]["input_ids"])
                 alone_lp = token_logprobs(model, input_ids=torch.tensor([examples[i]["input_ids"]]))[0]  # [n-1]
-                torch.testing.assert_close(packed_lp[row, t:t + n - 1], alone_lp, atol=1e-5, rtol=0)
-                torch.testing.assert_close(padded_lp[i, :n - 1], alone_lp, atol=1e-5, rtol=0)
+                torch.testing.assert_close(packed_lp[row, t : t + n - 1], alone_lp, atol=1e-5, rtol=0)
+                torch.testing.assert_close(padded_lp[i, : n - 1], alone_lp, atol=1e-5, rtol=0)
                 t += n
     # the test has teeth: without position_ids restarting, packed examples see each other
     with torch.no_grad():

@@ -29,20 +29,25 @@ def source_counts(records):
     return Counter(r["prompt"][0] for r in records)
 
 
-@pytest.mark.parametrize("spec, parsed", [
-    ("a.jsonl:0.7", ("a.jsonl", 0.7)),
-    ("a.jsonl:3", ("a.jsonl", 3.0)),
-    ("a.jsonl", ("a.jsonl", None)),
-    ("easy-vqa:train", ("easy-vqa:train", None)),  # "train" is not a number: part of the source
-    ("easy-vqa:captions-train:2", ("easy-vqa:captions-train", 2.0)),  # only the last colon can hold a weight
-    ("HuggingFaceH4/no_robots:0.25", ("HuggingFaceH4/no_robots", 0.25)),
-    ("org/name", ("org/name", None)),
-])
+@pytest.mark.parametrize(
+    "spec, parsed",
+    [
+        ("a.jsonl:0.7", ("a.jsonl", 0.7)),
+        ("a.jsonl:3", ("a.jsonl", 3.0)),
+        ("a.jsonl", ("a.jsonl", None)),
+        ("easy-vqa:train", ("easy-vqa:train", None)),  # "train" is not a number: part of the source
+        ("easy-vqa:captions-train:2", ("easy-vqa:captions-train", 2.0)),  # only the last colon can hold a weight
+        ("HuggingFaceH4/no_robots:0.25", ("HuggingFaceH4/no_robots", 0.25)),
+        ("org/name", ("org/name", None)),
+    ],
+)
 def test_parse_source_spec(spec, parsed):
     assert parse_source_spec(spec) == parsed
 
 
-@pytest.mark.parametrize("spec", ["a.jsonl:0", "a.jsonl:-1", "a.jsonl:x7", "a.jsonl:nan", "a.jsonl:inf", "easy-vqa:train:x"])
+@pytest.mark.parametrize(
+    "spec", ["a.jsonl:0", "a.jsonl:-1", "a.jsonl:x7", "a.jsonl:nan", "a.jsonl:inf", "easy-vqa:train:x"]
+)
 def test_bad_weight_names_the_spec(spec):
     with pytest.raises(DataError, match=f"dataset '{spec}': weight"):
         parse_source_spec(spec)
@@ -103,7 +108,9 @@ def test_mixture_errors(two_files, tmp_path):
     # a bad record keeps naming its own file:line after mixing
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "c0", "completion": "x"}\n{"prompt": "c1"}\n')
-    with pytest.raises(DataError, match=rf"{re.escape(str(bad))}:2: "):  # missing 'completion', or unknown format if first
+    with pytest.raises(
+        DataError, match=rf"{re.escape(str(bad))}:2: "
+    ):  # missing 'completion', or unknown format if first
         detect_format(load_mixture([f"{a}:1", f"{bad}:1"], total=50))
 
 
@@ -145,7 +152,15 @@ def test_easy_vqa_source_real():
 def test_repeated_dataset_flags_become_one_mixture_spec():
     from common.metrics import _join_repeated_datasets
 
-    assert _join_repeated_datasets(["--dataset", "a.jsonl:0.7", "--lr", "1", "--dataset=b.jsonl:0.3"]) == \
-        ["--dataset", "a.jsonl:0.7,b.jsonl:0.3", "--lr", "1"]
-    assert _join_repeated_datasets(["--dataset", "a.jsonl", "--eval-dataset", "t.jsonl"]) == \
-        ["--dataset", "a.jsonl", "--eval-dataset", "t.jsonl"]
+    assert _join_repeated_datasets(["--dataset", "a.jsonl:0.7", "--lr", "1", "--dataset=b.jsonl:0.3"]) == [
+        "--dataset",
+        "a.jsonl:0.7,b.jsonl:0.3",
+        "--lr",
+        "1",
+    ]
+    assert _join_repeated_datasets(["--dataset", "a.jsonl", "--eval-dataset", "t.jsonl"]) == [
+        "--dataset",
+        "a.jsonl",
+        "--eval-dataset",
+        "t.jsonl",
+    ]

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, subprocess_env
 from safetensors.torch import load_file
 
 import dpo
 from common.metrics import RunLogger, cli, read_metrics
-from conftest import ROOT, subprocess_env
 
 
 def sig(x):
@@ -37,10 +37,23 @@ def pref_small(tmp_path_factory):
 
 
 def tiny_args(tiny_model_dir, pref_small, out, **overrides):
-    base = dict(model_path=tiny_model_dir, dataset=str(pref_small / "train.jsonl"),
-                eval_dataset=str(pref_small / "test.jsonl"), output_dir=str(out), ref_cache_dir=str(Path(out) / "ref-cache"),
-                eval_samples=0, max_steps=6, lr=3e-3, warmup_steps=1, batch_size=8, max_len=256, dtype="float32",
-                save_every=0, eval_every=0, export=False)
+    base = dict(
+        model_path=tiny_model_dir,
+        dataset=str(pref_small / "train.jsonl"),
+        eval_dataset=str(pref_small / "test.jsonl"),
+        output_dir=str(out),
+        ref_cache_dir=str(Path(out) / "ref-cache"),
+        eval_samples=0,
+        max_steps=6,
+        lr=3e-3,
+        warmup_steps=1,
+        batch_size=8,
+        max_len=256,
+        dtype="float32",
+        save_every=0,
+        eval_every=0,
+        export=False,
+    )
     return dpo.Args(**{**base, **overrides})
 
 
@@ -78,14 +91,27 @@ def by_hand(loss_type, beta, eps=0.0, gamma=0.5, kl=0.0):
     return out
 
 
-@pytest.mark.parametrize("loss_type,beta,eps", [
-    ("sigmoid", 0.1, 0.0), ("sigmoid", 0.5, 0.2), ("hinge", 0.3, 0.0), ("ipo", 0.5, 0.0), ("robust", 0.1, 0.0),
-    ("robust", 0.5, 0.2), ("simpo", 2.0, 0.0), ("simpo", 2.0, 0.1), ("orpo", 0.25, 0.0), ("kto", 0.1, 0.0)])
+@pytest.mark.parametrize(
+    "loss_type,beta,eps",
+    [
+        ("sigmoid", 0.1, 0.0),
+        ("sigmoid", 0.5, 0.2),
+        ("hinge", 0.3, 0.0),
+        ("ipo", 0.5, 0.0),
+        ("robust", 0.1, 0.0),
+        ("robust", 0.5, 0.2),
+        ("simpo", 2.0, 0.0),
+        ("simpo", 2.0, 0.1),
+        ("orpo", 0.25, 0.0),
+        ("kto", 0.1, 0.0),
+    ],
+)
 def test_loss_values_by_hand(loss_type, beta, eps):
     kl = torch.tensor(0.3) if loss_type == "kto" else None
     t = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
     losses, chosen_rewards, rejected_rewards = dpo.preference_loss(
-        t(PC), t(PR), t(RC), t(RR), loss_type=loss_type, beta=beta, label_smoothing=eps, gamma=0.5, kl=kl)
+        t(PC), t(PR), t(RC), t(RR), loss_type=loss_type, beta=beta, label_smoothing=eps, gamma=0.5, kl=kl
+    )
     expected = by_hand(loss_type, beta, eps, gamma=0.5, kl=0.3)
     assert losses.tolist() == pytest.approx(expected, rel=1e-9, abs=1e-12)
     if loss_type in ("simpo", "orpo"):  # reference-free rewards
@@ -113,8 +139,9 @@ def test_gradient_pushes_chosen_up_and_rejected_down(loss_type):
     # at the reference (h = 0) for every loss: ipo's (h - 1/(2 beta))^2 and hinge are on their active side there
     pc = torch.tensor([-1.5, -0.7], requires_grad=True)  # mean token logps, valid for orpo's odds
     pr = torch.tensor([-1.2, -0.9], requires_grad=True)
-    losses, _, _ = dpo.preference_loss(pc, pr, pc.detach().clone(), pr.detach().clone(), loss_type=loss_type, beta=0.5,
-                                       kl=torch.tensor(0.0))
+    losses, _, _ = dpo.preference_loss(
+        pc, pr, pc.detach().clone(), pr.detach().clone(), loss_type=loss_type, beta=0.5, kl=torch.tensor(0.0)
+    )
     losses.sum().backward()
     assert (pc.grad < 0).all(), pc.grad  # gradient descent raises the chosen logp...
     assert (pr.grad > 0).all(), pr.grad  # ...and lowers the rejected one
@@ -123,8 +150,9 @@ def test_gradient_pushes_chosen_up_and_rejected_down(loss_type):
 def test_dpo_at_the_reference_is_ln2():
     logps = torch.tensor([-20.0, -3.0, -57.5])
     for eps in (0.0, 0.1):
-        losses, cr, rr = dpo.preference_loss(logps, logps - 1, logps, logps - 1, loss_type="sigmoid", beta=0.1,
-                                             label_smoothing=eps)
+        losses, cr, rr = dpo.preference_loss(
+            logps, logps - 1, logps, logps - 1, loss_type="sigmoid", beta=0.1, label_smoothing=eps
+        )
         assert losses.tolist() == pytest.approx([math.log(2)] * 3)
         assert cr.abs().max() == 0 and rr.abs().max() == 0
 
@@ -159,11 +187,16 @@ def test_packed_and_padded_logps_match(tiny_model_dir, pref_small):
     pairs, _ = dpo.build_pairs(str(pref_small / "train.jsonl"), tokenizer, max_len=256)
     chunk = pairs[:6]
     with torch.no_grad():
-        padded, n_padded = dpo.sequence_logps(model, dpo.collate_pairs(chunk, tokenizer.pad_token_id, packing=False, max_len=256))
-        packed, n_packed = dpo.sequence_logps(model, dpo.collate_pairs(chunk, tokenizer.pad_token_id, packing=True, max_len=256))
+        padded, n_padded = dpo.sequence_logps(
+            model, dpo.collate_pairs(chunk, tokenizer.pad_token_id, packing=False, max_len=256)
+        )
+        packed, n_packed = dpo.sequence_logps(
+            model, dpo.collate_pairs(chunk, tokenizer.pad_token_id, packing=True, max_len=256)
+        )
         # one sequence alone, unpadded: the reference value for the first chosen answer
-        alone, _ = dpo.sequence_logps(model, dpo.collate_sequences([chunk[0]["chosen"]], tokenizer.pad_token_id,
-                                                                   packing=False, max_len=256))
+        alone, _ = dpo.sequence_logps(
+            model, dpo.collate_sequences([chunk[0]["chosen"]], tokenizer.pad_token_id, packing=False, max_len=256)
+        )
     assert padded.shape == (12,) and torch.equal(n_padded, n_packed)
     n_answer = sum(t != -100 for t in chunk[2]["rejected"]["labels"])
     assert n_padded[6 + 2].item() == n_answer  # rows are chosen 0..5, then rejected 0..5
@@ -182,7 +215,9 @@ def test_reward_accuracy_on_training_pairs_and_metrics(tiny_model_dir, pref_smal
     assert rows[-1]["train/rewards/accuracies"] >= 0.9, [r["train/rewards/accuracies"] for r in rows]
     assert rows[-1]["train/loss"] < 0.6
     for r in rows:
-        assert r["train/rewards/margins"] == pytest.approx(r["train/rewards/chosen"] - r["train/rewards/rejected"], abs=1e-5)
+        assert r["train/rewards/margins"] == pytest.approx(
+            r["train/rewards/chosen"] - r["train/rewards/rejected"], abs=1e-5
+        )
     for key in ("train/logps/chosen", "train/logps/rejected", "train/lr", "train/grad_norm", "train/pairs_per_s"):
         assert key in rows[-1]
     assert result["preference_accuracy_before"] == 0.0  # margin is exactly 0 before the first update
@@ -225,13 +260,30 @@ def test_lora_reference_is_base_model_with_adapters_off(tiny_model_dir, pref_sma
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.5)
-    kw = dict(batch_size=8, pad_id=tokenizer.pad_token_id, packing=False, max_len=256, impl="fused",
-              autocast=torch.autocast("cpu", enabled=False))
+    kw = dict(
+        batch_size=8,
+        pad_id=tokenizer.pad_token_id,
+        packing=False,
+        max_len=256,
+        impl="fused",
+        autocast=torch.autocast("cpu", enabled=False),
+    )
     base_logps = dpo.compute_logps(base, pairs, ("chosen", "rejected"), **kw)
     adapted_logps = dpo.compute_logps(policy, pairs, ("chosen", "rejected"), **kw)
     args = tiny_args(tiny_model_dir, pref_small, tmp_path, lora_r=4)
-    ref_logps, hit = dpo.reference_logps(args, "train", pairs, ("chosen", "rejected"), policy, tokenizer,
-                                         kw["autocast"], torch.float32, torch.device("cpu"), 0, 1)
+    ref_logps, hit = dpo.reference_logps(
+        args,
+        "train",
+        pairs,
+        ("chosen", "rejected"),
+        policy,
+        tokenizer,
+        kw["autocast"],
+        torch.float32,
+        torch.device("cpu"),
+        0,
+        1,
+    )
     assert not hit
     assert not torch.allclose(adapted_logps["chosen"], base_logps["chosen"], atol=1e-2)
     for side in ("chosen", "rejected"):
@@ -246,8 +298,11 @@ def test_lora_exports_adapter_and_merged_model(tiny_model_dir, pref_small, tmp_p
     dpo.main(tiny_args(tiny_model_dir, pref_small, tmp_path / "plain", max_steps=1, lora_r=4, lr=1e-2, export=True))
     assert (tmp_path / "plain" / "model" / "adapter" / "adapter_model.safetensors").exists()
     assert not (tmp_path / "plain" / "model" / "model.safetensors").exists()  # no --merge
-    dpo.main(tiny_args(tiny_model_dir, pref_small, tmp_path / "merged", max_steps=1, lora_r=4, lr=1e-2, export=True,
-                       merge=True))
+    dpo.main(
+        tiny_args(
+            tiny_model_dir, pref_small, tmp_path / "merged", max_steps=1, lora_r=4, lr=1e-2, export=True, merge=True
+        )
+    )
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / "model").state_dict()
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     q = "model.layers.0.self_attn.q_proj.weight"
@@ -259,8 +314,18 @@ def test_lora_exports_adapter_and_merged_model(tiny_model_dir, pref_small, tmp_p
 @pytest.mark.parametrize("loss_type", ["kto", "ipo", "orpo"])
 def test_other_losses_train(tiny_model_dir, pref_small, tmp_path, loss_type):
     beta = {"kto": 0.1, "ipo": 0.5, "orpo": 0.5}[loss_type]
-    result = dpo.main(tiny_args(tiny_model_dir, pref_small, tmp_path, max_steps=3, batch_size=8, beta=beta,
-                                loss_type=loss_type, eval_dataset=None))
+    result = dpo.main(
+        tiny_args(
+            tiny_model_dir,
+            pref_small,
+            tmp_path,
+            max_steps=3,
+            batch_size=8,
+            beta=beta,
+            loss_type=loss_type,
+            eval_dataset=None,
+        )
+    )
     rows = train_rows(tmp_path)
     assert all(math.isfinite(r["train/loss"]) for r in rows)
     assert rows[-1]["train/loss"] < rows[0]["train/loss"]
@@ -295,12 +360,16 @@ def test_resume_is_exact(tiny_model_dir, pref_small, tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(RunLogger, "log", log_then_preempt)
-    result = dpo.main(tiny_args(tiny_model_dir, pref_small, tmp_path / "resumed", export=True, batch_size=4, max_steps=4))
+    result = dpo.main(
+        tiny_args(tiny_model_dir, pref_small, tmp_path / "resumed", export=True, batch_size=4, max_steps=4)
+    )
     monkeypatch.setattr(RunLogger, "log", original_log)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     assert result["step"] == 2 and result["preempted"]
     assert [p.name for p in dpo.checkpoint_dirs(tmp_path / "resumed")] == ["step_0000002"]
-    result = dpo.main(tiny_args(tiny_model_dir, pref_small, tmp_path / "resumed", export=True, batch_size=4, max_steps=4, resume=True))
+    result = dpo.main(
+        tiny_args(tiny_model_dir, pref_small, tmp_path / "resumed", export=True, batch_size=4, max_steps=4, resume=True)
+    )
     assert result["step"] == 4 and result["ref_cache_hit"]["train"]  # the reference is the initial model's, from cache
     straight, resumed = train_rows(tmp_path / "straight"), train_rows(tmp_path / "resumed")
     assert len(resumed) == 4
@@ -314,8 +383,20 @@ def test_resume_is_exact(tiny_model_dir, pref_small, tmp_path, monkeypatch):
 def test_dry_run_config_and_bad_data(tiny_model_dir, pref_small, tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(f"model-path: {tiny_model_dir}\nloss_type: ipo\nbeta: 0.5\nmax_steps: 3\n")
-    args = cli(dpo.Args, ["--config", str(config), "--beta", "0.25", "--dry-run", "--dataset",
-                          str(pref_small / "train.jsonl"), "--output-dir", str(tmp_path / "out")])
+    args = cli(
+        dpo.Args,
+        [
+            "--config",
+            str(config),
+            "--beta",
+            "0.25",
+            "--dry-run",
+            "--dataset",
+            str(pref_small / "train.jsonl"),
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+    )
     assert (args.loss_type, args.beta, args.max_steps) == ("ipo", 0.25, 3)
     assert dpo.main(args) is None
     printed = capsys.readouterr().out
@@ -330,14 +411,58 @@ def test_dry_run_config_and_bad_data(tiny_model_dir, pref_small, tmp_path, capsy
 # ------------------------------------------------------------------------------------------------- slow
 @pytest.mark.slow
 def test_torchrun_fsdp2_matches_single_process(tiny_model_dir, pref_small, tmp_path):
-    common = ["--model-path", tiny_model_dir, "--dataset", str(pref_small / "train.jsonl"), "--eval-dataset",
-              str(pref_small / "test.jsonl"), "--eval-samples", "0", "--max-steps", "4", "--lr", "3e-3",
-              "--warmup-steps", "1", "--dtype", "float32", "--save-every", "2", "--eval-every", "2"]
-    single = [sys.executable, "dpo.py", *common, "--batch-size", "2", "--grad-accum", "2",
-              "--output-dir", str(tmp_path / "single"), "--ref-cache-dir", str(tmp_path / "cache-single")]
-    multi = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "dpo.py", *common,
-             "--batch-size", "2", "--grad-accum", "1", "--output-dir", str(tmp_path / "fsdp"),
-             "--ref-cache-dir", str(tmp_path / "cache-fsdp")]
+    common = [
+        "--model-path",
+        tiny_model_dir,
+        "--dataset",
+        str(pref_small / "train.jsonl"),
+        "--eval-dataset",
+        str(pref_small / "test.jsonl"),
+        "--eval-samples",
+        "0",
+        "--max-steps",
+        "4",
+        "--lr",
+        "3e-3",
+        "--warmup-steps",
+        "1",
+        "--dtype",
+        "float32",
+        "--save-every",
+        "2",
+        "--eval-every",
+        "2",
+    ]
+    single = [
+        sys.executable,
+        "dpo.py",
+        *common,
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--output-dir",
+        str(tmp_path / "single"),
+        "--ref-cache-dir",
+        str(tmp_path / "cache-single"),
+    ]
+    multi = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "dpo.py",
+        *common,
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "1",
+        "--output-dir",
+        str(tmp_path / "fsdp"),
+        "--ref-cache-dir",
+        str(tmp_path / "cache-fsdp"),
+    ]
     for cmd in (single, multi):
         run = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
@@ -369,10 +494,23 @@ def test_real_smollm2_default_few_steps(tmp_path):
     for split, n in (("train", 32), ("test", 8)):
         lines = (ROOT / "data" / "arith_pref" / f"{split}.jsonl").read_text().splitlines()[:n]
         (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    result = dpo.main(dpo.Args(output_dir=str(tmp_path / "out"), dataset=str(data / "train.jsonl"),
-                               eval_dataset=str(data / "test.jsonl"), ref_cache_dir=str(tmp_path / "cache"),
-                               max_steps=4, warmup_steps=1, batch_size=4, lr=1e-5, eval_samples=4, max_new_tokens=48,
-                               save_every=0, eval_every=0, export=False))
+    result = dpo.main(
+        dpo.Args(
+            output_dir=str(tmp_path / "out"),
+            dataset=str(data / "train.jsonl"),
+            eval_dataset=str(data / "test.jsonl"),
+            ref_cache_dir=str(tmp_path / "cache"),
+            max_steps=4,
+            warmup_steps=1,
+            batch_size=4,
+            lr=1e-5,
+            eval_samples=4,
+            max_new_tokens=48,
+            save_every=0,
+            eval_every=0,
+            export=False,
+        )
+    )
     rows = train_rows(tmp_path / "out")
     assert len(rows) == 4 and all(math.isfinite(r["train/loss"]) for r in rows)
     assert rows[0]["train/loss"] == pytest.approx(math.log(2), abs=0.02)  # bf16 autocast: ref and policy agree closely

@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from test_sft_vlm import COLORS
 
 import dpo
 from common.data import DataError
 from common.logprob import sequence_logprobs
 from common.metrics import read_metrics
 from common.vision import ComposedVLM, build_vlm, load_vlm, save_vlm
-from test_sft_vlm import COLORS
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +38,15 @@ def write_pref_records(folder, n, seed, names=tuple(COLORS)):
         x, y = rng.randrange(0, 12), rng.randrange(0, 12)
         image.paste(COLORS[color], (x, y, x + 36, y + 36))
         image.save(folder / "images" / f"{seed}_{k}.png")
-        prompt = [{"role": "user", "content": [{"type": "image", "image": f"images/{seed}_{k}.png"},
-                                               {"type": "text", "text": "what color is the shape?"}]}]
+        prompt = [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image", "image": f"images/{seed}_{k}.png"},
+                    {"type": "text", "text": "what color is the shape?"},
+                ],
+            }
+        ]
         lines.append(json.dumps({"prompt": prompt, "chosen": color, "rejected": wrong, "answer": color}))
     path = folder / f"prefs_{seed}.jsonl"
     path.write_text("\n".join(lines) + "\n")
@@ -53,9 +60,23 @@ def prefs(tmp_path_factory):
 
 
 def vlm_args(vlm_dir, prefs, out, **overrides):
-    base = dict(model_path=vlm_dir, dataset=prefs.get("train"), eval_dataset=prefs.get("test"), output_dir=str(out),
-                ref_cache_dir=str(out / "ref-cache"), eval_samples=0, max_steps=6, lr=3e-3, warmup_steps=1,
-                batch_size=12, max_len=128, dtype="float32", save_every=0, eval_every=0, export=False)
+    base = dict(
+        model_path=vlm_dir,
+        dataset=prefs.get("train"),
+        eval_dataset=prefs.get("test"),
+        output_dir=str(out),
+        ref_cache_dir=str(out / "ref-cache"),
+        eval_samples=0,
+        max_steps=6,
+        lr=3e-3,
+        warmup_steps=1,
+        batch_size=12,
+        max_len=128,
+        dtype="float32",
+        save_every=0,
+        eval_every=0,
+        export=False,
+    )
     return dpo.Args(**{**base, **overrides})
 
 
@@ -73,13 +94,16 @@ def test_pair_logps_equal_one_sequence_at_a_time(vlm_dir, prefs):
     packed_batch = dpo.collate_pairs(chunk, pad, packing=True, max_len=128, processor=processor)
     assert packed_batch["input_ids"].shape[0] < len(seqs) and packed_batch["pixel_values"].shape[0] == len(seqs)
     with torch.no_grad():
-        padded, counts = dpo.sequence_logps(model, dpo.collate_pairs(chunk, pad, packing=False, max_len=128,
-                                                                     processor=processor))
+        padded, counts = dpo.sequence_logps(
+            model, dpo.collate_pairs(chunk, pad, packing=False, max_len=128, processor=processor)
+        )
         packed, _ = dpo.sequence_logps(model, packed_batch)
 
         def alone(seq, images):  # one unpadded sequence through the plain logprob path, no dpo.py code
             ids, labels = torch.tensor([seq["input_ids"]]), torch.tensor([seq["labels"]])
-            return sequence_logprobs(model, ids, labels, impl="naive", **processor.image_inputs([{"images": images}])).sum()
+            return sequence_logprobs(
+                model, ids, labels, impl="naive", **processor.image_inputs([{"images": images}])
+            ).sum()
 
         expected = torch.stack([alone(s, s["images"]) for s in seqs])  # [8]
         other_image = torch.stack([alone(s, seqs[(k + 1) % 4]["images"]) for k, s in enumerate(seqs)])
@@ -90,8 +114,9 @@ def test_pair_logps_equal_one_sequence_at_a_time(vlm_dir, prefs):
 
 
 def test_dpo_learns_image_pairs_with_a_frozen_encoder_and_exports(vlm_dir, prefs, tmp_path):
-    result = dpo.main(vlm_args(vlm_dir, prefs, tmp_path, max_steps=12, lr_vision=0.0, export=True, eval_samples=4,
-                               max_new_tokens=2))
+    result = dpo.main(
+        vlm_args(vlm_dir, prefs, tmp_path, max_steps=12, lr_vision=0.0, export=True, eval_samples=4, max_new_tokens=2)
+    )
     rows = train_rows(tmp_path)
     assert len(rows) == 12
     assert rows[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-4)  # the policy is the reference at step 0
@@ -114,8 +139,10 @@ def test_dpo_learns_image_pairs_with_a_frozen_encoder_and_exports(vlm_dir, prefs
     assert isinstance(model, ComposedVLM)
     pairs, _ = dpo.build_pairs(prefs["test"], processor.tokenizer, max_len=128, processor=processor)
     with torch.no_grad():
-        logps, _ = dpo.sequence_logps(model, dpo.collate_pairs(pairs, processor.tokenizer.pad_token_id, packing=False,
-                                                               max_len=128, processor=processor))
+        logps, _ = dpo.sequence_logps(
+            model,
+            dpo.collate_pairs(pairs, processor.tokenizer.pad_token_id, packing=False, max_len=128, processor=processor),
+        )
     final_eval = [r for r in read_metrics(tmp_path) if "eval/logps/chosen" in r][-1]
     assert logps[: len(pairs)].mean().item() == pytest.approx(final_eval["eval/logps/chosen"], abs=1e-4)
 
@@ -153,8 +180,15 @@ def test_reference_cache_reused_and_keyed_on_pixels(vlm_dir, tmp_path, capsys):
 
 def test_text_model_refuses_image_pairs(tiny_model_dir, prefs, tmp_path):
     with pytest.raises(DataError, match=r"prefs_0\.jsonl:1: the pair holds an image but --model-path is a text model"):
-        dpo.main(dpo.Args(model_path=tiny_model_dir, dataset=prefs["train"], eval_dataset=None, output_dir=str(tmp_path),
-                          dry_run=True))
+        dpo.main(
+            dpo.Args(
+                model_path=tiny_model_dir,
+                dataset=prefs["train"],
+                eval_dataset=None,
+                output_dir=str(tmp_path),
+                dry_run=True,
+            )
+        )
 
 
 @pytest.mark.slow
@@ -164,8 +198,19 @@ def test_native_vlm_trains_unpacked_on_image_pairs(prefs, tmp_path, capsys):
     from test_vision import tiny_qwen_vl_folder
 
     tiny_qwen_vl_folder(tmp_path / "qwen2_vl", "qwen2_vl")
-    result = dpo.main(vlm_args(str(tmp_path / "qwen2_vl"), prefs, tmp_path / "run", max_steps=4, max_len=256, packing=True,
-                               export=True, eval_samples=2, max_new_tokens=2))
+    result = dpo.main(
+        vlm_args(
+            str(tmp_path / "qwen2_vl"),
+            prefs,
+            tmp_path / "run",
+            max_steps=4,
+            max_len=256,
+            packing=True,
+            export=True,
+            eval_samples=2,
+            max_new_tokens=2,
+        )
+    )
     assert "--no-packing" in capsys.readouterr().out
     loss = [r["train/loss"] for r in train_rows(tmp_path / "run")]
     assert loss[0] == pytest.approx(math.log(2), abs=1e-4) and loss[-1] < loss[0], loss

@@ -9,13 +9,13 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, read_jsonl, subprocess_env
 
 import eval_vqa
 from common.data import DataError, load_records
 from common.logprob import sequence_logprobs
 from common.metrics import anls, counting_accuracy, exact_match, mc_accuracy, relaxed_correctness, vqa_score
 from common.vision import build_vlm, param_groups, save_vlm
-from conftest import ROOT, read_jsonl, subprocess_env
 
 ALL_METRICS = ("vqa_score", "exact_match", "anls", "relaxed_correctness", "counting_accuracy")
 
@@ -55,7 +55,9 @@ def qa_vlm(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def yes_vlm(tiny_model_dir, tmp_path_factory):
     """Taught to answer every question "yes" (30 steps at a high lr: the loss falls from ln(49152) to ~0.003)."""
-    chats = [r["messages"][:1] + [{"role": "assistant", "content": "yes"}] for r in load_records("easy-vqa:train")[::97][:16]]
+    chats = [
+        r["messages"][:1] + [{"role": "assistant", "content": "yes"}] for r in load_records("easy-vqa:train")[::97][:16]
+    ]
     folder, loss = train_tiny_vlm(tiny_model_dir, chats, 30, tmp_path_factory.mktemp("yes") / "vlm", lr=2e-2, seed=2)
     assert loss < 0.05, loss
     return str(folder)
@@ -77,8 +79,9 @@ def write_jsonl(path, records):
 
 
 def run(model_path, out, **overrides):
-    args = dict(model_path=model_path, output_dir=str(out), max_samples=12, batch_size=4, max_new_tokens=4,
-                dtype="float32")
+    args = dict(
+        model_path=model_path, output_dir=str(out), max_samples=12, batch_size=4, max_new_tokens=4, dtype="float32"
+    )
     summary = eval_vqa.main(eval_vqa.Args(**{**args, **overrides}))
     return summary, read_jsonl(out / "predictions.jsonl"), json.loads((out / "metrics.json").read_text())
 
@@ -98,8 +101,13 @@ def test_rows_scores_and_means_match_common_metrics(qa_vlm, tmp_path):
     assert len({r["prediction"] for r in rows}) >= 3, rows  # the answers depend on the question: a real test
     for r in rows:
         p, a = r["prediction"], r["answers"]
-        assert r["scores"] == {"vqa_score": vqa_score(p, a), "exact_match": exact_match(p, a), "anls": anls(p, a),
-                               "relaxed_correctness": relaxed_correctness(p, a), "counting_accuracy": counting_accuracy(p, a[0])}
+        assert r["scores"] == {
+            "vqa_score": vqa_score(p, a),
+            "exact_match": exact_match(p, a),
+            "anls": anls(p, a),
+            "relaxed_correctness": relaxed_correctness(p, a),
+            "counting_accuracy": counting_accuracy(p, a[0]),
+        }
     for m in ALL_METRICS:
         assert saved["overall"][m] == pytest.approx(mean([r["scores"][m] for r in rows]))
     assert saved["overall"]["n"] == 12
@@ -107,7 +115,9 @@ def test_rows_scores_and_means_match_common_metrics(qa_vlm, tmp_path):
     for key, field in (("by_answer_type", "answer_type"), ("by_question_type", "question_type")):
         for name, group in saved[key].items():
             subset = [r for r in rows if r[field] == name]
-            assert group["n"] == len(subset) and group["vqa_score"] == pytest.approx(mean([r["scores"]["vqa_score"] for r in subset]))
+            assert group["n"] == len(subset) and group["vqa_score"] == pytest.approx(
+                mean([r["scores"]["vqa_score"] for r in subset])
+            )
     assert set(saved["by_question_type"]) <= {"yes/no", "color", "shape"}
     assert 0.0 < saved["overall"]["exact_match"]  # 40 steps on 24 questions: some yes/no answers land
 
@@ -123,9 +133,16 @@ def test_batched_left_padding_matches_one_at_a_time(qa_vlm, tmp_path):
 
 def test_constant_answer_scores_by_hand(yes_vlm, images, tmp_path):
     flat = [("yes",) * 1, ("yes",) * 3 + ("no",) * 7, ("yes",) * 2 + ("no",) * 8, ("no",) * 10, ("yess",), ("yeah",)]
-    data = write_jsonl(images / "flat.jsonl", [{"image": f"img/{k % 2}.png", "question": "is there a shape?",
-                                                   "answers": list(a)} for k, a in enumerate(flat)])
-    summary, rows, _ = run(yes_vlm, tmp_path / "out", dataset=data, metrics=ALL_METRICS, prompt_suffix=" Answer with one word.")
+    data = write_jsonl(
+        images / "flat.jsonl",
+        [
+            {"image": f"img/{k % 2}.png", "question": "is there a shape?", "answers": list(a)}
+            for k, a in enumerate(flat)
+        ],
+    )
+    summary, rows, _ = run(
+        yes_vlm, tmp_path / "out", dataset=data, metrics=ALL_METRICS, prompt_suffix=" Answer with one word."
+    )
     assert [r["prediction"] for r in rows] == ["yes"] * 6
     assert [r["image"] for r in rows] == [str(images / "img" / f"{k % 2}.png") for k in range(6)]
     # VQA accuracy averages min(1, matches among the other 9 annotators / 3) over the 10 leave-one-out subsets:
@@ -138,13 +155,32 @@ def test_constant_answer_scores_by_hand(yes_vlm, images, tmp_path):
     assert summary["overall"]["vqa_score"] == pytest.approx(2.5 / 6)
     # majority answers: yes, no, no, no -> yes/no; yess, yeah -> other
     assert summary["by_answer_type"]["yes/no"]["vqa_score"] == pytest.approx(2.5 / 4)
-    assert summary["by_answer_type"]["other"] == {"n": 2, **{m: pytest.approx(0.375 if m == "anls" else 0.0) for m in ALL_METRICS}}
+    assert summary["by_answer_type"]["other"] == {
+        "n": 2,
+        **{m: pytest.approx(0.375 if m == "anls" else 0.0) for m in ALL_METRICS},
+    }
     # multiple choice: mc_accuracy joins by itself; "yes" picks option B
-    mc = write_jsonl(images / "mc.jsonl", [{"image": "img/0.png", "question": "is there a shape?", "options": ["no", "yes", "maybe"],
-                                               "answer_index": k} for k in (1, 0)])
+    mc = write_jsonl(
+        images / "mc.jsonl",
+        [
+            {
+                "image": "img/0.png",
+                "question": "is there a shape?",
+                "options": ["no", "yes", "maybe"],
+                "answer_index": k,
+            }
+            for k in (1, 0)
+        ],
+    )
     summary, rows, _ = run(yes_vlm, tmp_path / "mc", dataset=mc, metrics=("exact_match",))
-    assert [r["scores"]["mc_accuracy"] for r in rows] == [1.0, 0.0] == [mc_accuracy("yes", ["no", "yes", "maybe"], k) for k in (1, 0)]
-    assert rows[0]["question"] == "is there a shape?\nA. no\nB. yes\nC. maybe" and summary["overall"]["mc_accuracy"] == 0.5
+    assert (
+        [r["scores"]["mc_accuracy"] for r in rows]
+        == [1.0, 0.0]
+        == [mc_accuracy("yes", ["no", "yes", "maybe"], k) for k in (1, 0)]
+    )
+    assert (
+        rows[0]["question"] == "is there a shape?\nA. no\nB. yes\nC. maybe" and summary["overall"]["mc_accuracy"] == 0.5
+    )
 
 
 def test_right_answers_score_one(yes_vlm, tmp_path):
@@ -170,8 +206,10 @@ def test_bad_model_paths_and_data_are_clear_errors(qa_vlm, tiny_model_dir, image
         run("/no/such/vlm", tmp_path)
     with pytest.raises(SystemExit, match=r"is not a vision-language model \(config.json says model_type 'llama'"):
         run(tiny_model_dir, tmp_path)
-    data = write_jsonl(images / "bad.jsonl", [{"image": "img/0.png", "question": "q?", "answers": ["yes"]},
-                                              {"image": "img/0.png", "question": "q?"}])
+    data = write_jsonl(
+        images / "bad.jsonl",
+        [{"image": "img/0.png", "question": "q?", "answers": ["yes"]}, {"image": "img/0.png", "question": "q?"}],
+    )
     with pytest.raises(DataError, match=r"bad.jsonl:2: answers: expected a reference answer"):
         run(qa_vlm, tmp_path, dataset=data)
     data = write_jsonl(images / "missing.jsonl", [{"image": "img/404.png", "question": "q?", "answer": "yes"}])
@@ -179,21 +217,48 @@ def test_bad_model_paths_and_data_are_clear_errors(qa_vlm, tiny_model_dir, image
         run(qa_vlm, tmp_path, dataset=data)
     with pytest.raises(DataError, match=r"missing.jsonl:1: mc_accuracy needs options and answer_index"):
         run(qa_vlm, tmp_path, dataset=data, metrics=("mc_accuracy",))
-    for flags, expected in ((["--model-path", "/no/such/vlm"], "error: model folder '/no/such/vlm' does not exist"),
-                            (["--model-path", tiny_model_dir], "is not a vision-language model"),
-                            (["--model-path", qa_vlm, "--dataset", data], "missing.jsonl:1: image not found")):
-        proc = subprocess.run([sys.executable, "eval_vqa.py", *flags, "--output-dir", str(tmp_path / "cli")], cwd=ROOT,
-                              env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    for flags, expected in (
+        (["--model-path", "/no/such/vlm"], "error: model folder '/no/such/vlm' does not exist"),
+        (["--model-path", tiny_model_dir], "is not a vision-language model"),
+        (["--model-path", qa_vlm, "--dataset", data], "missing.jsonl:1: image not found"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "eval_vqa.py", *flags, "--output-dir", str(tmp_path / "cli")],
+            cwd=ROOT,
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 1 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(qa_vlm, tmp_path):
-    flags = ["--model-path", qa_vlm, "--max-samples", "10", "--batch-size", "3", "--max-new-tokens", "4", "--dtype", "float32"]
-    for name, launcher in (("one", [sys.executable]),
-                           ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
-        proc = subprocess.run([*launcher, "eval_vqa.py", *flags, "--output-dir", str(tmp_path / name)], cwd=ROOT,
-                              env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    flags = [
+        "--model-path",
+        qa_vlm,
+        "--max-samples",
+        "10",
+        "--batch-size",
+        "3",
+        "--max-new-tokens",
+        "4",
+        "--dtype",
+        "float32",
+    ]
+    for name, launcher in (
+        ("one", [sys.executable]),
+        ("two", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]),
+    ):
+        proc = subprocess.run(
+            [*launcher, "eval_vqa.py", *flags, "--output-dir", str(tmp_path / name)],
+            cwd=ROOT,
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two"))
     assert one == two and one["overall"]["n"] == 10

@@ -13,10 +13,10 @@ import types
 
 import pytest
 import torch
+from conftest import ROOT, read_jsonl, subprocess_env
 
 import grpo
 from common.metrics import RunLogger, read_metrics
-from conftest import ROOT, read_jsonl, subprocess_env
 
 # two groups of G=3; the second has all-equal rewards; uneven response lengths (3, 1, 2 | 2, 3, 0 tokens)
 REWARDS = [1.0, 0.0, 0.5, 2.0, 2.0, 2.0]
@@ -98,8 +98,9 @@ def clip(x, lo, hi):
 @pytest.mark.parametrize("clip_low, clip_high, dual", [(0.2, 0.2, None), (0.2, 0.28, None), (0.2, 0.2, 3.0)])
 def test_ppo_loss_matches_formula(agg, clip_low, clip_high, dual):
     logps, old, adv, mask, seq_adv = hand_batch()
-    loss, stats = grpo.policy_loss(logps, old, adv, mask, variant="ppo", clip_low=clip_low, clip_high=clip_high,
-                                   dual_clip=dual, agg=agg)
+    loss, stats = grpo.policy_loss(
+        logps, old, adv, mask, variant="ppo", clip_low=clip_low, clip_high=clip_high, dual_clip=dual, agg=agg
+    )
     token_losses, n_clipped = [], 0
     for i, n in enumerate([3, 1, 2]):
         row = []
@@ -116,7 +117,9 @@ def test_ppo_loss_matches_formula(agg, clip_low, clip_high, dual):
     assert loss.item() == pytest.approx(agg_by_hand(token_losses, agg), rel=1e-5)
     assert stats["clip_fraction"].item() == pytest.approx(n_clipped / 6)
     assert n_clipped > 0  # the hand-made ratios do cross the clip range
-    if dual is not None:  # sequence 2, token 0: ratio e^2 at A = -2 would cost 2 e^2 = 14.8; the dual clip caps it at 2c
+    if (
+        dual is not None
+    ):  # sequence 2, token 0: ratio e^2 at A = -2 would cost 2 e^2 = 14.8; the dual clip caps it at 2c
         assert token_losses[2][0] == pytest.approx(2.0 * dual)
 
 
@@ -209,8 +212,15 @@ def test_micro_batches_give_the_same_loss_and_gradient(variant, agg):
     total = 0.0
     for rows in ([0, 1], [2, 3, 4], [5]):
         width = max(lengths[r] for r in rows)  # each micro-batch trimmed to its own longest row
-        loss, _ = grpo.policy_loss(accum[rows, :width], old[rows, :width], adv[rows, :width], mask[rows, :width],
-                                   n_tokens=n_tok, n_seqs=n_seq, **kw)
+        loss, _ = grpo.policy_loss(
+            accum[rows, :width],
+            old[rows, :width],
+            adv[rows, :width],
+            mask[rows, :width],
+            n_tokens=n_tok,
+            n_seqs=n_seq,
+            **kw,
+        )
         loss.backward()
         total += loss.item()
     assert total == pytest.approx(loss_full.item(), rel=1e-5, abs=1e-7)
@@ -224,8 +234,9 @@ def test_build_batch_aligns_response_mask_with_logps():
     # logps[:, t] scores token t+1: the completion tokens are scored at t = len(prompt)-1 ... len(row)-2
     assert batch["response_mask"].tolist() == [[False, False, True, True, False], [True, True, True, False, False]]
     assert batch["position_ids"][1].tolist()[:4] == [0, 1, 2, 3]
-    with_logps = grpo.build_batch([[5, 6, 7], [8]], [[10, 11], [12, 13, 14]], pad_id=0,
-                                  rollout_logps=[[-0.5, -1.5], [-1.0, -2.0, -3.0]])
+    with_logps = grpo.build_batch(
+        [[5, 6, 7], [8]], [[10, 11], [12, 13, 14]], pad_id=0, rollout_logps=[[-0.5, -1.5], [-1.0, -2.0, -3.0]]
+    )
     assert with_logps["rollout_logps"].tolist() == [[0, 0, -0.5, -1.5, 0], [-1.0, -2.0, -3.0, 0, 0]]
     assert (with_logps["rollout_logps"] != 0).eq(with_logps["response_mask"]).all()
 
@@ -240,7 +251,10 @@ def test_sampler_logps_equal_the_training_models_logps(sharper_tiny_model_dir):
 
     tokenizer = load_tokenizer(sharper_tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(sharper_tiny_model_dir, dtype=torch.float32)
-    prompts = [grpo.encode_prompt(tokenizer, None, [{"role": "user", "content": q}]) for q in ("2+2?", "What is seven times eight?")]
+    prompts = [
+        grpo.encode_prompt(tokenizer, None, [{"role": "user", "content": q}])
+        for q in ("2+2?", "What is seven times eight?")
+    ]
     prompt_ids = [p["input_ids"] for p in prompts]
     for fire in (None, 3.0):
         args = types.SimpleNamespace(temperature=0.7, top_p=1.0, fire_temperature=fire, max_new_tokens=6)
@@ -248,8 +262,14 @@ def test_sampler_logps_equal_the_training_models_logps(sharper_tiny_model_dir):
         completions, _, sampler_logps = grpo.generate(model, tokenizer, prompts, args, contextlib.nullcontext())
         batch = grpo.build_batch(prompt_ids, completions, tokenizer.pad_token_id, sampler_logps)
         with torch.no_grad():
-            train_logps = sequence_logprobs(model, batch["input_ids"], batch["labels"], position_ids=batch["position_ids"],
-                                            attention_mask=batch["attention_mask"], temperature=0.7)
+            train_logps = sequence_logprobs(
+                model,
+                batch["input_ids"],
+                batch["labels"],
+                position_ids=batch["position_ids"],
+                attention_mask=batch["attention_mask"],
+                temperature=0.7,
+            )
         diff = (train_logps - batch["rollout_logps"])[batch["response_mask"]]
         assert diff.numel() == sum(len(c) for c in completions) > 0
         if fire is None:
@@ -283,10 +303,23 @@ def raise_on_odd_answer(completions, prompts=None, answers=None, **kwargs):
 
 
 def tiny_args(tiny_model_dir, arith_small, out, **overrides):
-    base = dict(model_path=tiny_model_dir, dataset=str(arith_small / "train.jsonl"), eval_dataset=None,
-                output_dir=str(out), max_steps=2, prompts_per_step=4, group_size=4, max_new_tokens=8, lr=1e-3,
-                dtype="float32", rewards=(), reward_fn=("test_grpo:vowel_fraction",), export=False, micro_batch_size=8,
-                dynamic_sampling=False)
+    base = dict(
+        model_path=tiny_model_dir,
+        dataset=str(arith_small / "train.jsonl"),
+        eval_dataset=None,
+        output_dir=str(out),
+        max_steps=2,
+        prompts_per_step=4,
+        group_size=4,
+        max_new_tokens=8,
+        lr=1e-3,
+        dtype="float32",
+        rewards=(),
+        reward_fn=("test_grpo:vowel_fraction",),
+        export=False,
+        micro_batch_size=8,
+        dynamic_sampling=False,
+    )
     return grpo.Args(**{**base, **overrides})
 
 
@@ -305,15 +338,31 @@ def sharper_tiny_model_dir(tmp_path_factory):
 
 
 def test_tiny_model_learns_a_learnable_reward(sharper_tiny_model_dir, arith_small, tmp_path):
-    grpo.main(tiny_args(sharper_tiny_model_dir, arith_small, tmp_path, max_steps=12, prompts_per_step=4, group_size=8,
-                        lr=1e-2, save_rollouts=True))
+    grpo.main(
+        tiny_args(
+            sharper_tiny_model_dir,
+            arith_small,
+            tmp_path,
+            max_steps=12,
+            prompts_per_step=4,
+            group_size=8,
+            lr=1e-2,
+            save_rollouts=True,
+        )
+    )
     curve = [r["reward/mean"] for r in read_metrics(tmp_path) if "reward/mean" in r]
     assert len(curve) == 12
     first, last = sum(curve[:3]) / 3, sum(curve[-3:]) / 3
     assert last > first + 0.3, curve  # measured: 0.38 -> 1.0
     rows = read_metrics(tmp_path)
-    for key in ("train/entropy", "train/clip_fraction", "train/approx_kl", "completion/length_mean",
-                "time/rollout_share", "reward/test_grpo:vowel_fraction_std"):
+    for key in (
+        "train/entropy",
+        "train/clip_fraction",
+        "train/approx_kl",
+        "completion/length_mean",
+        "time/rollout_share",
+        "reward/test_grpo:vowel_fraction_std",
+    ):
         assert key in rows[0], key
     # fp32, mu=1: the sampler's logps of the first step's rollouts are the training forward's (logged, not used)
     assert rows[0]["rollout/train_vs_sampler_ratio_mean"] == pytest.approx(1.0, abs=1e-3)
@@ -326,14 +375,30 @@ def test_tiny_model_learns_a_learnable_reward(sharper_tiny_model_dir, arith_smal
 
 
 def test_dynamic_sampling_drops_equal_groups_and_failing_rewards_are_counted(tiny_model_dir, arith_small, tmp_path):
-    grpo.main(tiny_args(tiny_model_dir, arith_small, tmp_path / "ds", max_steps=1, dynamic_sampling=True,
-                        max_resample=1, reward_fn=("test_grpo:prompt_parity",)))
+    grpo.main(
+        tiny_args(
+            tiny_model_dir,
+            arith_small,
+            tmp_path / "ds",
+            max_steps=1,
+            dynamic_sampling=True,
+            max_resample=1,
+            reward_fn=("test_grpo:prompt_parity",),
+        )
+    )
     row = read_metrics(tmp_path / "ds")[0]
     assert row["rollout/filtered_group_fraction"] == 1.0  # 2 rounds x 4 groups, all degenerate
     assert row["train/loss"] == 0.0 and row["train/grad_norm"] == 0.0
 
-    grpo.main(tiny_args(tiny_model_dir, arith_small, tmp_path / "fail", max_steps=1,
-                        reward_fn=("test_grpo:raise_on_odd_answer", "test_grpo:vowel_fraction")))
+    grpo.main(
+        tiny_args(
+            tiny_model_dir,
+            arith_small,
+            tmp_path / "fail",
+            max_steps=1,
+            reward_fn=("test_grpo:raise_on_odd_answer", "test_grpo:vowel_fraction"),
+        )
+    )
     row = read_metrics(tmp_path / "fail")[0]
     assert row["reward/test_grpo:raise_on_odd_answer_failures"] > 0  # counted, and the run went on
     assert row["reward/test_grpo:vowel_fraction_failures"] == 0
@@ -353,7 +418,10 @@ def test_resume_is_exact(tiny_model_dir, arith_small, tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(RunLogger, "log", log_then_preempt)
-    assert grpo.main(tiny_args(tiny_model_dir, arith_small, tmp_path / "resumed", **kw)) == {"step": 2, "preempted": True}
+    assert grpo.main(tiny_args(tiny_model_dir, arith_small, tmp_path / "resumed", **kw)) == {
+        "step": 2,
+        "preempted": True,
+    }
     monkeypatch.setattr(RunLogger, "log", original_log)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     assert grpo.main(tiny_args(tiny_model_dir, arith_small, tmp_path / "resumed", resume=True, **kw))["step"] == 4
@@ -364,7 +432,10 @@ def test_resume_is_exact(tiny_model_dir, arith_small, tmp_path, monkeypatch):
     assert any(r["train/clip_fraction"] > 0 or r["train/approx_kl"] > 0 for r in a)  # mu=2 really reused rollouts
     from safetensors.torch import load_file
 
-    wa, wb = load_file(tmp_path / "straight/model/model.safetensors"), load_file(tmp_path / "resumed/model/model.safetensors")
+    wa, wb = (
+        load_file(tmp_path / "straight/model/model.safetensors"),
+        load_file(tmp_path / "resumed/model/model.safetensors"),
+    )
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
 
 
@@ -378,11 +449,40 @@ def test_dry_run_prints_plan(tiny_model_dir, arith_small, tmp_path, capsys):
 @pytest.mark.slow
 def test_torchrun_fsdp2_two_processes(tiny_model_dir, arith_small, tmp_path):
     """2 ranks under FSDP2: generation with synced_gpus, global normalisation, KL reference, checkpoint and export."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "grpo.py",
-           "--model-path", tiny_model_dir, "--dataset", str(arith_small / "train.jsonl"), "--eval-dataset",
-           str(arith_small / "test.jsonl"), "--eval-samples", "4", "--max-steps", "2", "--prompts-per-step", "4",
-           "--group-size", "2", "--max-new-tokens", "8", "--dtype", "float32", "--kl-coef", "0.1",
-           "--rewards", "math", "--reward-fn", "test_grpo:vowel_fraction", "--output-dir", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "grpo.py",
+        "--model-path",
+        tiny_model_dir,
+        "--dataset",
+        str(arith_small / "train.jsonl"),
+        "--eval-dataset",
+        str(arith_small / "test.jsonl"),
+        "--eval-samples",
+        "4",
+        "--max-steps",
+        "2",
+        "--prompts-per-step",
+        "4",
+        "--group-size",
+        "2",
+        "--max-new-tokens",
+        "8",
+        "--dtype",
+        "float32",
+        "--kl-coef",
+        "0.1",
+        "--rewards",
+        "math",
+        "--reward-fn",
+        "test_grpo:vowel_fraction",
+        "--output-dir",
+        str(tmp_path),
+    ]
     env = {**subprocess_env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

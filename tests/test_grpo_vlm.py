@@ -9,15 +9,15 @@ import types
 
 import pytest
 import torch
+from conftest import ROOT, subprocess_env
 from safetensors.torch import load_file
+from test_sft_vlm import write_color_records
+from test_vision import tiny_qwen_vl_folder
 
 import grpo
 from common.metrics import read_metrics
 from common.rewards import vqa_reward
 from common.vision import build_vlm, checkpoint_vlm, load_vlm, save_vlm
-from conftest import ROOT, subprocess_env
-from test_sft_vlm import write_color_records
-from test_vision import tiny_qwen_vl_folder
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +35,9 @@ def colors(tmp_path_factory):
 def test_vqa_reward_follows_the_vqa_score():
     # 3 of 10 annotators said "red": leaving out one of them gives min(1, 2/3), any other min(1, 3/3) -> (3*2/3 + 7) / 10
     answers = ["red"] * 3 + ["blue"] * 7
-    assert vqa_reward(["Red.", "<think>hm</think><answer>red</answer>", "green"], answers=[answers] * 3) == \
-        pytest.approx([0.9, 0.9, 0.0])
+    assert vqa_reward(
+        ["Red.", "<think>hm</think><answer>red</answer>", "green"], answers=[answers] * 3
+    ) == pytest.approx([0.9, 0.9, 0.0])
     assert vqa_reward(["two", "2", "no"], answers=["2", "2", None]) == [1.0, 1.0, 0.0]  # number words -> digits
 
 
@@ -48,15 +49,22 @@ def test_vlm_sampler_logps_equal_training_logps_with_images_in_place(family, vlm
     items, _ = grpo.prompt_records(colors["train"])
     prompts = [grpo.encode_prompt(processor.tokenizer, processor, m) for m, _ in items[:4]]
     assert all(p["input_ids"].count(processor.image_token_id) == (16 if family == "composed" else 4) for p in prompts)
-    args = types.SimpleNamespace(temperature=1.0, top_p=1.0, fire_temperature=None, max_new_tokens=5, logprob_impl="fused")
+    args = types.SimpleNamespace(
+        temperature=1.0, top_p=1.0, fire_temperature=None, max_new_tokens=5, logprob_impl="fused"
+    )
     torch.manual_seed(0)
-    completions, _, sampler_logps = grpo.generate(model, processor.tokenizer, prompts, args, contextlib.nullcontext(),
-                                                  processor=processor)
-    batch = grpo.build_batch([p["input_ids"] for p in prompts], completions, processor.tokenizer.pad_token_id, sampler_logps)
+    completions, _, sampler_logps = grpo.generate(
+        model, processor.tokenizer, prompts, args, contextlib.nullcontext(), processor=processor
+    )
+    batch = grpo.build_batch(
+        [p["input_ids"] for p in prompts], completions, processor.tokenizer.pad_token_id, sampler_logps
+    )
 
     def train_logps(rows_prompts):
         with torch.no_grad():
-            return grpo.token_logps(model, batch, args, image_inputs=processor.image_inputs(rows_prompts, batch["input_ids"]))
+            return grpo.token_logps(
+                model, batch, args, image_inputs=processor.image_inputs(rows_prompts, batch["input_ids"])
+            )
 
     mask = batch["response_mask"]
     assert mask.sum() == sum(len(c) for c in completions) > 0
@@ -68,11 +76,28 @@ def test_vlm_sampler_logps_equal_training_logps_with_images_in_place(family, vlm
 def test_grpo_trains_a_vlm_on_image_prompts_with_the_vqa_reward(vlm_dir, colors, tmp_path):
     out = tmp_path / "run"
     # a random-init model never names the colour (vqa reward 0 everywhere): a text-length reward gives advantages
-    (tmp_path / "length_reward.py").write_text("def score(completions, **kw):\n    return [len(c) / 10 for c in completions]\n")
-    args = grpo.Args(reward_fn=(f"{tmp_path}/length_reward.py:score",), model_path=vlm_dir, dataset=colors["train"], eval_dataset=colors["test"], output_dir=str(out),
-                     max_steps=2, prompts_per_step=2, group_size=4, max_new_tokens=4, lr=1e-3, lr_vision=0.0,
-                     rewards=("vqa",), dynamic_sampling=False, micro_batch_size=3, eval_samples=4, dtype="float32",
-                     save_rollouts=True)
+    (tmp_path / "length_reward.py").write_text(
+        "def score(completions, **kw):\n    return [len(c) / 10 for c in completions]\n"
+    )
+    args = grpo.Args(
+        reward_fn=(f"{tmp_path}/length_reward.py:score",),
+        model_path=vlm_dir,
+        dataset=colors["train"],
+        eval_dataset=colors["test"],
+        output_dir=str(out),
+        max_steps=2,
+        prompts_per_step=2,
+        group_size=4,
+        max_new_tokens=4,
+        lr=1e-3,
+        lr_vision=0.0,
+        rewards=("vqa",),
+        dynamic_sampling=False,
+        micro_batch_size=3,
+        eval_samples=4,
+        dtype="float32",
+        save_rollouts=True,
+    )
     result = grpo.main(args)
     assert result["step"] == 2 and 0.0 <= result["accuracy_after"] <= 1.0
     rows = [r for r in read_metrics(out) if "reward/vqa_mean" in r]
@@ -90,24 +115,51 @@ def test_grpo_trains_a_vlm_on_image_prompts_with_the_vqa_reward(vlm_dir, colors,
 def test_gradient_checkpointing_reaches_a_vlms_lm_and_changes_no_number(vlm_dir, colors, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(grpo, "checkpoint_vlm", lambda model: calls.append(model) or checkpoint_vlm(model))
-    (tmp_path / "length_reward.py").write_text("def score(completions, **kw):\n    return [len(c) / 10 for c in completions]\n")
+    (tmp_path / "length_reward.py").write_text(
+        "def score(completions, **kw):\n    return [len(c) / 10 for c in completions]\n"
+    )
     exported = []
     for checkpointing in (False, True):
         out = tmp_path / f"gc-{checkpointing}"
-        grpo.main(grpo.Args(reward_fn=(f"{tmp_path}/length_reward.py:score",), model_path=vlm_dir, dataset=colors["train"],
-                            output_dir=str(out), max_steps=1, prompts_per_step=2, group_size=4, max_new_tokens=4,
-                            lr=1e-3, rewards=("vqa",), dynamic_sampling=False, eval_samples=0, dtype="float32",
-                            gradient_checkpointing=checkpointing))
+        grpo.main(
+            grpo.Args(
+                reward_fn=(f"{tmp_path}/length_reward.py:score",),
+                model_path=vlm_dir,
+                dataset=colors["train"],
+                output_dir=str(out),
+                max_steps=1,
+                prompts_per_step=2,
+                group_size=4,
+                max_new_tokens=4,
+                lr=1e-3,
+                rewards=("vqa",),
+                dynamic_sampling=False,
+                eval_samples=0,
+                dtype="float32",
+                gradient_checkpointing=checkpointing,
+            )
+        )
         exported.append(load_file(out / "model" / "model.safetensors"))
-    assert len(calls) == 1 and calls[0].language_model.is_gradient_checkpointing  # second run only: the composed VLM's LM
+    assert (
+        len(calls) == 1 and calls[0].language_model.is_gradient_checkpointing
+    )  # second run only: the composed VLM's LM
     before = load_file(f"{vlm_dir}/model.safetensors")
     assert any(not torch.equal(before[k], exported[1][k]) for k in before)  # it trained
     assert all(torch.allclose(exported[0][k], exported[1][k], atol=1e-6) for k in before)  # recomputation, same numbers
 
 
 def test_text_model_refuses_image_prompts(tiny_model_dir, colors, tmp_path):
-    args = grpo.Args(model_path=tiny_model_dir, dataset=colors["train"], output_dir=str(tmp_path), max_steps=1,
-                     prompts_per_step=2, group_size=2, eval_samples=0, rewards=("vqa",), dtype="float32")
+    args = grpo.Args(
+        model_path=tiny_model_dir,
+        dataset=colors["train"],
+        output_dir=str(tmp_path),
+        max_steps=1,
+        prompts_per_step=2,
+        group_size=2,
+        eval_samples=0,
+        rewards=("vqa",),
+        dtype="float32",
+    )
     with pytest.raises(SystemExit, match="image but --model-path is a text model"):
         grpo.main(args)
 
@@ -115,10 +167,39 @@ def test_text_model_refuses_image_prompts(tiny_model_dir, colors, tmp_path):
 @pytest.mark.slow
 def test_torchrun_fsdp2_on_image_prompts(vlm_dir, colors, tmp_path):
     """2 ranks under FSDP2: a composed VLM's generate (which bypasses forward) must gather the sharded root weights."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "grpo.py",
-           "--model-path", vlm_dir, "--dataset", colors["train"], "--eval-dataset", colors["test"], "--eval-samples", "2",
-           "--max-steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4",
-           "--dtype", "float32", "--rewards", "vqa", "--no-dynamic-sampling", "--lr-vision", "0", "--output-dir", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "grpo.py",
+        "--model-path",
+        vlm_dir,
+        "--dataset",
+        colors["train"],
+        "--eval-dataset",
+        colors["test"],
+        "--eval-samples",
+        "2",
+        "--max-steps",
+        "1",
+        "--prompts-per-step",
+        "2",
+        "--group-size",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--dtype",
+        "float32",
+        "--rewards",
+        "vqa",
+        "--no-dynamic-sampling",
+        "--lr-vision",
+        "0",
+        "--output-dir",
+        str(tmp_path),
+    ]
     run = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert [r["step"] for r in read_metrics(tmp_path) if "reward/vqa_mean" in r] == [1]

@@ -3,6 +3,7 @@
 Comparisons run in float64 so that any real bug (a wrong gradient term, a chunk boundary off by one,
 a bad online log-sum-exp merge) shows up far above rounding noise.
 """
+
 import json
 import os
 import subprocess
@@ -12,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.logprob import (forward_hidden, fused_linear_logprobs, lm_head_params, naive_logprobs,
-                            sequence_logprobs)
+from common.logprob import forward_hidden, fused_linear_logprobs, lm_head_params, naive_logprobs, sequence_logprobs
 
 F64 = torch.float64
 REPO = Path(__file__).resolve().parents[1]
@@ -50,11 +50,20 @@ def rel_err(a, b):
 def test_matches_naive_float64(entropy, temperature, chunks):
     hidden, weight, bias, targets = make_problem()
     chunk_size, vocab_chunk_size = chunks
-    fused_out, fused_grads = values_and_grads(fused_linear_logprobs, hidden, weight, bias, targets, entropy,
-                                              temperature=temperature, chunk_size=chunk_size,
-                                              vocab_chunk_size=vocab_chunk_size)
-    naive_out, naive_grads = values_and_grads(naive_logprobs, hidden, weight, bias, targets, entropy,
-                                              temperature=temperature)
+    fused_out, fused_grads = values_and_grads(
+        fused_linear_logprobs,
+        hidden,
+        weight,
+        bias,
+        targets,
+        entropy,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
+    )
+    naive_out, naive_grads = values_and_grads(
+        naive_logprobs, hidden, weight, bias, targets, entropy, temperature=temperature
+    )
     for f, n in zip(fused_out, naive_out):
         assert f.dtype == F64
         assert rel_err(f, n) <= 1e-6
@@ -74,22 +83,34 @@ def test_values_match_independent_formula():
     expected = logits[torch.arange(6), targets] - logits.exp().sum(1).log()
     probs = logits.softmax(1)
     expected_entropy = -(probs * probs.log()).sum(1)
-    got, got_entropy = fused_linear_logprobs(hidden, weight, targets, bias=bias, temperature=1.5,
-                                             chunk_size=4, vocab_chunk_size=5, return_entropy=True)
+    got, got_entropy = fused_linear_logprobs(
+        hidden, weight, targets, bias=bias, temperature=1.5, chunk_size=4, vocab_chunk_size=5, return_entropy=True
+    )
     assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
     assert torch.allclose(got_entropy, expected_entropy, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("n,vocab,chunk_size,vocab_chunk_size", [
-    (1, 101, 1024, None),   # a single token
-    (33, 101, 8, 16),       # N and V not multiples of their chunks
-    (16, 64, 16, 64),       # exact multiples
-    (9, 50, 100, 1000),     # chunks larger than the problem
-])
+@pytest.mark.parametrize(
+    "n,vocab,chunk_size,vocab_chunk_size",
+    [
+        (1, 101, 1024, None),  # a single token
+        (33, 101, 8, 16),  # N and V not multiples of their chunks
+        (16, 64, 16, 64),  # exact multiples
+        (9, 50, 100, 1000),  # chunks larger than the problem
+    ],
+)
 def test_odd_shapes(n, vocab, chunk_size, vocab_chunk_size):
     hidden, weight, bias, targets = make_problem(n=n, vocab=vocab, ignore_every=0)
-    fused_out, fused_grads = values_and_grads(fused_linear_logprobs, hidden, weight, bias, targets, True,
-                                              chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
+    fused_out, fused_grads = values_and_grads(
+        fused_linear_logprobs,
+        hidden,
+        weight,
+        bias,
+        targets,
+        True,
+        chunk_size=chunk_size,
+        vocab_chunk_size=vocab_chunk_size,
+    )
     naive_out, naive_grads = values_and_grads(naive_logprobs, hidden, weight, bias, targets, True)
     for f, n_ in zip(fused_out + list(fused_grads), naive_out + list(naive_grads)):
         assert f.shape == n_.shape and rel_err(f, n_) <= 1e-6
@@ -98,8 +119,9 @@ def test_odd_shapes(n, vocab, chunk_size, vocab_chunk_size):
 def test_all_targets_ignored_gives_zero_grads():
     hidden, weight, bias, targets = make_problem(n=10, bias=True)
     targets[:] = -100
-    (logp, entropy), grads = values_and_grads(fused_linear_logprobs, hidden, weight, bias, targets, True,
-                                              chunk_size=4, vocab_chunk_size=32)
+    (logp, entropy), grads = values_and_grads(
+        fused_linear_logprobs, hidden, weight, bias, targets, True, chunk_size=4, vocab_chunk_size=32
+    )
     assert (logp == 0).all() and (entropy == 0).all()
     for g in grads:
         assert torch.isfinite(g).all() and (g == 0).all()
@@ -136,10 +158,12 @@ def test_bf16_close_to_float32():
     # The matmul runs in bf16 (like a bf16 lm_head), so logits carry bf16 rounding (~0.4% of their size):
     # use O(1) logits, as from a normed hidden state and a 1/sqrt(H)-scaled head.
     hidden, weight, bias, targets = make_problem(n=64, hidden_size=32, vocab=300, dtype=torch.float32)
-    hidden_bf, weight_bf, bias_bf = (t.detach().bfloat16().requires_grad_()
-                                     for t in (hidden, weight * 2 / 32 ** 0.5, bias / 4))
-    logp_bf, entropy_bf = fused_linear_logprobs(hidden_bf, weight_bf, targets, bias=bias_bf, return_entropy=True,
-                                                chunk_size=16, vocab_chunk_size=128)
+    hidden_bf, weight_bf, bias_bf = (
+        t.detach().bfloat16().requires_grad_() for t in (hidden, weight * 2 / 32**0.5, bias / 4)
+    )
+    logp_bf, entropy_bf = fused_linear_logprobs(
+        hidden_bf, weight_bf, targets, bias=bias_bf, return_entropy=True, chunk_size=16, vocab_chunk_size=128
+    )
     # float32 reference on the same (bf16-rounded) inputs, so only the kernel's own error is measured.
     ref = [t.detach().float().requires_grad_() for t in (hidden_bf, weight_bf, bias_bf)]
     logp_ref, entropy_ref = naive_logprobs(ref[0], ref[1], targets, bias=ref[2], return_entropy=True)
@@ -164,9 +188,17 @@ def test_autocast_bf16_matmul_with_fp32_params():
 # ----------------------------------------------------------------------------- tiny Llama
 def tiny_llama(seed=0, vocab_size=49152):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -211,14 +243,16 @@ def test_sequence_logprobs_fused_equals_naive(peft):
     model = tiny_llama()
     if peft:
         from peft import LoraConfig, get_peft_model
+
         model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     input_ids, labels = tiny_batch()
     position_ids = torch.arange(input_ids.shape[1]).expand_as(input_ids)
     trainable = [p for p in model.parameters() if p.requires_grad]
     results = {}
     for impl in ("naive", "fused"):
-        logp, entropy = sequence_logprobs(model, input_ids, labels, position_ids=position_ids, impl=impl,
-                                          temperature=0.9, return_entropy=True)
+        logp, entropy = sequence_logprobs(
+            model, input_ids, labels, position_ids=position_ids, impl=impl, temperature=0.9, return_entropy=True
+        )
         loss = -logp.sum() / (labels[:, 1:] != -100).sum() + 0.1 * entropy.mean()
         results[impl] = (logp.detach(), entropy.detach(), torch.autograd.grad(loss, trainable))
     (lf, ef, gf), (ln, en, gn) = results["fused"], results["naive"]
@@ -238,9 +272,23 @@ def test_sequence_logprobs_fused_equals_naive(peft):
 def test_fsdp2_two_ranks(tmp_path):
     out = tmp_path / "dist_logprob.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(REPO / "tests" / "dist_logprob.py"), "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(REPO / "tests" / "dist_logprob.py"),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["lm_head_weight_is_full_tensor"], result

@@ -22,8 +22,9 @@ def test_alias_converts_gguf_once_then_loads_the_cache(monkeypatch):
     assert model.config.model_type == "llama" and model.config.hidden_size == 576
     assert not getattr(model, "is_quantized", False) and "quantization_config" not in model.config.to_dict()
     tokenizer = load_tokenizer("smollm2-135m")
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     with torch.no_grad():
         logits = model(**ids).logits[0, -1]
     assert torch.isfinite(logits).all()

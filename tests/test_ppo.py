@@ -12,24 +12,36 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, subprocess_env
 
 import ppo
 from common.metrics import RunLogger, read_metrics
-from conftest import ROOT, subprocess_env
 
 # uneven masks: a gap inside row 0 (skipped, not a break), row 1 runs to the last column, row 2 is empty
-MASK = torch.tensor([[False, True, True, False, True, False],
-                     [False, False, True, True, True, True],
-                     [False, False, False, False, False, False],
-                     [True, False, False, False, False, False]])
-REWARDS = torch.tensor([[9.0, 0.1, -0.2, 9.0, 1.0, 9.0],  # 9.0 sits at masked positions and must be ignored
-                        [9.0, 9.0, 0.0, 0.3, 0.0, 2.0],
-                        [9.0, 9.0, 9.0, 9.0, 9.0, 9.0],
-                        [0.7, 9.0, 9.0, 9.0, 9.0, 9.0]])
-VALUES = torch.tensor([[5.0, 0.5, 0.2, 5.0, 0.9, 5.0],
-                       [5.0, 5.0, 0.4, -0.1, 0.6, 1.5],
-                       [5.0, 5.0, 5.0, 5.0, 5.0, 5.0],
-                       [0.3, 5.0, 5.0, 5.0, 5.0, 5.0]])
+MASK = torch.tensor(
+    [
+        [False, True, True, False, True, False],
+        [False, False, True, True, True, True],
+        [False, False, False, False, False, False],
+        [True, False, False, False, False, False],
+    ]
+)
+REWARDS = torch.tensor(
+    [
+        [9.0, 0.1, -0.2, 9.0, 1.0, 9.0],  # 9.0 sits at masked positions and must be ignored
+        [9.0, 9.0, 0.0, 0.3, 0.0, 2.0],
+        [9.0, 9.0, 9.0, 9.0, 9.0, 9.0],
+        [0.7, 9.0, 9.0, 9.0, 9.0, 9.0],
+    ]
+)
+VALUES = torch.tensor(
+    [
+        [5.0, 0.5, 0.2, 5.0, 0.9, 5.0],
+        [5.0, 5.0, 0.4, -0.1, 0.6, 1.5],
+        [5.0, 5.0, 5.0, 5.0, 5.0, 5.0],
+        [0.3, 5.0, 5.0, 5.0, 5.0, 5.0],
+    ]
+)
 
 
 def gae_by_hand(rewards, values, mask, gamma, lam):
@@ -66,10 +78,12 @@ def test_gae_edge_lambdas():
         steps = [t for t in range(6) if MASK[b, t]]
         for k, t in enumerate(steps):
             later = steps[k:]
-            g = sum(gamma ** j * REWARDS[b, s].item() for j, s in enumerate(later))
+            g = sum(gamma**j * REWARDS[b, s].item() for j, s in enumerate(later))
             assert mc[b, t].item() == pytest.approx(g - VALUES[b, t].item(), abs=1e-6)
             next_v = VALUES[b, steps[k + 1]].item() if k + 1 < len(steps) else 0.0
-            assert td[b, t].item() == pytest.approx(REWARDS[b, t].item() + gamma * next_v - VALUES[b, t].item(), abs=1e-6)
+            assert td[b, t].item() == pytest.approx(
+                REWARDS[b, t].item() + gamma * next_v - VALUES[b, t].item(), abs=1e-6
+            )
     assert mc[2].abs().sum() == 0 and td[2].abs().sum() == 0  # an empty response gets nothing
 
 
@@ -142,9 +156,21 @@ def vowel_fraction(completions, prompts=None, answers=None, **kwargs):
 
 
 def tiny_args(model_dir, arith_small, out, **overrides):
-    base = dict(model_path=model_dir, dataset=str(arith_small / "train.jsonl"), eval_samples=0, output_dir=str(out),
-                max_steps=2, prompts_per_step=4, max_new_tokens=8, lr=1e-3, critic_lr=1e-3, dtype="float32",
-                rewards=("test_ppo:vowel_fraction",), export=False, micro_batch_size=8)
+    base = dict(
+        model_path=model_dir,
+        dataset=str(arith_small / "train.jsonl"),
+        eval_samples=0,
+        output_dir=str(out),
+        max_steps=2,
+        prompts_per_step=4,
+        max_new_tokens=8,
+        lr=1e-3,
+        critic_lr=1e-3,
+        dtype="float32",
+        rewards=("test_ppo:vowel_fraction",),
+        export=False,
+        micro_batch_size=8,
+    )
     return ppo.Args(**{**base, **overrides})
 
 
@@ -164,15 +190,37 @@ def sharper_tiny_model_dir(tmp_path_factory):
 
 def test_tiny_model_learns_a_learnable_reward(sharper_tiny_model_dir, arith_small, tmp_path):
     """One completion per prompt, the critic as the only baseline (lam=1: A = return - V); one update per step."""
-    ppo.main(tiny_args(sharper_tiny_model_dir, arith_small, tmp_path, max_steps=12, prompts_per_step=16, lr=2e-2,
-                       critic_lr=5e-4, lam=1.0, mu=1, mini_batches=1, kl_coef=0.0))
+    ppo.main(
+        tiny_args(
+            sharper_tiny_model_dir,
+            arith_small,
+            tmp_path,
+            max_steps=12,
+            prompts_per_step=16,
+            lr=2e-2,
+            critic_lr=5e-4,
+            lam=1.0,
+            mu=1,
+            mini_batches=1,
+            kl_coef=0.0,
+        )
+    )
     rows = [r for r in read_metrics(tmp_path) if "reward/mean" in r]
     curve = [r["reward/mean"] for r in rows]
     assert len(curve) == 12
     first, last = sum(curve[:3]) / 3, sum(curve[-3:]) / 3
     assert last > first + 0.15, curve  # measured: 0.37 -> 0.67
-    for key in ("reward/std", "train/value_loss", "train/explained_variance", "train/policy_clip_fraction",
-                "train/value_clip_fraction", "train/kl", "train/entropy", "completion/length_mean", "time/rollout_share"):
+    for key in (
+        "reward/std",
+        "train/value_loss",
+        "train/explained_variance",
+        "train/policy_clip_fraction",
+        "train/value_clip_fraction",
+        "train/kl",
+        "train/entropy",
+        "completion/length_mean",
+        "time/rollout_share",
+    ):
         assert key in rows[0] and math.isfinite(rows[0][key]), key
 
 
@@ -182,7 +230,10 @@ def test_critic_warmup_leaves_the_actor_untouched(tiny_model_dir, arith_small, t
     ppo.main(tiny_args(tiny_model_dir, arith_small, tmp_path, max_steps=1, critic_warmup_steps=1, export=True))
     row = read_metrics(tmp_path)[0]
     assert "train/policy_loss" not in row and row["train/value_loss"] > 0
-    before, after = load_file(f"{tiny_model_dir}/model.safetensors"), load_file(tmp_path / "model" / "model.safetensors")
+    before, after = (
+        load_file(f"{tiny_model_dir}/model.safetensors"),
+        load_file(tmp_path / "model" / "model.safetensors"),
+    )
     assert all(torch.equal(before[k], after[k]) for k in before)
     critic = load_file(tmp_path / "critic" / "model.safetensors")
     assert critic["score.weight"].abs().sum() > 0  # the zero-initialised value head did learn
@@ -201,8 +252,10 @@ def easy_pairs(path, n=32):
     with open(path, "w") as f:
         for i in range(n):
             stem = f"{words[i % 8]} {words[(i * 3 + 1) % 8]} {i}"
-            f.write(json.dumps({"prompt": f"Say something, {i}.", "chosen": f"{stem} apple",
-                                "rejected": f"{stem} stone"}) + "\n")
+            f.write(
+                json.dumps({"prompt": f"Say something, {i}.", "chosen": f"{stem} apple", "rejected": f"{stem} stone"})
+                + "\n"
+            )
     return path
 
 
@@ -210,9 +263,19 @@ def test_reward_model_learns_easy_pairs_and_exports(tiny_model_dir, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
     data = str(easy_pairs(tmp_path / "pairs.jsonl"))
-    result = ppo.main(ppo.Args(mode="rm", model_path=tiny_model_dir, dataset=data, eval_dataset=data,
-                               output_dir=str(tmp_path / "rm"), max_steps=30, pairs_per_step=8, lr=3e-3,
-                               dtype="float32"))
+    result = ppo.main(
+        ppo.Args(
+            mode="rm",
+            model_path=tiny_model_dir,
+            dataset=data,
+            eval_dataset=data,
+            output_dir=str(tmp_path / "rm"),
+            max_steps=30,
+            pairs_per_step=8,
+            lr=3e-3,
+            dtype="float32",
+        )
+    )
     assert result["pair_accuracy_after"] >= 0.9, result
     losses = [r["train/loss"] for r in read_metrics(tmp_path / "rm") if "train/loss" in r]
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
@@ -223,7 +286,9 @@ def test_reward_model_learns_easy_pairs_and_exports(tiny_model_dir, tmp_path):
     pairs = ppo.preference_pairs(data, tokenizer, 512)
     with torch.no_grad():
         hf = [[model(input_ids=torch.tensor([ids])).logits.item() for ids in pair] for pair in pairs]
-        ours = ppo.score_rows(model, [c for c, _ in pairs], tokenizer.pad_token_id, "cpu", torch.autocast("cpu", enabled=False), 8)
+        ours = ppo.score_rows(
+            model, [c for c, _ in pairs], tokenizer.pad_token_id, "cpu", torch.autocast("cpu", enabled=False), 8
+        )
     assert sum(c > r for c, r in hf) / len(hf) >= 0.9
     assert torch.allclose(ours, torch.tensor([c for c, _ in hf]), atol=1e-5)  # batched + padded == one by one
 
@@ -245,11 +310,40 @@ def tiny_reward_model_dir(tiny_model_dir, tmp_path_factory):
 def test_torchrun_fsdp2_two_processes(tiny_model_dir, tiny_reward_model_dir, arith_small, tmp_path):
     """2 ranks under FSDP2: actor, critic (from the reward model), reference and reward model all sharded; adaptive KL;
     checkpoint and both exports; then --mode rm under FSDP2."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "ppo.py",
-           "--model-path", tiny_model_dir, "--dataset", str(arith_small / "train.jsonl"), "--eval-dataset",
-           str(arith_small / "test.jsonl"), "--eval-samples", "4", "--max-steps", "2", "--prompts-per-step", "4",
-           "--max-new-tokens", "8", "--dtype", "float32", "--kl-target", "1.0", "--reward-model", tiny_reward_model_dir,
-           "--critic-path", tiny_reward_model_dir, "--rewards", "test_ppo:vowel_fraction", "--output-dir", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "ppo.py",
+        "--model-path",
+        tiny_model_dir,
+        "--dataset",
+        str(arith_small / "train.jsonl"),
+        "--eval-dataset",
+        str(arith_small / "test.jsonl"),
+        "--eval-samples",
+        "4",
+        "--max-steps",
+        "2",
+        "--prompts-per-step",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--dtype",
+        "float32",
+        "--kl-target",
+        "1.0",
+        "--reward-model",
+        tiny_reward_model_dir,
+        "--critic-path",
+        tiny_reward_model_dir,
+        "--rewards",
+        "test_ppo:vowel_fraction",
+        "--output-dir",
+        str(tmp_path),
+    ]
     env = {**subprocess_env(), "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -262,9 +356,30 @@ def test_torchrun_fsdp2_two_processes(tiny_model_dir, tiny_reward_model_dir, ari
     assert "accuracy after training" in run.stdout
 
     data = str(easy_pairs(tmp_path / "pairs.jsonl", n=8))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "ppo.py", "--mode", "rm",
-           "--model-path", tiny_model_dir, "--dataset", data, "--eval-dataset", data, "--max-steps", "2",
-           "--pairs-per-step", "4", "--dtype", "float32", "--output-dir", str(tmp_path / "rm")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "ppo.py",
+        "--mode",
+        "rm",
+        "--model-path",
+        tiny_model_dir,
+        "--dataset",
+        data,
+        "--eval-dataset",
+        data,
+        "--max-steps",
+        "2",
+        "--pairs-per-step",
+        "4",
+        "--dtype",
+        "float32",
+        "--output-dir",
+        str(tmp_path / "rm"),
+    ]
     run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert [r["step"] for r in read_metrics(tmp_path / "rm") if "train/loss" in r] == [1, 2]
@@ -285,14 +400,23 @@ def test_resume_is_exact(tiny_model_dir, arith_small, tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(RunLogger, "log", log_then_preempt)
-    assert ppo.main(tiny_args(tiny_model_dir, arith_small, tmp_path / "resumed", **kw)) == {"step": 2, "preempted": True}
+    assert ppo.main(tiny_args(tiny_model_dir, arith_small, tmp_path / "resumed", **kw)) == {
+        "step": 2,
+        "preempted": True,
+    }
     monkeypatch.setattr(RunLogger, "log", original_log)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     assert ppo.main(tiny_args(tiny_model_dir, arith_small, tmp_path / "resumed", resume=True, **kw))["step"] == 4
     a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "resumed")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
-    for key in ("reward/mean", "train/value_loss", "train/kl", "train/kl_coef", "completion/length_mean",
-                "train/explained_variance"):
+    for key in (
+        "reward/mean",
+        "train/value_loss",
+        "train/kl",
+        "train/kl_coef",
+        "completion/length_mean",
+        "train/explained_variance",
+    ):
         assert [r[key] for r in a] == pytest.approx([r[key] for r in b], abs=1e-5), key
     assert [r.get("train/policy_loss") for r in a] == pytest.approx([r.get("train/policy_loss") for r in b], abs=1e-5)
     assert len({r["train/kl_coef"] for r in a}) == 4  # beta moved every step, so its checkpointed value mattered

@@ -12,15 +12,15 @@ import types
 
 import pytest
 import torch
+from conftest import ROOT, subprocess_env
 from safetensors.torch import load_file
+from test_dpo_vlm import write_pref_records
+from test_sft_vlm import write_color_records
 
 import ppo
 from common.logprob import forward_hidden
 from common.metrics import read_metrics
 from common.vision import EASY_VQA_COLORS, EASY_VQA_SHAPES, build_vlm, checkpoint_vlm, load_images, load_vlm, save_vlm
-from conftest import ROOT, subprocess_env
-from test_dpo_vlm import write_pref_records
-from test_sft_vlm import write_color_records
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +38,25 @@ def colors(tmp_path_factory):
 def test_ppo_trains_a_vlm_actor_and_critic_on_image_prompts(vlm_dir, colors, tmp_path):
     out = tmp_path / "run"
     # a random-init model never names the colour (vqa reward 0 everywhere): a text-length reward gives the critic targets
-    (tmp_path / "length_reward.py").write_text("def score(completions, **kw):\n    return [len(c) / 10 for c in completions]\n")
-    args = ppo.Args(model_path=vlm_dir, dataset=colors["train"], eval_dataset=colors["test"], output_dir=str(out),
-                    rewards=("vqa", f"{tmp_path}/length_reward.py:score"), max_steps=2, prompts_per_step=4,
-                    max_new_tokens=4, lr=1e-3, critic_lr=1e-3, lr_vision=0.0, micro_batch_size=2, eval_samples=4,
-                    dtype="float32")
+    (tmp_path / "length_reward.py").write_text(
+        "def score(completions, **kw):\n    return [len(c) / 10 for c in completions]\n"
+    )
+    args = ppo.Args(
+        model_path=vlm_dir,
+        dataset=colors["train"],
+        eval_dataset=colors["test"],
+        output_dir=str(out),
+        rewards=("vqa", f"{tmp_path}/length_reward.py:score"),
+        max_steps=2,
+        prompts_per_step=4,
+        max_new_tokens=4,
+        lr=1e-3,
+        critic_lr=1e-3,
+        lr_vision=0.0,
+        micro_batch_size=2,
+        eval_samples=4,
+        dtype="float32",
+    )
     result = ppo.main(args)
     assert result["step"] == 2 and 0.0 <= result["accuracy_after"] <= 1.0
     rows = [r for r in read_metrics(out) if "train/value_loss" in r]
@@ -65,17 +79,45 @@ def test_ppo_trains_a_vlm_actor_and_critic_on_image_prompts(vlm_dir, colors, tmp
 def test_gradient_checkpointing_reaches_the_vlm_actor_and_critic(vlm_dir, colors, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(ppo, "checkpoint_vlm", lambda model: calls.append(model) or checkpoint_vlm(model))
-    (tmp_path / "length_reward.py").write_text("def score(completions, **kw):\n    return [len(c) / 10 for c in completions]\n")
-    result = ppo.main(ppo.Args(model_path=vlm_dir, dataset=colors["train"], output_dir=str(tmp_path / "run"),
-                               rewards=(f"{tmp_path}/length_reward.py:score",), max_steps=1, prompts_per_step=4,
-                               max_new_tokens=4, lr=1e-3, critic_lr=1e-3, eval_samples=0, dtype="float32",
-                               gradient_checkpointing=True))
+    (tmp_path / "length_reward.py").write_text(
+        "def score(completions, **kw):\n    return [len(c) / 10 for c in completions]\n"
+    )
+    result = ppo.main(
+        ppo.Args(
+            model_path=vlm_dir,
+            dataset=colors["train"],
+            output_dir=str(tmp_path / "run"),
+            rewards=(f"{tmp_path}/length_reward.py:score",),
+            max_steps=1,
+            prompts_per_step=4,
+            max_new_tokens=4,
+            lr=1e-3,
+            critic_lr=1e-3,
+            eval_samples=0,
+            dtype="float32",
+            gradient_checkpointing=True,
+        )
+    )
     assert result["step"] == 1
-    assert len(calls) == 2 and calls[0] is not calls[1] and all(m.language_model.is_gradient_checkpointing for m in calls)
+    assert (
+        len(calls) == 2 and calls[0] is not calls[1] and all(m.language_model.is_gradient_checkpointing for m in calls)
+    )
     pairs = write_pref_records(tmp_path / "pairs", 4, seed=0, names=("red", "blue"))  # --mode rm on a VLM too
-    result = ppo.main(ppo.Args(mode="rm", model_path=vlm_dir, dataset=pairs, eval_samples=0, output_dir=str(tmp_path / "rm"),
-                               max_steps=1, pairs_per_step=4, micro_batch_size=8, dtype="float32", export=False,
-                               gradient_checkpointing=True))
+    result = ppo.main(
+        ppo.Args(
+            mode="rm",
+            model_path=vlm_dir,
+            dataset=pairs,
+            eval_samples=0,
+            output_dir=str(tmp_path / "rm"),
+            max_steps=1,
+            pairs_per_step=4,
+            micro_batch_size=8,
+            dtype="float32",
+            export=False,
+            gradient_checkpointing=True,
+        )
+    )
     assert result["step"] == 1 and len(calls) == 3 and calls[2].language_model.is_gradient_checkpointing
 
 
@@ -89,7 +131,9 @@ def test_vlm_critic_values_depend_on_the_image(vlm_dir, colors):
     assert all(p["input_ids"].count(vlm.image_token_id) == 16 for p in prompts)
     args = types.SimpleNamespace(temperature=1.0, top_p=1.0, max_new_tokens=3)
     torch.manual_seed(0)
-    completions, _ = ppo.generate(vlm, processor.tokenizer, prompts, args, contextlib.nullcontext(), processor=processor)
+    completions, _ = ppo.generate(
+        vlm, processor.tokenizer, prompts, args, contextlib.nullcontext(), processor=processor
+    )
     batch = ppo.build_batch([p["input_ids"] for p in prompts], completions, processor.tokenizer.pad_token_id)
 
     def values(rows_prompts):
@@ -103,8 +147,16 @@ def test_vlm_critic_values_depend_on_the_image(vlm_dir, colors):
 
 
 def test_text_model_refuses_image_prompts(tiny_model_dir, colors, tmp_path):
-    args = ppo.Args(model_path=tiny_model_dir, dataset=colors["train"], output_dir=str(tmp_path), max_steps=1,
-                    prompts_per_step=2, eval_samples=0, rewards=("vqa",), dtype="float32")
+    args = ppo.Args(
+        model_path=tiny_model_dir,
+        dataset=colors["train"],
+        output_dir=str(tmp_path),
+        max_steps=1,
+        prompts_per_step=2,
+        eval_samples=0,
+        rewards=("vqa",),
+        dtype="float32",
+    )
     with pytest.raises(SystemExit, match="image but --model-path is a text model"):
         ppo.main(args)
 
@@ -116,7 +168,9 @@ def plain_score(vlm, head, processor, row, images=None):
     example = processor(row["chat"], base_dir=row["base_dir"])
     ids = torch.tensor([example["input_ids"]])
     with torch.no_grad():
-        hidden = forward_hidden(vlm, ids, pixel_values=torch.cat([i["pixel_values"] for i in images or example["images"]]))
+        hidden = forward_hidden(
+            vlm, ids, pixel_values=torch.cat([i["pixel_values"] for i in images or example["images"]])
+        )
     return float(hidden[0, -1].float() @ head[0])
 
 
@@ -134,9 +188,21 @@ def vlm_rm(vlm_dir, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ppo, "export_vlm_critic", catching_export)
-        result = ppo.main(ppo.Args(mode="rm", model_path=vlm_dir, dataset=pairs, eval_dataset=pairs, eval_samples=12,
-                                   output_dir=str(folder / "run"), max_steps=24, pairs_per_step=12, micro_batch_size=24,
-                                   lr=3e-4, dtype="float32"))
+        result = ppo.main(
+            ppo.Args(
+                mode="rm",
+                model_path=vlm_dir,
+                dataset=pairs,
+                eval_dataset=pairs,
+                eval_samples=12,
+                output_dir=str(folder / "run"),
+                max_steps=24,
+                pairs_per_step=12,
+                micro_batch_size=24,
+                lr=3e-4,
+                dtype="float32",
+            )
+        )
     return {"pairs": pairs, "run": folder / "run", "result": result, "model": caught["model"]}
 
 
@@ -177,11 +243,23 @@ def test_ppo_scores_rollouts_with_the_vlm_reward_model_and_their_images(vlm_dir,
 
     monkeypatch.setattr(ppo, "score_rows", catching_score_rows)
     rm_folder = vlm_rm["run"] / "model"
-    args = ppo.Args(model_path=vlm_dir, reward_model=str(rm_folder), rewards=(), dataset=colors["train"],
-                    output_dir=str(tmp_path), max_steps=1, prompts_per_step=4, max_new_tokens=3, micro_batch_size=2,
-                    eval_samples=0, kl_coef=0.0, dtype="float32", export=False)
+    args = ppo.Args(
+        model_path=vlm_dir,
+        reward_model=str(rm_folder),
+        rewards=(),
+        dataset=colors["train"],
+        output_dir=str(tmp_path),
+        max_steps=1,
+        prompts_per_step=4,
+        max_new_tokens=3,
+        micro_batch_size=2,
+        eval_samples=0,
+        kl_coef=0.0,
+        dtype="float32",
+        export=False,
+    )
     assert ppo.main(args)["step"] == 1
-    (rows, scores), = caught
+    ((rows, scores),) = caught
     logged = [r for r in read_metrics(tmp_path) if "reward/reward_model_mean" in r][0]
     assert logged["reward/reward_model_mean"] == pytest.approx(float(scores.mean()), abs=1e-6)
     assert logged["reward/mean"] == pytest.approx(float(scores.mean()), abs=1e-6)  # the only reward
@@ -204,13 +282,25 @@ def test_reward_model_data_errors(tiny_model_dir, vlm_dir, vlm_rm, colors, tmp_p
     text_pairs = tmp_path / "text_pairs.jsonl"
     text_pairs.write_text(json.dumps({"prompt": "2+2?", "chosen": "4", "rejected": "5"}) + "\n")
     with pytest.raises(SystemExit, match=r"text_pairs\.jsonl:1: the pair holds no image but --model-path is a VLM"):
-        ppo.main(ppo.Args(mode="rm", model_path=vlm_dir, dataset=str(text_pairs), output_dir=str(tmp_path), dry_run=True))
+        ppo.main(
+            ppo.Args(mode="rm", model_path=vlm_dir, dataset=str(text_pairs), output_dir=str(tmp_path), dry_run=True)
+        )
     with pytest.raises(SystemExit, match=r"prefs_0\.jsonl:1: the pair holds an image but --model-path is a text"):
-        ppo.main(ppo.Args(mode="rm", model_path=tiny_model_dir, dataset=vlm_rm["pairs"], output_dir=str(tmp_path),
-                          dry_run=True))
+        ppo.main(
+            ppo.Args(
+                mode="rm", model_path=tiny_model_dir, dataset=vlm_rm["pairs"], output_dir=str(tmp_path), dry_run=True
+            )
+        )
     with pytest.raises(SystemExit, match="is a VLM reward model.*--model-path is a text model"):
-        ppo.main(ppo.Args(model_path=tiny_model_dir, reward_model=str(vlm_rm["run"] / "model"), output_dir=str(tmp_path),
-                          dataset=colors["train"], dry_run=True))
+        ppo.main(
+            ppo.Args(
+                model_path=tiny_model_dir,
+                reward_model=str(vlm_rm["run"] / "model"),
+                output_dir=str(tmp_path),
+                dataset=colors["train"],
+                dry_run=True,
+            )
+        )
 
 
 def test_easy_vqa_pairs_kinds():
@@ -230,17 +320,47 @@ def test_easy_vqa_pairs_kinds():
         assert rejected in kind  # a wrong answer of the same kind
         rejected_for.setdefault(chosen, set()).add(rejected)
     assert rejected_for["yes"] == {"no"} and rejected_for["no"] == {"yes"}
-    assert all(len(rejected_for[c]) == len(EASY_VQA_COLORS) - 1 for c in EASY_VQA_COLORS)  # varied, not one fixed colour
+    assert all(
+        len(rejected_for[c]) == len(EASY_VQA_COLORS) - 1 for c in EASY_VQA_COLORS
+    )  # varied, not one fixed colour
     assert all(len(rejected_for[s]) == len(EASY_VQA_SHAPES) - 1 for s in EASY_VQA_SHAPES)
 
 
 @pytest.mark.slow
 def test_torchrun_fsdp2_two_processes_vlm(vlm_dir, colors, tmp_path):
     """2 ranks under FSDP2: actor, critic and reference VLMs sharded (vision blocks too); both exports gathered."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "ppo.py",
-           "--model-path", vlm_dir, "--dataset", colors["train"], "--eval-dataset", colors["test"], "--eval-samples", "2",
-           "--max-steps", "2", "--prompts-per-step", "4", "--max-new-tokens", "4", "--dtype", "float32", "--lr", "1e-3",
-           "--lr-vision", "0", "--rewards", "vqa", "--output-dir", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "ppo.py",
+        "--model-path",
+        vlm_dir,
+        "--dataset",
+        colors["train"],
+        "--eval-dataset",
+        colors["test"],
+        "--eval-samples",
+        "2",
+        "--max-steps",
+        "2",
+        "--prompts-per-step",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--dtype",
+        "float32",
+        "--lr",
+        "1e-3",
+        "--lr-vision",
+        "0",
+        "--rewards",
+        "vqa",
+        "--output-dir",
+        str(tmp_path),
+    ]
     run = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = [r for r in read_metrics(tmp_path) if "train/value_loss" in r]

@@ -11,12 +11,12 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, subprocess_env
 
 import pretrain_captioner as pc
 from common.data import DataError, pack_examples
 from common.metrics import RunLogger, cli, read_metrics
 from common.vision import build_vlm, easy_vqa_records, load_vlm
-from conftest import ROOT, subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +34,23 @@ def captions_dir(tmp_path_factory):
 
 
 def tiny_args(tiny_model_dir, captions_dir, out, **overrides):
-    base = dict(model_path=tiny_model_dir, dataset=str(captions_dir / "train.jsonl"),
-                eval_dataset=str(captions_dir / "test.jsonl"), output_dir=str(out), eval_samples=0, max_steps=8,
-                lr=3e-3, lr_vision=1e-3, warmup_steps=2, batch_size=2, max_len=128, dtype="float32", save_every=0,
-                eval_every=0, export=False)
+    base = dict(
+        model_path=tiny_model_dir,
+        dataset=str(captions_dir / "train.jsonl"),
+        eval_dataset=str(captions_dir / "test.jsonl"),
+        output_dir=str(out),
+        eval_samples=0,
+        max_steps=8,
+        lr=3e-3,
+        lr_vision=1e-3,
+        warmup_steps=2,
+        batch_size=2,
+        max_len=128,
+        dtype="float32",
+        save_every=0,
+        eval_every=0,
+        export=False,
+    )
     return pc.Args(**{**base, **overrides})
 
 
@@ -73,8 +86,18 @@ def test_caption_correct_reads_colour_and_shape():
 
 
 def test_loss_falls_and_evals_are_logged(tiny_model_dir, captions_dir, tmp_path):
-    result = pc.main(tiny_args(tiny_model_dir, captions_dir, tmp_path, max_steps=12, lr_lm=3e-3, eval_every=6,
-                               eval_samples=4, max_new_tokens=6))
+    result = pc.main(
+        tiny_args(
+            tiny_model_dir,
+            captions_dir,
+            tmp_path,
+            max_steps=12,
+            lr_lm=3e-3,
+            eval_every=6,
+            eval_samples=4,
+            max_new_tokens=6,
+        )
+    )
     curve, rows = losses(tmp_path), read_metrics(tmp_path)
     assert len(curve) == 12
     assert curve[0] == pytest.approx(math.log(49153), abs=1.0)  # random-init LM: near uniform over the vocabulary
@@ -85,7 +108,9 @@ def test_loss_falls_and_evals_are_logged(tiny_model_dir, captions_dir, tmp_path)
     assert all(0.0 <= r["eval/caption_accuracy"] <= 1.0 for r in evals)
     assert result["step"] == 12 and result["loss"] == evals[-1]["eval/loss"]
     assert {"train/lr_projector", "train/lr_vision", "train/lr_lm"} <= set(rows[1])
-    assert rows[1]["train/lr_projector"] == pytest.approx(3e-3 / 2) and rows[1]["train/lr_vision"] == pytest.approx(1e-3 / 2)
+    assert rows[1]["train/lr_projector"] == pytest.approx(3e-3 / 2) and rows[1]["train/lr_vision"] == pytest.approx(
+        1e-3 / 2
+    )
 
 
 def test_lr_zero_freezes_parts_and_export_reproduces_eval_loss(tiny_model_dir, captions_dir, tmp_path):
@@ -107,7 +132,9 @@ def test_lr_zero_freezes_parts_and_export_reproduces_eval_loss(tiny_model_dir, c
     nll, n = 0.0, 0
     for pack in pack_examples(examples, 128):
         with torch.no_grad():
-            s, k = pc.caption_loss_sum(model, pc.collate([[examples[i] for i in pack]], processor, True, 128, "cpu"), "naive")
+            s, k = pc.caption_loss_sum(
+                model, pc.collate([[examples[i] for i in pack]], processor, True, 128, "cpu"), "naive"
+            )
         nll, n = nll + s.item(), n + k
     assert n > 8 * 4 and nll / n == pytest.approx(final_eval, abs=1e-5)
 
@@ -145,17 +172,34 @@ def test_mixture_relative_images_dry_run_and_bad_records(tiny_model_dir, caption
         (tmp_path / name / "images").mkdir(parents=True)
         shutil.copy(captions_dir / "images" / source, tmp_path / name / "images" / "x.png")
         (tmp_path / name / "caps.jsonl").write_text(
-            "".join(json.dumps({"image": "images/x.png", "caption": f"from {name} {k}"}) + "\n" for k in range(4)))
-    args = cli(pc.Args, ["--model-path", tiny_model_dir, "--dataset", f"{tmp_path}/a/caps.jsonl:3",
-                         "--dataset", f"{tmp_path}/b/caps.jsonl:1", "--max-len", "128", "--output-dir", str(tmp_path / "out"),
-                         "--dry-run"])
+            "".join(json.dumps({"image": "images/x.png", "caption": f"from {name} {k}"}) + "\n" for k in range(4))
+        )
+    args = cli(
+        pc.Args,
+        [
+            "--model-path",
+            tiny_model_dir,
+            "--dataset",
+            f"{tmp_path}/a/caps.jsonl:3",
+            "--dataset",
+            f"{tmp_path}/b/caps.jsonl:1",
+            "--max-len",
+            "128",
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--dry-run",
+        ],
+    )
     records = pc.load_caption_records(args.dataset, 0)
     assert sorted(r["caption"].split()[1] for r in records) == ["a"] * 6 + ["b"] * 2  # 8 records, weights 3:1
     _, processor = build_vlm(tiny_model_dir, seed=0)
     examples = pc.caption_examples(records, processor, 128, "truncate")
     from PIL import Image
+
     for r, e in zip(records, examples):
-        pixels = processor.preprocess(Image.open(tmp_path / r["caption"].split()[1] / "images" / "x.png").convert("RGB"))
+        pixels = processor.preprocess(
+            Image.open(tmp_path / r["caption"].split()[1] / "images" / "x.png").convert("RGB")
+        )
         assert torch.equal(e["images"][0]["pixel_values"][0], pixels)
     assert pc.main(args) is None
     assert "8 records -> 8 examples" in capsys.readouterr().out
@@ -178,14 +222,58 @@ def test_nothing_to_train_is_a_clear_error(tiny_model_dir, captions_dir, tmp_pat
 @pytest.mark.slow
 def test_torchrun_fsdp2_matches_single_process(tiny_model_dir, captions_dir, tmp_path):
     """Frozen LM (the default), trained encoder + projector: 2 ranks x 2 rows == 1 process x 2 micro-batches of 2."""
-    common = ["--model-path", tiny_model_dir, "--dataset", str(captions_dir / "train.jsonl"), "--eval-dataset",
-              str(captions_dir / "test.jsonl"), "--eval-samples", "4", "--max-new-tokens", "4", "--max-steps", "4",
-              "--lr", "3e-3", "--lr-vision", "1e-3", "--max-len", "128", "--dtype", "float32", "--save-every", "2",
-              "--eval-every", "2"]
-    single = [sys.executable, "pretrain_captioner.py", *common, "--batch-size", "2", "--grad-accum", "2",
-              "--output-dir", str(tmp_path / "single")]
-    multi = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "pretrain_captioner.py",
-             *common, "--batch-size", "2", "--grad-accum", "1", "--output-dir", str(tmp_path / "fsdp")]
+    common = [
+        "--model-path",
+        tiny_model_dir,
+        "--dataset",
+        str(captions_dir / "train.jsonl"),
+        "--eval-dataset",
+        str(captions_dir / "test.jsonl"),
+        "--eval-samples",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--max-steps",
+        "4",
+        "--lr",
+        "3e-3",
+        "--lr-vision",
+        "1e-3",
+        "--max-len",
+        "128",
+        "--dtype",
+        "float32",
+        "--save-every",
+        "2",
+        "--eval-every",
+        "2",
+    ]
+    single = [
+        sys.executable,
+        "pretrain_captioner.py",
+        *common,
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--output-dir",
+        str(tmp_path / "single"),
+    ]
+    multi = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "pretrain_captioner.py",
+        *common,
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "1",
+        "--output-dir",
+        str(tmp_path / "fsdp"),
+    ]
     for cmd in (single, multi):
         run = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
@@ -210,9 +298,17 @@ def test_torchrun_fsdp2_matches_single_process(tiny_model_dir, captions_dir, tmp
 def test_bad_input_from_the_command_line_is_one_clear_line(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image": "x.png", "caption": "a red circle."}\n{"image": "x.png", "caption": 3}\n')
-    for flags, expected in (([f"--model-path={tiny_model_dir}", f"--dataset={bad}"], f"error: {bad}:2: caption: expected"),
-                            (["--model-path=no-such-model", "--eval-dataset", str(bad)], f"error: {bad}:2: caption")):
-        run = subprocess.run([sys.executable, "pretrain_captioner.py", *flags, "--dry-run"], cwd=ROOT,
-                             env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    for flags, expected in (
+        ([f"--model-path={tiny_model_dir}", f"--dataset={bad}"], f"error: {bad}:2: caption: expected"),
+        (["--model-path=no-such-model", "--eval-dataset", str(bad)], f"error: {bad}:2: caption"),
+    ):
+        run = subprocess.run(
+            [sys.executable, "pretrain_captioner.py", *flags, "--dry-run"],
+            cwd=ROOT,
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert run.returncode == 1
         assert expected in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]

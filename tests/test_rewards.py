@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from common.rewards import accuracy, answer_correct, extract_answer
+
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 ARITH_DIR = DATA_DIR / "arith"
 # load the generator by path: data/ is a folder of files, not a package (and "data" is a common module name)

@@ -9,29 +9,43 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import pytest
 
 from common import rewards
-from common.rewards import (VERIFY_STATS, exact_match_reward, format_reward, load_reward_fn, math_reward,
-                            math_verify_correct, remote_reward, safe_rewards)
+from common.rewards import (
+    VERIFY_STATS,
+    exact_match_reward,
+    format_reward,
+    load_reward_fn,
+    math_reward,
+    math_verify_correct,
+    remote_reward,
+    safe_rewards,
+)
 
 
-@pytest.mark.parametrize("text, answer", [
-    ("Half of it: \\boxed{\\frac{1}{2}}", "0.5"),
-    ("<think>2/4 simplifies</think><answer>1/2</answer>", "0.5"),
-    ("Tom has 23 + 14 = 37.\n#### 37", "37"),
-    ("#### 1,234", "1234"),
-    ("so x = 39.0", "39"),
-    ("\\boxed{\\frac{78}{2}}", "39"),
-])
+@pytest.mark.parametrize(
+    "text, answer",
+    [
+        ("Half of it: \\boxed{\\frac{1}{2}}", "0.5"),
+        ("<think>2/4 simplifies</think><answer>1/2</answer>", "0.5"),
+        ("Tom has 23 + 14 = 37.\n#### 37", "37"),
+        ("#### 1,234", "1234"),
+        ("so x = 39.0", "39"),
+        ("\\boxed{\\frac{78}{2}}", "39"),
+    ],
+)
 def test_math_equivalent_forms_are_correct(text, answer):
     assert math_verify_correct(text, answer)
 
 
-@pytest.mark.parametrize("text, answer", [
-    ("#### 38", "37"),                                     # wrong
-    ("<answer>2/3</answer>", "0.5"),                       # wrong fraction
-    ("I do not know.", "37"),                              # missing
-    ("", "37"),                                            # empty
-    ("The result is 37.\n#### 36", "37"),                  # the marked answer counts, not an earlier number
-])
+@pytest.mark.parametrize(
+    "text, answer",
+    [
+        ("#### 38", "37"),  # wrong
+        ("<answer>2/3</answer>", "0.5"),  # wrong fraction
+        ("I do not know.", "37"),  # missing
+        ("", "37"),  # empty
+        ("The result is 37.\n#### 36", "37"),  # the marked answer counts, not an earlier number
+    ],
+)
 def test_math_wrong_or_missing_answers_are_incorrect(text, answer):
     assert not math_verify_correct(text, answer)
 
@@ -71,14 +85,22 @@ def test_math_verify_timeout_and_error_fall_back_and_are_counted(monkeypatch):
 
 def test_format_reward():
     good = ["<think>3 + 4 = 7</think>\n<answer>7</answer>", "3 + 4 = 7.\n#### 7", "#### -1,200.5\n"]
-    bad = ["<answer>7</answer>", "<think>7</think>", "#### seven", "7", "#### 7 and more text", "<think>a</think><answer>7"]
+    bad = [
+        "<answer>7</answer>",
+        "<think>7</think>",
+        "#### seven",
+        "7",
+        "#### 7 and more text",
+        "<think>a</think><answer>7",
+    ]
     assert format_reward(good) == [1.0] * len(good)
     assert format_reward(bad) == [0.0] * len(bad)
 
 
 def test_exact_match_reward():
-    assert exact_match_reward(["Paris.", " the  CAT ", "<answer>blue</answer>", "dog"],
-                              answers=["paris", "The cat", "Blue", "cat"]) == [1.0, 1.0, 1.0, 0.0]
+    assert exact_match_reward(
+        ["Paris.", " the  CAT ", "<answer>blue</answer>", "dog"], answers=["paris", "The cat", "Blue", "cat"]
+    ) == [1.0, 1.0, 1.0, 0.0]
 
 
 def sample_user_reward(completions, prompts=None, answers=None, **kwargs):

@@ -9,18 +9,30 @@ import time
 
 import pytest
 import torch
+from conftest import ROOT, read_jsonl, subprocess_env
 from safetensors.torch import load_file
 
 import sft
 from common.metrics import RunLogger, cli, read_metrics
-from conftest import ROOT, read_jsonl, subprocess_env
 
 
 def tiny_args(tiny_model_dir, arith_small, out, **overrides):
-    base = dict(model_path=tiny_model_dir, dataset=str(arith_small / "train.jsonl"),
-                eval_dataset=str(arith_small / "test.jsonl"), output_dir=str(out), eval_samples=0, max_steps=10,
-                lr=3e-3, warmup_steps=2, batch_size=2, max_len=256, dtype="float32", save_every=0, eval_every=0,
-                export=False)
+    base = dict(
+        model_path=tiny_model_dir,
+        dataset=str(arith_small / "train.jsonl"),
+        eval_dataset=str(arith_small / "test.jsonl"),
+        output_dir=str(out),
+        eval_samples=0,
+        max_steps=10,
+        lr=3e-3,
+        warmup_steps=2,
+        batch_size=2,
+        max_len=256,
+        dtype="float32",
+        save_every=0,
+        eval_every=0,
+        export=False,
+    )
     return sft.Args(**{**base, **overrides})
 
 
@@ -122,8 +134,9 @@ def test_export_reloads_generates_and_matches_final_eval(tiny_model_dir, arith_s
             s, k = sft.sft_loss_sum(model, batch, "naive")
         nll, n = nll + s.item(), n + k
     assert nll / n == pytest.approx(final_eval, abs=1e-5)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "2+2?"}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "2+2?"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
     out = model.generate(**ids, max_new_tokens=5, do_sample=False)
     assert out.shape[1] == ids["input_ids"].shape[1] + 5
 
@@ -144,9 +157,26 @@ def test_lora_exports_adapter_and_merged_model(tiny_model_dir, arith_small, tmp_
 def test_dry_run_and_config_file(tiny_model_dir, arith_small, tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(f"model-path: {tiny_model_dir}\nlr: 0.5\nmax_steps: 3\nlora_targets: [q_proj, v_proj]\n")
-    args = cli(sft.Args, ["--config", str(config), "--lr", "0.25", "--dry-run",
-                          "--dataset", str(arith_small / "train.jsonl"), "--output-dir", str(tmp_path / "out")])
-    assert (args.lr, args.max_steps, args.model_path, args.lora_targets) == (0.25, 3, tiny_model_dir, ("q_proj", "v_proj"))
+    args = cli(
+        sft.Args,
+        [
+            "--config",
+            str(config),
+            "--lr",
+            "0.25",
+            "--dry-run",
+            "--dataset",
+            str(arith_small / "train.jsonl"),
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+    )
+    assert (args.lr, args.max_steps, args.model_path, args.lora_targets) == (
+        0.25,
+        3,
+        tiny_model_dir,
+        ("q_proj", "v_proj"),
+    )
     assert sft.main(args) is None
     printed = capsys.readouterr().out
     assert "[plan]" in printed and "3 steps" in printed and "world size 1" in printed
@@ -163,12 +193,54 @@ def test_too_small_dataset_is_a_clear_error(tiny_model_dir, arith_small, tmp_pat
 
 @pytest.mark.slow
 def test_torchrun_fsdp2_matches_single_process(tiny_model_dir, arith_small, tmp_path):
-    common = ["--model-path", tiny_model_dir, "--dataset", str(arith_small / "train.jsonl"), "--eval-dataset",
-              str(arith_small / "test.jsonl"), "--eval-samples", "0", "--max-steps", "6", "--lr", "3e-3",
-              "--max-len", "256", "--dtype", "float32", "--save-every", "3", "--eval-every", "3"]
-    single = [sys.executable, "sft.py", *common, "--batch-size", "2", "--grad-accum", "2", "--output-dir", str(tmp_path / "single")]
-    multi = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py", *common,
-             "--batch-size", "2", "--grad-accum", "1", "--output-dir", str(tmp_path / "fsdp")]
+    common = [
+        "--model-path",
+        tiny_model_dir,
+        "--dataset",
+        str(arith_small / "train.jsonl"),
+        "--eval-dataset",
+        str(arith_small / "test.jsonl"),
+        "--eval-samples",
+        "0",
+        "--max-steps",
+        "6",
+        "--lr",
+        "3e-3",
+        "--max-len",
+        "256",
+        "--dtype",
+        "float32",
+        "--save-every",
+        "3",
+        "--eval-every",
+        "3",
+    ]
+    single = [
+        sys.executable,
+        "sft.py",
+        *common,
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--output-dir",
+        str(tmp_path / "single"),
+    ]
+    multi = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "sft.py",
+        *common,
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "1",
+        "--output-dir",
+        str(tmp_path / "fsdp"),
+    ]
     for cmd in (single, multi):
         run = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
@@ -187,10 +259,33 @@ def test_torchrun_fsdp2_matches_single_process(tiny_model_dir, arith_small, tmp_
 @pytest.mark.slow
 def test_sigterm_mid_run_leaves_loadable_checkpoint(tiny_model_dir, arith_small, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "sft.py", "--model-path", tiny_model_dir, "--dataset", str(arith_small / "train.jsonl"),
-           "--eval-dataset", str(arith_small / "test.jsonl"), "--eval-samples", "0", "--max-steps", "400",
-           "--max-len", "256", "--batch-size", "2", "--dtype", "float32", "--save-every", "0", "--output-dir", str(out)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [
+        sys.executable,
+        "sft.py",
+        "--model-path",
+        tiny_model_dir,
+        "--dataset",
+        str(arith_small / "train.jsonl"),
+        "--eval-dataset",
+        str(arith_small / "test.jsonl"),
+        "--eval-samples",
+        "0",
+        "--max-steps",
+        "400",
+        "--max-len",
+        "256",
+        "--batch-size",
+        "2",
+        "--dtype",
+        "float32",
+        "--save-every",
+        "0",
+        "--output-dir",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if (out / "metrics.jsonl").exists() and len(read_jsonl(out / "metrics.jsonl")) >= 3:
@@ -205,9 +300,21 @@ def test_sigterm_mid_run_leaves_loadable_checkpoint(tiny_model_dir, arith_small,
     assert not list((out / "checkpoints").glob("*.tmp"))
     # loadable: resume picks it up and trains on from there
     step = int(saved[0].name.split("_")[1])
-    result = sft.main(sft.Args(model_path=tiny_model_dir, dataset=str(arith_small / "train.jsonl"),
-                               eval_dataset=None, output_dir=str(out), max_steps=step + 2, max_len=256, batch_size=2,
-                               dtype="float32", save_every=0, export=False, resume=True))
+    result = sft.main(
+        sft.Args(
+            model_path=tiny_model_dir,
+            dataset=str(arith_small / "train.jsonl"),
+            eval_dataset=None,
+            output_dir=str(out),
+            max_steps=step + 2,
+            max_len=256,
+            batch_size=2,
+            dtype="float32",
+            save_every=0,
+            export=False,
+            resume=True,
+        )
+    )
     assert result["step"] == step + 2
 
 
@@ -216,9 +323,20 @@ def test_real_smollm2_default_few_steps(arith_small, tmp_path):
     """The default model and data (SmolLM2-135M-Instruct, bf16 where available), shortened to a few steps."""
     from transformers import AutoModelForCausalLM
 
-    result = sft.main(sft.Args(output_dir=str(tmp_path), eval_dataset=str(arith_small / "test.jsonl"), max_steps=4,
-                               warmup_steps=1, batch_size=2, max_len=256, eval_samples=4, max_new_tokens=48,
-                               save_every=0, eval_every=0))
+    result = sft.main(
+        sft.Args(
+            output_dir=str(tmp_path),
+            eval_dataset=str(arith_small / "test.jsonl"),
+            max_steps=4,
+            warmup_steps=1,
+            batch_size=2,
+            max_len=256,
+            eval_samples=4,
+            max_new_tokens=48,
+            save_every=0,
+            eval_every=0,
+        )
+    )
     curve = losses(tmp_path)
     assert len(curve) == 4 and all(math.isfinite(x) for x in curve)
     final_eval = [r["eval/loss"] for r in read_metrics(tmp_path) if "eval/loss" in r][-1]
@@ -231,9 +349,17 @@ def test_real_smollm2_default_few_steps(arith_small, tmp_path):
 def test_bad_input_from_the_command_line_is_one_clear_line(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": "oops"}\n')
-    for flags, expected in (([f"--model-path={tiny_model_dir}", f"--dataset={bad}"], f"error: {bad}:2: messages: expected"),
-                            (["--model-path=no-such-model"], "error: model path 'no-such-model' does not exist")):
-        run = subprocess.run([sys.executable, "sft.py", *flags, "--dry-run"], cwd=ROOT, env=subprocess_env(),
-                             capture_output=True, text=True, timeout=120)
+    for flags, expected in (
+        ([f"--model-path={tiny_model_dir}", f"--dataset={bad}"], f"error: {bad}:2: messages: expected"),
+        (["--model-path=no-such-model"], "error: model path 'no-such-model' does not exist"),
+    ):
+        run = subprocess.run(
+            [sys.executable, "sft.py", *flags, "--dry-run"],
+            cwd=ROOT,
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert run.returncode == 1
         assert expected in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]

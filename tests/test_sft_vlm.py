@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, subprocess_env
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -18,7 +19,6 @@ from common.data import IGNORE, load_records, pack_examples, pad_collate, to_mes
 from common.logprob import sequence_logprobs
 from common.metrics import RunLogger, cli, exact_match, read_metrics
 from common.vision import ComposedVLM, build_vlm, load_vlm, save_vlm, vlm_generate
-from conftest import ROOT, subprocess_env
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 210, 30)}
 QUESTIONS = ("what color is the shape?", "what is the color of the shape in this picture?", "which colour?")
@@ -42,9 +42,18 @@ def write_color_records(folder, n, seed):
         x, y = rng.randrange(0, 24), rng.randrange(0, 24)
         image.paste(COLORS[color], (x, y, x + 20, y + 20))
         image.save(folder / "images" / f"{seed}_{k}.png")
-        user = [{"type": "image", "image": f"images/{seed}_{k}.png"}, {"type": "text", "text": QUESTIONS[k % len(QUESTIONS)]}]
-        lines.append(json.dumps({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": color}],
-                                 "answer": color}))
+        user = [
+            {"type": "image", "image": f"images/{seed}_{k}.png"},
+            {"type": "text", "text": QUESTIONS[k % len(QUESTIONS)]},
+        ]
+        lines.append(
+            json.dumps(
+                {
+                    "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": color}],
+                    "answer": color,
+                }
+            )
+        )
     path = folder / f"colors_{seed}.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return str(path)
@@ -57,9 +66,22 @@ def colors(tmp_path_factory):
 
 
 def vlm_args(vlm_dir, colors, out, **overrides):
-    base = dict(model_path=vlm_dir, dataset=colors["train"], eval_dataset=colors["test"], output_dir=str(out),
-                eval_samples=0, max_steps=6, lr=3e-3, warmup_steps=1, batch_size=2, max_len=128, dtype="float32",
-                save_every=0, eval_every=0, export=False)
+    base = dict(
+        model_path=vlm_dir,
+        dataset=colors["train"],
+        eval_dataset=colors["test"],
+        output_dir=str(out),
+        eval_samples=0,
+        max_steps=6,
+        lr=3e-3,
+        warmup_steps=1,
+        batch_size=2,
+        max_len=128,
+        dtype="float32",
+        save_every=0,
+        eval_every=0,
+        export=False,
+    )
     return sft.Args(**{**base, **overrides})
 
 
@@ -116,8 +138,15 @@ def test_loss_falls_and_export_reproduces_the_final_eval_loss(vlm_dir, colors, t
     batch = pad_collate(examples, processor.tokenizer.pad_token_id)
     batch |= processor.image_inputs(examples, batch["input_ids"])
     with torch.no_grad():  # no packing, no sft.py code: a plain padded batch through the exported model
-        logps = sequence_logprobs(model, batch["input_ids"], batch["labels"], attention_mask=batch["attention_mask"],
-                                  position_ids=batch["position_ids"], pixel_values=batch["pixel_values"], impl="naive")
+        logps = sequence_logprobs(
+            model,
+            batch["input_ids"],
+            batch["labels"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+            pixel_values=batch["pixel_values"],
+            impl="naive",
+        )
     assert (-logps.sum() / (batch["labels"][:, 1:] != IGNORE).sum()).item() == pytest.approx(evals[-1], abs=1e-5)
 
 
@@ -130,13 +159,22 @@ def test_answer_accuracy_batches_left_padded_prompts_like_one_at_a_time(vlm_dir,
         for p in model.language_model.parameters():
             p.normal_(0, 0.3) if p.dim() == 2 else None
     records = load_records(colors["test"])
-    prompts = [processor(to_messages(r, "messages")[:-1], base_dir=r["_dir"], add_generation_prompt=True) for r in records]
+    prompts = [
+        processor(to_messages(r, "messages")[:-1], base_dir=r["_dir"], add_generation_prompt=True) for r in records
+    ]
     assert len({len(p["input_ids"]) for p in prompts}) > 1  # different lengths: left padding matters
     saids = []
     for k, (record, prompt) in enumerate(zip(records, prompts)):
         ids = torch.tensor([prompt["input_ids"]])
-        alone = vlm_generate(model, ids, torch.ones_like(ids), **processor.image_inputs([prompt]), max_new_tokens=3,
-                             do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+        alone = vlm_generate(
+            model,
+            ids,
+            torch.ones_like(ids),
+            **processor.image_inputs([prompt]),
+            max_new_tokens=3,
+            do_sample=False,
+            pad_token_id=processor.tokenizer.pad_token_id,
+        )
         said = processor.tokenizer.decode(alone[0], skip_special_tokens=True).strip()
         record["answer"] = said if k % 2 == 0 else said + " zebra"
         saids.append(said)
@@ -148,8 +186,26 @@ def test_answer_accuracy_batches_left_padded_prompts_like_one_at_a_time(vlm_dir,
 
 def test_mixture_of_two_files_follows_the_weights(vlm_dir, tiny_model_dir, colors, arith_small, tmp_path, capsys):
     a, b = colors["train"], colors["test"]
-    args = cli(sft.Args, ["--model-path", vlm_dir, "--dataset", f"{a}:3", "--dataset", f"{b}:1", "--dataset-records",
-                          "40", "--eval-dataset", b, "--max-len", "128", "--dry-run", "--output-dir", str(tmp_path)])
+    args = cli(
+        sft.Args,
+        [
+            "--model-path",
+            vlm_dir,
+            "--dataset",
+            f"{a}:3",
+            "--dataset",
+            f"{b}:1",
+            "--dataset-records",
+            "40",
+            "--eval-dataset",
+            b,
+            "--max-len",
+            "128",
+            "--dry-run",
+            "--output-dir",
+            str(tmp_path),
+        ],
+    )
     assert args.dataset == f"{a}:3,{b}:1"
     assert sft.main(args) is None
     printed = capsys.readouterr().out
@@ -157,8 +213,17 @@ def test_mixture_of_two_files_follows_the_weights(vlm_dir, tiny_model_dir, color
     assert "(VLM) | 40 examples ->" in printed
     # the text path mixes the same way
     train, test = str(arith_small / "train.jsonl"), str(arith_small / "test.jsonl")
-    sft.main(sft.Args(model_path=tiny_model_dir, dataset=f"{train}:1,{test}:3", dataset_records=20, eval_dataset=None,
-                      output_dir=str(tmp_path / "text"), max_len=256, dry_run=True))
+    sft.main(
+        sft.Args(
+            model_path=tiny_model_dir,
+            dataset=f"{train}:1,{test}:3",
+            dataset_records=20,
+            eval_dataset=None,
+            output_dir=str(tmp_path / "text"),
+            max_len=256,
+            dry_run=True,
+        )
+    )
     printed = capsys.readouterr().out
     assert f"[data] mixture: {train} 5 (0.10x), {test} 15 (1.88x)" in printed
     assert "| 20 examples ->" in printed and "(VLM)" not in printed
@@ -179,8 +244,9 @@ def test_resume_is_exact(vlm_dir, colors, tmp_path, monkeypatch):
     monkeypatch.setattr(RunLogger, "log", original_log)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     assert result == {"step": 3, "preempted": True}
-    result = sft.main(vlm_args(vlm_dir, colors, tmp_path / "resumed", lr_vision=0.0, lr_projector=1e-2, export=True,
-                               resume=True))
+    result = sft.main(
+        vlm_args(vlm_dir, colors, tmp_path / "resumed", lr_vision=0.0, lr_projector=1e-2, export=True, resume=True)
+    )
     assert result["step"] == 6
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
     assert len(resumed) == 6 and max(abs(a - b) for a, b in zip(straight, resumed)) < 1e-6, (straight, resumed)
@@ -194,8 +260,17 @@ def test_native_vlm_trains_unpacked_and_exports(colors, tmp_path, capsys):
     from test_vision import tiny_qwen_vl_folder
 
     tiny_qwen_vl_folder(tmp_path / "qwen2_vl", "qwen2_vl")
-    result = sft.main(vlm_args(str(tmp_path / "qwen2_vl"), colors, tmp_path / "run", max_steps=8, export=True,
-                               eval_samples=2, max_new_tokens=2))
+    result = sft.main(
+        vlm_args(
+            str(tmp_path / "qwen2_vl"),
+            colors,
+            tmp_path / "run",
+            max_steps=8,
+            export=True,
+            eval_samples=2,
+            max_new_tokens=2,
+        )
+    )
     printed = capsys.readouterr().out
     assert "--no-packing" in printed and "16 examples -> 16 rows (padded" in printed
     curve = losses(tmp_path / "run")
@@ -208,18 +283,64 @@ def test_native_vlm_trains_unpacked_and_exports(colors, tmp_path, capsys):
 @pytest.mark.slow
 def test_torchrun_fsdp2_matches_single_process(vlm_dir, colors, tmp_path):
     """FSDP2 shards the LM decoder layers and the vision encoder layers; 2 ranks x 2 rows == 1 process x 2 x 2 accum."""
-    common = ["--model-path", vlm_dir, "--dataset", colors["train"], "--eval-dataset", colors["test"], "--eval-samples",
-              "0", "--max-steps", "4", "--lr", "3e-3", "--lr-vision", "1e-3", "--max-len", "128", "--dtype", "float32",
-              "--save-every", "0", "--eval-every", "2"]
-    single = [sys.executable, "sft.py", *common, "--batch-size", "2", "--grad-accum", "2", "--output-dir", str(tmp_path / "single")]
-    multi = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "sft.py", *common,
-             "--batch-size", "2", "--grad-accum", "1", "--output-dir", str(tmp_path / "fsdp")]
+    common = [
+        "--model-path",
+        vlm_dir,
+        "--dataset",
+        colors["train"],
+        "--eval-dataset",
+        colors["test"],
+        "--eval-samples",
+        "0",
+        "--max-steps",
+        "4",
+        "--lr",
+        "3e-3",
+        "--lr-vision",
+        "1e-3",
+        "--max-len",
+        "128",
+        "--dtype",
+        "float32",
+        "--save-every",
+        "0",
+        "--eval-every",
+        "2",
+    ]
+    single = [
+        sys.executable,
+        "sft.py",
+        *common,
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--output-dir",
+        str(tmp_path / "single"),
+    ]
+    multi = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "sft.py",
+        *common,
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "1",
+        "--output-dir",
+        str(tmp_path / "fsdp"),
+    ]
     for cmd in (single, multi):
         run = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
     a, b = losses(tmp_path / "single"), losses(tmp_path / "fsdp")
     assert len(a) == len(b) == 4 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
-    eval_a, eval_b = ([r["eval/loss"] for r in read_metrics(tmp_path / d) if "eval/loss" in r] for d in ("single", "fsdp"))
+    eval_a, eval_b = (
+        [r["eval/loss"] for r in read_metrics(tmp_path / d) if "eval/loss" in r] for d in ("single", "fsdp")
+    )
     assert len(eval_a) == 2 and max(abs(x - y) for x, y in zip(eval_a, eval_b)) < 1e-4
     w_a = load_file(tmp_path / "single" / "model" / "model.safetensors")
     w_b = load_file(tmp_path / "fsdp" / "model" / "model.safetensors")

@@ -1,4 +1,5 @@
 """Composed VLM (encoder + projector + LM), its processor, save/load, native Qwen2-VL through the same API, easy-vqa."""
+
 import json
 from pathlib import Path
 
@@ -8,8 +9,19 @@ from PIL import Image
 
 from common.data import IGNORE, pack_collate, pad_collate
 from common.logprob import sequence_logprobs
-from common.vision import (ComposedVLM, NativeVLMProcessor, Projector, build_vlm, easy_vqa_records, is_vlm, load_vlm,
-                           param_groups, pixel_shuffle, save_vlm, vlm_generate)
+from common.vision import (
+    ComposedVLM,
+    NativeVLMProcessor,
+    Projector,
+    build_vlm,
+    easy_vqa_records,
+    is_vlm,
+    load_vlm,
+    param_groups,
+    pixel_shuffle,
+    save_vlm,
+    vlm_generate,
+)
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +35,10 @@ def captions():
 
 
 def caption_chat(record):
-    return [{"role": "user", "content": [{"type": "image", "image": record["image"]}]},
-            {"role": "assistant", "content": record["caption"]}]
+    return [
+        {"role": "user", "content": [{"type": "image", "image": record["image"]}]},
+        {"role": "assistant", "content": record["caption"]},
+    ]
 
 
 def model_kwargs(batch):
@@ -56,8 +70,17 @@ def test_image_token_count_mismatch_is_a_clear_error(vlm):
 
 def test_image_features_land_exactly_at_the_placeholders(vlm, captions):
     model, processor = vlm
-    two = [{"role": "user", "content": [{"type": "image", "image": captions[0]["image"]}, {"type": "text", "text": "and"},
-                                         {"type": "image", "image": captions[1]["image"]}]}, {"role": "assistant", "content": "ok"}]
+    two = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": captions[0]["image"]},
+                {"type": "text", "text": "and"},
+                {"type": "image", "image": captions[1]["image"]},
+            ],
+        },
+        {"role": "assistant", "content": "ok"},
+    ]
     examples = [processor(two), processor(caption_chat(captions[2]))]
     batch = pad_collate(examples, processor.tokenizer.pad_token_id) | processor.image_inputs(examples)
     assert batch["pixel_values"].shape == (3, 3, 64, 64)
@@ -103,7 +126,10 @@ def test_processor_labels_truncation_and_padding(vlm, captions, tmp_path):
     Image.new("RGB", (64, 32), (255, 0, 0)).save(tmp_path / "wide.png")  # 2:1 -> padded to 64x64 with the mean colour
     pixels = processor.preprocess(Image.open(tmp_path / "wide.png"))
     assert pixels.shape == (3, 64, 64)
-    assert pixels[:, :14].abs().max() < 0.01 and pixels[:, 18:46].sub(torch.tensor([1.0, -1, -1])[:, None, None]).abs().max() < 0.01
+    assert (
+        pixels[:, :14].abs().max() < 0.01
+        and pixels[:, 18:46].sub(torch.tensor([1.0, -1, -1])[:, None, None]).abs().max() < 0.01
+    )
 
 
 def test_save_load_round_trip_gives_identical_logits(vlm, captions, tiny_model_dir, tmp_path):
@@ -186,21 +212,37 @@ def test_packed_rows_match_unpacked(vlm, captions):
     n = [len(e["input_ids"]) for e in examples]
     packed = pack_collate([examples], processor.tokenizer.pad_token_id, sum(n) + 5) | processor.image_inputs(examples)
     with torch.no_grad():
-        row = sequence_logprobs(model, packed["input_ids"], packed["labels"], position_ids=packed["position_ids"],
-                                pixel_values=packed["pixel_values"])[0]
+        row = sequence_logprobs(
+            model,
+            packed["input_ids"],
+            packed["labels"],
+            position_ids=packed["position_ids"],
+            pixel_values=packed["pixel_values"],
+        )[0]
         for k, (e, start) in enumerate(zip(examples, (0, n[0]))):
             single = pad_collate([e], processor.tokenizer.pad_token_id) | processor.image_inputs([e])
             alone = sequence_logprobs(model, single["input_ids"], single["labels"], **model_kwargs(single))[0]
             assert (alone != 0).sum() >= 4
-            assert torch.allclose(row[start:start + n[k] - 1], alone[:-1], atol=1e-5)
+            assert torch.allclose(row[start : start + n[k] - 1], alone[:-1], atol=1e-5)
 
 
 def test_generate_returns_new_tokens_equal_to_greedy_decoding(vlm, captions):
     model, processor = vlm
-    prompts = [processor(caption_chat(captions[0])[:1], add_generation_prompt=True),
-               processor([{"role": "user", "content": [{"type": "text", "text": "Describe this picture, please:"},
-                                                       {"type": "image", "image": captions[1]["image"]}]}],
-                         add_generation_prompt=True)]
+    prompts = [
+        processor(caption_chat(captions[0])[:1], add_generation_prompt=True),
+        processor(
+            [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "Describe this picture, please:"},
+                        {"type": "image", "image": captions[1]["image"]},
+                    ],
+                }
+            ],
+            add_generation_prompt=True,
+        ),
+    ]
     ids = torch.tensor([prompts[0]["input_ids"]])
     pixels = processor.image_inputs(prompts[:1])["pixel_values"]
     new = vlm_generate(model, ids, torch.ones_like(ids), pixel_values=pixels, max_new_tokens=3, do_sample=False)
@@ -211,7 +253,9 @@ def test_generate_returns_new_tokens_equal_to_greedy_decoding(vlm, captions):
     assert new.tolist() == ids[:, -3:].tolist()
     # batched prompts of different lengths, left-padded, score like each alone
     T = max(len(p["input_ids"]) for p in prompts)
-    ids = torch.tensor([[processor.tokenizer.pad_token_id] * (T - len(p["input_ids"])) + p["input_ids"] for p in prompts])
+    ids = torch.tensor(
+        [[processor.tokenizer.pad_token_id] * (T - len(p["input_ids"])) + p["input_ids"] for p in prompts]
+    )
     mask = torch.tensor([[0] * (T - len(p["input_ids"])) + [1] * len(p["input_ids"]) for p in prompts])
     assert mask[0].sum() < T
     kw = dict(max_new_tokens=2, do_sample=False, output_scores=True, return_dict_in_generate=True)
@@ -223,23 +267,41 @@ def test_generate_returns_new_tokens_equal_to_greedy_decoding(vlm, captions):
 
 def tiny_qwen_vl_folder(folder, family):
     from transformers import Qwen2VLImageProcessor
+
     from common.models import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m")
     specials = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
     tokenizer.add_tokens(specials, special_tokens=True)
     start, end, image, video = tokenizer.convert_tokens_to_ids(specials)
-    text = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2,
-                rope_parameters=dict(rope_type="default", mrope_section=[2, 3, 3], rope_theta=10000.0))
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_parameters=dict(rope_type="default", mrope_section=[2, 3, 3], rope_theta=10000.0),
+    )
     ids = dict(image_token_id=image, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end)
     if family == "qwen2_vl":
-        from transformers import Qwen2VLConfig as Config, Qwen2VLForConditionalGeneration as Model
+        from transformers import Qwen2VLConfig as Config
+        from transformers import Qwen2VLForConditionalGeneration as Model
+
         vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
     else:
-        from transformers import Qwen2_5_VLConfig as Config, Qwen2_5_VLForConditionalGeneration as Model
-        vision = dict(depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2,
-                      fullatt_block_indexes=[1], window_size=56)
+        from transformers import Qwen2_5_VLConfig as Config
+        from transformers import Qwen2_5_VLForConditionalGeneration as Model
+
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            out_hidden_size=64,
+            intermediate_size=64,
+            num_heads=2,
+            fullatt_block_indexes=[1],
+            window_size=56,
+        )
     torch.manual_seed(0)
     Model(Config(text_config=text, vision_config=vision, **ids)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)  # no AutoProcessor offline: Qwen2-VL's video processor needs torchvision
@@ -273,6 +335,7 @@ def test_native_qwen_vl_through_load_vlm(family, captions, tmp_path):
 
 def test_easy_vqa_records_counts_and_captions():
     import importlib.util
+
     root = Path(importlib.util.find_spec("easy_vqa").submodule_search_locations[0], "data")
     for split, n_images in (("train", 4000), ("test", 1000)):
         questions = json.loads((root / split / "questions.json").read_text())

@@ -4,44 +4,57 @@ VQA v2 accuracy (vqaEval.py), DocVQA ANLS, ChartQA relaxed accuracy (pix2struct)
 import pytest
 
 from common.metrics import (
-    anls, counting_accuracy, exact_match, mc_accuracy, relaxed_correctness, select_option, vqa_normalize, vqa_score,
+    anls,
+    counting_accuracy,
+    exact_match,
+    mc_accuracy,
+    relaxed_correctness,
+    select_option,
+    vqa_normalize,
+    vqa_score,
 )
 
 
 # ------------------------------------------------------------------------------------- VQA normalisation
-@pytest.mark.parametrize("raw, normalised", [
-    ("Yes.", "yes"),                  # period not followed by a digit: deleted; lower case
-    ("2.5", "2.5"),                   # period followed by a digit: kept
-    ("3 p.m.", "3 pm"),
-    ("1,000", "1000"),                # a digit,digit comma makes every mark be deleted, not spaced
-    ("1,000 dogs, cats", "1000 dogs cats"),
-    ("yes/no", "yes no"),             # a mark touching no space becomes a space
-    ("hello, world", "hello world"),  # ", " touches a space: deleted
-    ("x (y)z", "x y z"),              # "(" touches a space -> deleted; ")" does not -> space (each mark tested alone)
-    ("red-and-white", "red and white"),
-    ("The cat!", "cat"),              # "!" -> space, then the article goes
-    (" An apple\n", "apple"),
-    ("Two dogs", "2 dogs"),           # number words zero..ten -> digits
-    ("none", "0"),
-    ("dont", "don't"),                # contractions map
-    ("couldnt've", "couldn't've"),
-    ("couldn'tve", "couldn't've"),
-    ("don't", "don't"),               # the apostrophe is not a punctuation mark in the VQA v2 list
-])
+@pytest.mark.parametrize(
+    "raw, normalised",
+    [
+        ("Yes.", "yes"),  # period not followed by a digit: deleted; lower case
+        ("2.5", "2.5"),  # period followed by a digit: kept
+        ("3 p.m.", "3 pm"),
+        ("1,000", "1000"),  # a digit,digit comma makes every mark be deleted, not spaced
+        ("1,000 dogs, cats", "1000 dogs cats"),
+        ("yes/no", "yes no"),  # a mark touching no space becomes a space
+        ("hello, world", "hello world"),  # ", " touches a space: deleted
+        ("x (y)z", "x y z"),  # "(" touches a space -> deleted; ")" does not -> space (each mark tested alone)
+        ("red-and-white", "red and white"),
+        ("The cat!", "cat"),  # "!" -> space, then the article goes
+        (" An apple\n", "apple"),
+        ("Two dogs", "2 dogs"),  # number words zero..ten -> digits
+        ("none", "0"),
+        ("dont", "don't"),  # contractions map
+        ("couldnt've", "couldn't've"),
+        ("couldn'tve", "couldn't've"),
+        ("don't", "don't"),  # the apostrophe is not a punctuation mark in the VQA v2 list
+    ],
+)
 def test_vqa_normalize(raw, normalised):
     assert vqa_normalize(raw) == normalised
 
 
 # -------------------------------------------------------------------------------------------- VQA score
-@pytest.mark.parametrize("n_matching, expected", [
-    # 10 answers, m of them equal to the prediction. Leaving out a matching annotator leaves m-1 matches, leaving out
-    # another one leaves m; each subset scores min(1, matches/3) and the score is the mean of the 10 subsets:
-    (0, 0.0),
-    (1, (1 * min(1, 0 / 3) + 9 * min(1, 1 / 3)) / 10),  # = 3/10 = 0.3
-    (2, (2 * min(1, 1 / 3) + 8 * min(1, 2 / 3)) / 10),  # = (2/3 + 16/3)/10 = 0.6
-    (3, (3 * min(1, 2 / 3) + 7 * min(1, 3 / 3)) / 10),  # = (2 + 7)/10 = 0.9
-    (4, (4 * min(1, 3 / 3) + 6 * min(1, 4 / 3)) / 10),  # = 1.0
-])
+@pytest.mark.parametrize(
+    "n_matching, expected",
+    [
+        # 10 answers, m of them equal to the prediction. Leaving out a matching annotator leaves m-1 matches, leaving out
+        # another one leaves m; each subset scores min(1, matches/3) and the score is the mean of the 10 subsets:
+        (0, 0.0),
+        (1, (1 * min(1, 0 / 3) + 9 * min(1, 1 / 3)) / 10),  # = 3/10 = 0.3
+        (2, (2 * min(1, 1 / 3) + 8 * min(1, 2 / 3)) / 10),  # = (2/3 + 16/3)/10 = 0.6
+        (3, (3 * min(1, 2 / 3) + 7 * min(1, 3 / 3)) / 10),  # = (2 + 7)/10 = 0.9
+        (4, (4 * min(1, 3 / 3) + 6 * min(1, 4 / 3)) / 10),  # = 1.0
+    ],
+)
 def test_vqa_score_ten_answers(n_matching, expected):
     answers = ["2"] * n_matching + ["3", "4", "5", "6", "7", "8", "9", "10", "11", "12"][: 10 - n_matching]
     assert vqa_score("two", answers) == pytest.approx(expected)  # "two" normalises to "2"
@@ -73,18 +86,21 @@ def test_anls_hand_examples():
 
 
 # ----------------------------------------------------------------------------------------- relaxed accuracy
-@pytest.mark.parametrize("prediction, answers, expected", [
-    ("104", ["100"], 1.0),   # |104-100|/100 = 4% <= 5%
-    ("95", ["100"], 1.0),    # exactly 5%
-    ("106", ["100"], 0.0),   # 6%
-    ("45%", ["0.45"], 1.0),  # pix2struct: "45%" is 0.45
-    ("45", ["45%"], 0.0),    # ... so 45 vs 0.45 is off by a factor 100
-    ("0", ["0"], 1.0),       # a zero answer has no relative error: exact string match
-    ("0.0", ["0"], 0.0),
-    ("Yes", ["yes"], 1.0),   # non-numbers: case-insensitive exact match
-    ("yes.", ["yes"], 0.0),
-    ("104", ["12", "100"], 1.0),  # best over the answers
-])
+@pytest.mark.parametrize(
+    "prediction, answers, expected",
+    [
+        ("104", ["100"], 1.0),  # |104-100|/100 = 4% <= 5%
+        ("95", ["100"], 1.0),  # exactly 5%
+        ("106", ["100"], 0.0),  # 6%
+        ("45%", ["0.45"], 1.0),  # pix2struct: "45%" is 0.45
+        ("45", ["45%"], 0.0),  # ... so 45 vs 0.45 is off by a factor 100
+        ("0", ["0"], 1.0),  # a zero answer has no relative error: exact string match
+        ("0.0", ["0"], 0.0),
+        ("Yes", ["yes"], 1.0),  # non-numbers: case-insensitive exact match
+        ("yes.", ["yes"], 0.0),
+        ("104", ["12", "100"], 1.0),  # best over the answers
+    ],
+)
 def test_relaxed_correctness(prediction, answers, expected):
     assert relaxed_correctness(prediction, answers) == expected
 
@@ -98,13 +114,26 @@ def test_relaxed_tolerance_argument():
 OPTIONS = ["dog", "cat", "horse"]
 
 
-@pytest.mark.parametrize("prediction, index", [
-    ("B", 1), ("(B)", 1), ("B.", 1), ("b", 1), ("C) horse", 2), ("(a) dog", 0), ("Answer: C", 2),
-    ("The answer is B.", 1),
-    ("cat", 1), ("Horse.", 2), ("It is a cat.", 1),  # option text: the whole answer, or the only option inside it
-    ("A cat.", 1),                                  # "A" followed by a word is the article, not option A
-    ("dog or cat", -1), ("zebra", -1), ("D", -1),   # two options named, none, a letter past the options
-])
+@pytest.mark.parametrize(
+    "prediction, index",
+    [
+        ("B", 1),
+        ("(B)", 1),
+        ("B.", 1),
+        ("b", 1),
+        ("C) horse", 2),
+        ("(a) dog", 0),
+        ("Answer: C", 2),
+        ("The answer is B.", 1),
+        ("cat", 1),
+        ("Horse.", 2),
+        ("It is a cat.", 1),  # option text: the whole answer, or the only option inside it
+        ("A cat.", 1),  # "A" followed by a word is the article, not option A
+        ("dog or cat", -1),
+        ("zebra", -1),
+        ("D", -1),  # two options named, none, a letter past the options
+    ],
+)
 def test_select_option(prediction, index):
     assert select_option(prediction, OPTIONS) == index
 
@@ -122,9 +151,17 @@ def test_exact_match_uses_vqa_normalisation():
     assert exact_match("blue", ["red"]) == 0.0
 
 
-@pytest.mark.parametrize("prediction, answer, expected", [
-    ("There are three dogs.", 3, 1.0), ("3", "three", 1.0), ("I count 1,000 stars", 1000, 1.0), ("7", "7", 1.0),
-    ("four", 3, 0.0), ("many", 3, 0.0), ("2 dogs and 3 cats", 3, 0.0),  # the first number counts
-])
+@pytest.mark.parametrize(
+    "prediction, answer, expected",
+    [
+        ("There are three dogs.", 3, 1.0),
+        ("3", "three", 1.0),
+        ("I count 1,000 stars", 1000, 1.0),
+        ("7", "7", 1.0),
+        ("four", 3, 0.0),
+        ("many", 3, 0.0),
+        ("2 dogs and 3 cats", 3, 0.0),  # the first number counts
+    ],
+)
 def test_counting_accuracy(prediction, answer, expected):
     assert counting_accuracy(prediction, answer) == expected
