@@ -43,12 +43,7 @@ import hashlib
 import json
 import math
 import os
-import random
-import re
-import shutil
-import signal
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -56,36 +51,19 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
-from common.data import (
-    IGNORE,
-    DataError,
-    detect_format,
-    epoch_batches,
-    load_records,
-    pack_collate,
-    pack_examples,
-    preference_messages,
-    tokenize_chat,
-)
+from common.chat import IGNORE, encode, epoch_batches, pack_collate, pack_examples, pad_collate
+from common.checkpoint import export_model, resume, save_if_due
+from common.cli import cli
+from common.data import DataError, detect_format, load_records, preference_messages
 from common.logprob import sequence_logprobs
-from common.metrics import RunLogger, cli, exact_match
-from common.models import (
-    barrier,
-    cache_dir,
-    checkpoint_dirs,
-    load_checkpoint,
-    load_model,
-    load_tokenizer,
-    pick_dtype,
-    prepare_model,
-    replace_dir,
-    resolve_model_path,
-    save_checkpoint,
-)
-from common.rewards import answer_correct
-from common.vision import ComposedVLM, checkpoint_vlm, export_vlm, is_vlm, load_vlm, param_groups, vlm_generate
+from common.models import cache_dir, describe, fsdp_blocks, load_model, load_processor, resolve_model_path
+from common.rollout import answer_accuracy
+from common.run import RunLogger, finish, lr_lambda, optimizer_step, setup
+from common.vision import is_vlm, param_groups
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "simpo", "orpo", "kto")
 REFERENCE_FREE = ("simpo", "orpo")
@@ -275,11 +253,9 @@ def preference_loss(
 
 
 # -------------------------------------------------------------------------------------------------- data
-def build_pairs(
-    source: str, tokenizer, *, max_len: int, overlong: str = "truncate", with_kl: bool = False, processor=None
-):
-    """(pairs, records): each pair {"index", "chosen", "rejected"[, "kl"]} of tokenised chats with assistant-only labels.
-    A VLM `processor` (common/vision.py) tokenises instead: its sequences also carry their images ("images").
+def build_pairs(source: str, processor, *, max_len: int, overlong: str = "truncate", with_kl: bool = False):
+    """(pairs, records): each pair {"index", "chosen", "rejected"[, "kl"]} of chats tokenised by the model's processor,
+    assistant-only labels (a VLM's sequences also carry their images, "images").
 
     With with_kl (KTO), "kl" is the prompt of pair i with the chosen answer of pair i-1 (a fixed mismatched pairing,
     like TRL's KL dataset), whose log-prob under policy and reference estimates KTO's reference point."""
@@ -287,23 +263,9 @@ def build_pairs(
     fmt = detect_format(records)
     if fmt != "preference":
         raise DataError(f"{source}: dpo.py needs preference records (prompt, chosen, rejected), got format {fmt!r}")
-
-    def encode(messages, record, overlong):
-        if processor is not None:
-            return processor(messages, base_dir=record.get("_dir", "."), max_len=max_len, overlong=overlong)
-        if any(
-            isinstance(m["content"], list) and any(p.get("type") in ("image", "image_url") for p in m["content"])
-            for m in messages
-        ):  # tokenize_chat would silently drop the image
-            raise DataError(
-                f"{record.get('_where', source)}: the pair holds an image but --model-path is a text model; "
-                "pass a VLM folder (pretrain_captioner.py / sft.py export, or a native image-text-to-text model)"
-            )
-        return tokenize_chat(messages, tokenizer, max_len=max_len, overlong=overlong)
-
     pairs, kept, n_dropped = [], [], 0
     for record in records:
-        sides = [encode(m, record, overlong) for m in preference_messages(record)]
+        sides = [encode(processor, m, record, max_len=max_len, overlong=overlong) for m in preference_messages(record)]
         if any(s is None or all(t == IGNORE for t in s["labels"]) for s in sides):
             n_dropped += 1  # over-long (with --overlong drop) or the answer was cut off entirely
             continue
@@ -315,7 +277,7 @@ def build_pairs(
         for i, pair in enumerate(pairs):
             prompt = preference_messages(kept[i])[0][: _n_prompt(kept[i])]
             other_answer = preference_messages(kept[i - 1])[0][_n_prompt(kept[i - 1]) :]
-            pair["kl"] = encode(prompt + other_answer, kept[i], "truncate")
+            pair["kl"] = encode(processor, prompt + other_answer, kept[i], max_len=max_len)
     print(f"[data] {source}: {len(records)} records -> {len(pairs)} pairs ({n_dropped} dropped)")
     return pairs, kept
 
@@ -324,58 +286,23 @@ def _n_prompt(record) -> int:
     return 1 if isinstance(record["prompt"], str) else len(record["prompt"])
 
 
-def collate_sequences(seqs: list[dict], pad_id: int, *, packing: bool, max_len: int, processor=None) -> dict:
-    """Rows for one forward, plus seq_index [R, T]: which of the len(seqs) sequences each token belongs to (-1: pad).
-    With a VLM processor also its image inputs, images in the order their tokens appear row by row (a native VLM's
-    position_ids=None: it computes its own 3-D positions)."""
-    if not packing:
-        T = max(len(s["input_ids"]) for s in seqs)
-        input_ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)  # [S, T]
-        labels = torch.full((len(seqs), T), IGNORE, dtype=torch.long)  # [S, T]
-        attention_mask = torch.zeros((len(seqs), T), dtype=torch.long)  # [S, T]
-        seq_index = torch.full((len(seqs), T), -1, dtype=torch.long)  # [S, T]
-        for row, s in enumerate(seqs):
-            n = len(s["input_ids"])
-            input_ids[row, :n], labels[row, :n] = torch.tensor(s["input_ids"]), torch.tensor(s["labels"])
-            attention_mask[row, :n], seq_index[row, :n] = 1, row
-        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)  # [S, T]
-        return dict(
-            input_ids=input_ids,
-            labels=labels,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            seq_index=seq_index,
-            n_seqs=len(seqs),
-        ) | (processor.image_inputs(seqs, input_ids) if processor else {})
-    packs = pack_examples(seqs, max_len)
-    batch = pack_collate([[seqs[i] for i in pack] for pack in packs], pad_id, max_len)
-    seq_index = torch.full_like(batch["input_ids"], -1)  # [R, max_len]
+def collate_pairs(pairs, processor, *, packing: bool, max_len: int, sides=("chosen", "rejected")) -> dict:
+    """One forward's rows of the pairs' sequences, all chosen first, then all rejected (sequence k*B + i is side k of
+    pair i), padded or packed (position_ids restart per sequence); seq_index [R, T] says which sequence each token
+    belongs to (-1: pad); a VLM's image inputs come in the order their tokens appear row by row."""
+    seqs = [p[side] for side in sides for p in pairs]
+    pad_id = processor.tokenizer.pad_token_id
+    packs = pack_examples(seqs, max_len) if packing else [[i] for i in range(len(seqs))]
+    rows = [[seqs[i] for i in pack] for pack in packs]
+    batch = pack_collate(rows, pad_id, max_len) if packing else pad_collate(seqs, pad_id)
+    seq_index = torch.full_like(batch["input_ids"], -1)  # [R, T]
     for row, pack in enumerate(packs):
         t = 0
         for i in pack:
-            n = len(seqs[i]["input_ids"])
-            seq_index[row, t : t + n] = i
-            t += n
-    images = processor.image_inputs([seqs[i] for pack in packs for i in pack], batch["input_ids"]) if processor else {}
-    return (
-        dict(
-            input_ids=batch["input_ids"],
-            labels=batch["labels"],
-            position_ids=batch["position_ids"],
-            seq_index=seq_index,
-            n_seqs=len(seqs),
-        )
-        | images
-    )
-
-
-def collate_pairs(
-    pairs: list[dict], pad_id: int, *, packing: bool, max_len: int, sides=("chosen", "rejected"), processor=None
-):
-    """One batch of the pairs' sequences: all chosen first, then all rejected (sequence k*B + i is side k of pair i)."""
-    return collate_sequences(
-        [p[side] for side in sides for p in pairs], pad_id, packing=packing, max_len=max_len, processor=processor
-    )
+            seq_index[row, t : t + len(seqs[i]["input_ids"])] = i
+            t += len(seqs[i]["input_ids"])
+    images = processor.image_inputs([seqs[i] for pack in packs for i in pack], batch["input_ids"])
+    return batch | images | {"seq_index": seq_index, "n_seqs": len(seqs)}
 
 
 def len_answer(example) -> int:
@@ -436,25 +363,20 @@ def reference_cache_key(ref_path: str, pairs: list[dict], sides, max_len: int, d
 
 
 @torch.no_grad()
-def compute_logps(
-    model, pairs, sides, *, batch_size, pad_id, packing, max_len, impl, autocast, rank=0, world_size=1, processor=None
-):
-    """{side: summed answer log-probs [N]} for every pair, no grad; ranks share the work and all-reduce."""
+def compute_logps(model, pairs, sides, args, processor, run) -> dict:
+    """{side: summed answer log-probs [N]} of every pair, no grad; ranks share the work and all-reduce (no FSDP2 yet:
+    the reference pass runs before sharding)."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    out = torch.zeros(len(sides), len(pairs), dtype=torch.float32, device=device)  # [sides, N]
-    mine = list(range(rank, len(pairs), world_size))
-    for lo in tqdm(range(0, len(mine), batch_size), desc="reference logps", disable=rank != 0, leave=False):
-        idx = mine[lo : lo + batch_size]
-        with autocast:
-            sums, _ = sequence_logps(
-                model,
-                collate_pairs(
-                    [pairs[i] for i in idx], pad_id, packing=packing, max_len=max_len, sides=sides, processor=processor
-                ),
-                impl,
-            )
+    out = torch.zeros(len(sides), len(pairs), dtype=torch.float32, device=run.device)  # [sides, N]
+    mine = list(range(run.rank, len(pairs), run.world_size))
+    for lo in tqdm(range(0, len(mine), args.batch_size), desc="reference logps", disable=not run.main, leave=False):
+        idx = mine[lo : lo + args.batch_size]
+        batch = collate_pairs(
+            [pairs[i] for i in idx], processor, packing=args.packing, max_len=args.max_len, sides=sides
+        )
+        with run.autocast(model):
+            sums, _ = sequence_logps(model, batch, args.logprob_impl)
         out[:, idx] = sums.float().view(len(sides), len(idx))
     if dist.is_initialized():
         dist.all_reduce(out)
@@ -462,553 +384,253 @@ def compute_logps(
     return {side: out[k].cpu() for k, side in enumerate(sides)}
 
 
-def reference_logps(
-    args, name, pairs, sides, policy, tokenizer, autocast, compute_dtype, device, rank, world_size, processor=None
-):
+def reference_logps(args, name, pairs, sides, policy, processor, run):
     """Cached reference logps of `pairs` ({side: [N]}), and whether the cache was hit."""
     ref_path = args.ref_model or args.model_path
-    key = reference_cache_key(ref_path, pairs, sides, args.max_len, compute_dtype)
+    key = reference_cache_key(ref_path, pairs, sides, args.max_len, run.dtype)
     path = Path(args.ref_cache_dir or cache_dir() / "dpo_ref") / f"{key}.pt"
     hit = torch.tensor(float(path.exists()))
     if dist.is_initialized():
         dist.all_reduce(hit, op=dist.ReduceOp.MIN)  # every rank must take the same branch (the pass has collectives)
     if hit.item():
-        if rank == 0:
-            print(f"[ref] {name}: cached reference logps {path}")
+        run.print(f"[ref] {name}: cached reference logps {path}")
         return torch.load(path), True
-    kw = dict(
-        batch_size=args.batch_size,
-        pad_id=tokenizer.pad_token_id,
-        packing=args.packing,
-        max_len=args.max_len,
-        impl=args.logprob_impl,
-        autocast=autocast,
-        rank=rank,
-        world_size=world_size,
-        processor=processor,
-    )
     t0 = time.time()
     if args.ref_model:
-        ref = load_vlm(args.ref_model, device=device)[0] if processor else load_model(args.ref_model, device=device)
-        logps = compute_logps(ref, pairs, sides, **kw)
+        ref = load_model(args.ref_model, device=run.device)
+        logps = compute_logps(ref, pairs, sides, args, processor, run)
         del ref
     elif args.lora_r > 0:
         with policy.disable_adapter():  # the base model is the reference: no second copy of the weights
-            logps = compute_logps(policy, pairs, sides, **kw)
+            logps = compute_logps(policy, pairs, sides, args, processor, run)
     else:
-        logps = compute_logps(policy, pairs, sides, **kw)  # the initial policy, before any update (and before resume)
-    if rank == 0:
+        logps = compute_logps(policy, pairs, sides, args, processor, run)  # the initial policy (before any update)
+    if run.main:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
         torch.save(logps, tmp)
         os.replace(tmp, path)  # atomic: a reader never sees half a file
-        print(f"[ref] {name}: computed reference logps of {len(pairs)} pairs in {time.time() - t0:.1f}s -> {path}")
+        run.print(f"[ref] {name}: computed reference logps of {len(pairs)} pairs in {time.time() - t0:.1f}s -> {path}")
     return logps, False
 
 
-# --------------------------------------------------------------------------------------- evaluation
+# ----------------------------------------------------------------------------------------------- one step
+def policy_logps(model, chunk, args, processor, run, sides=("chosen", "rejected")):
+    """Policy logps of the chunk's sequences, side by side ([B] each: chosen, rejected), averaged per token for the
+    length-averaged losses."""
+    batch = collate_pairs(chunk, processor, packing=args.packing, max_len=args.max_len, sides=sides)
+    with run.autocast(model):
+        sums, counts = sequence_logps(model, batch, args.logprob_impl)
+    logps = sums / counts.clamp(min=1) if args.loss_type in LENGTH_AVERAGED and sides != ("kl",) else sums
+    return logps.chunk(len(sides))
+
+
+def pair_losses(model, chunk, ref_table, kl, args, processor, run):
+    """Per-pair losses [B] and the metric rows [B, 8] of one micro-batch."""
+    pc, pr = policy_logps(model, chunk, args, processor, run)
+    idx = torch.tensor([p["index"] for p in chunk])
+    rc = ref_table["chosen"][idx].to(pc.device) if ref_table else None
+    rr = ref_table["rejected"][idx].to(pc.device) if ref_table else None
+    if rc is not None and args.loss_type in LENGTH_AVERAGED:  # ipo: the reference is averaged like the policy
+        rc = rc / torch.tensor([len_answer(p["chosen"]) for p in chunk], device=pc.device)
+        rr = rr / torch.tensor([len_answer(p["rejected"]) for p in chunk], device=pc.device)
+    losses, cr, rj = preference_loss(pc, pr, rc, rr, loss_type=args.loss_type, beta=args.beta,
+                                     label_smoothing=args.label_smoothing, gamma=args.gamma, kl=kl)  # fmt: skip
+    if args.loss_type == "orpo":
+        losses = losses - pc  # the SFT term: mean token NLL of the chosen answer
+    rows = torch.stack(
+        [losses.detach(), cr, rj, cr - rj, (cr > rj).float(), pc.detach(), pr.detach(), (pc > pr).float().detach()], 1
+    )  # fmt: skip  [B, 8]
+    return losses, rows
+
+
 @torch.no_grad()
-def answer_accuracy(model, tokenizer, records, max_new_tokens, dtype, batch_size=25, processor=None) -> float:
-    """Greedy answers to held-out prompts, checked against each record's `answer` (common/rewards.py; a VLM's, given
-    its processor, by exact match as sft.py scores them)."""
+def global_kl(model, chunks, ref_table, args, processor, run, filler):
+    """KTO's reference point z0 over the global batch: kto_kl of every rank's mismatched pairs. An empty chunk (an eval
+    tail) still runs a forward on `filler`: FSDP2 ranks must run as many."""
+    policy, ref = [torch.zeros(0, dtype=torch.float64)], [torch.zeros(0, dtype=torch.float64)]
+    for chunk in chunks:
+        (logps,) = policy_logps(model, chunk or filler, args, processor, run, sides=("kl",))
+        if chunk:
+            policy.append(logps.double().cpu())
+            ref.append(ref_table["kl"][torch.tensor([p["index"] for p in chunk])].double())
+    policy, ref = torch.cat(policy), torch.cat(ref)
+    if dist.is_initialized():  # every rank's pairs: z0 is a global-batch mean
+        gathered = [None] * run.world_size
+        dist.all_gather_object(gathered, (policy, ref))
+        policy, ref = torch.cat([g[0] for g in gathered]), torch.cat([g[1] for g in gathered])
+    return kto_kl(policy, ref).float().to(run.device)
+
+
+@torch.no_grad()
+def run_eval(model, eval_pairs, ref_eval, args, processor, run) -> dict:
+    """Held-out means of loss, rewards and accuracies (reward margin > 0; policy logp of chosen > rejected)."""
     model.eval()
-    device, pad, correct = next(model.parameters()).device, tokenizer.pad_token_id, 0
-    for i in tqdm(range(0, len(records), batch_size), desc="answer accuracy", leave=False):
-        chunk = records[i : i + batch_size]
-        chats = [preference_messages(r)[0][: _n_prompt(r)] for r in chunk]
-        prompts = (
-            [processor(m, base_dir=r.get("_dir", "."), add_generation_prompt=True) for m, r in zip(chats, chunk)]
-            if processor
-            else [
-                tokenizer(
-                    tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=False),
-                    add_special_tokens=False,
-                )
-                for m in chats
-            ]
-        )
-        width = max(len(p["input_ids"]) for p in prompts)  # left-pad: generation appends on the right
-        ids = torch.tensor(
-            [[pad] * (width - len(p["input_ids"])) + p["input_ids"] for p in prompts], device=device
-        )  # [B, T]
-        mask = torch.tensor(
-            [[0] * (width - len(p["input_ids"])) + [1] * len(p["input_ids"]) for p in prompts], device=device
-        )
-        images = processor.image_inputs(prompts, ids) if processor else {}
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            new = vlm_generate(
-                model,
-                ids,
-                mask,
-                **{k: v.to(device) if torch.is_tensor(v) else v for k, v in images.items()},
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=pad,
-            )  # [B, n_new]
-        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-        correct += sum(
-            exact_match(t.strip(), str(r["answer"])) if processor else answer_correct(t, str(r["answer"]))
-            for t, r in zip(texts, chunk)
-        )
+    n_batches = math.ceil(len(eval_pairs) / (args.batch_size * run.world_size))
+    chunks = [
+        eval_pairs[(b * run.world_size + run.rank) * args.batch_size :][: args.batch_size] for b in range(n_batches)
+    ]
+    kl = global_kl(model, chunks, ref_eval, args, processor, run, eval_pairs[:1]) if args.loss_type == "kto" else None
+    totals = torch.zeros(9, dtype=torch.float64, device=run.device)  # 8 metric sums + pair count
+    for chunk in chunks:
+        _, rows = pair_losses(model, chunk or eval_pairs[:1], ref_eval, kl, args, processor, run)  # as many forwards
+        if chunk:
+            totals[:8] += rows.double().sum(0)
+            totals[8] += len(chunk)
     model.train()
-    return correct / max(1, len(records))
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    return dict(zip(EVAL_KEYS, (totals[:8] / totals[8]).tolist()))
 
 
-# ------------------------------------------------------------------------- schedule, checkpoints, export
-def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak lr at `step`: linear warmup, then cosine/linear decay to min_ratio, or constant."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
-    return min_ratio + (1 - min_ratio) * decay
+EVAL_KEYS = ("eval/loss", "eval/rewards/chosen", "eval/rewards/rejected", "eval/rewards/margins",
+             "eval/rewards/accuracies", "eval/logps/chosen", "eval/logps/rejected", "eval/logps_accuracy")  # fmt: skip
+TRAIN_KEYS = ("train/loss", "train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins",
+              "train/rewards/accuracies", "train/logps/chosen", "train/logps/rejected")  # fmt: skip
 
 
-def export_hf(args, model, tokenizer, rank, processor=None) -> Path | None:
-    """Gathers the full state dict and writes a Hugging Face folder. LoRA: the adapter to model/adapter, and with
-    --merge the merged model to model/; otherwise the full model to model/. A VLM (given its processor): save_vlm."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if processor is not None:
-        return export_vlm(model, processor, Path(args.output_dir) / "model", lambda: load_vlm(args.model_path)[0], rank)
-    full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank != 0:
-        return None
-    base_path = resolve_model_path(args.model_path)
-    config = AutoConfig.from_pretrained(base_path)
-    with torch.device("meta"):
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    out, tmp = Path(args.output_dir) / "model", Path(args.output_dir) / "model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if args.lora_r > 0:
-        plain = prepare_model(
-            plain,
-            lora_r=args.lora_r,
-            lora_alpha=args.lora_alpha,
-            lora_targets=list(args.lora_targets) if args.lora_targets else None,
-        )
-        plain.load_state_dict(full_sd, assign=True)
-        plain.peft_config["default"].base_model_name_or_path = base_path
-        plain.save_pretrained(tmp / "adapter")
-        plain = plain.merge_and_unload() if args.merge else None
-    else:
-        plain.load_state_dict(full_sd, assign=True)
-    if plain is not None:
-        plain.tie_weights()
-        plain.config.use_cache = True  # for serving
-        plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    return replace_dir(tmp, out)
-
-
-# ------------------------------------------------------------------------------------------------ main
+# ------------------------------------------------------------------------------------------------------ main
 def main(args: Args):
-    if args.loss_type not in LOSS_TYPES:
-        raise SystemExit(f"error: --loss-type must be one of {LOSS_TYPES}")
     if not 0.0 <= args.label_smoothing < 0.5:
         raise SystemExit(f"error: --label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
-    # ---- distributed setup and seeding ----
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    compute_dtype = pick_dtype(args.dtype, device)
-    say = print if rank == 0 else (lambda *a, **k: None)
+    run = setup(args.seed, args.dtype)
     needs_ref = args.loss_type not in REFERENCE_FREE
     sides = ("chosen", "rejected", "kl") if args.loss_type == "kto" else ("chosen", "rejected")
 
-    # ---- data (a VLM's processor tokenises and reads the images) ----
-    vlm = is_vlm(args.model_path)
-    if vlm and args.lora_r > 0:
-        raise SystemExit(
-            "error: --lora-r is for text models; a VLM trains full weights (--lr-projector/--lr-vision/--lr-lm)"
+    # ---- data (the processor tokenises; a VLM's also reads the images) ----
+    processor = load_processor(args.model_path)
+    if args.packing and not processor.packable:
+        run.print(
+            "[note] a native VLM computes its own (M-RoPE) positions, which packed rows cannot restart: --no-packing"
         )
-    model, processor = load_vlm(args.model_path, device=device) if vlm else (None, None)  # master weights float32
-    tokenizer = processor.tokenizer if vlm else load_tokenizer(args.model_path)
-    if vlm and args.packing and not isinstance(model, ComposedVLM):
-        say("[note] a native VLM computes its own (M-RoPE) positions, which packed rows cannot restart: --no-packing")
         args = replace(args, packing=False)
-    pairs, _ = build_pairs(
-        args.dataset,
-        tokenizer,
-        max_len=args.max_len,
-        overlong=args.overlong,
-        with_kl=args.loss_type == "kto",
-        processor=processor,
-    )
-    eval_pairs, eval_records = [], []
+    with_kl = args.loss_type == "kto"
+    pairs, _ = build_pairs(args.dataset, processor, max_len=args.max_len, overlong=args.overlong, with_kl=with_kl)
+    eval_pairs, answer_items = [], []
     if args.eval_dataset:
-        eval_pairs, records = build_pairs(
-            args.eval_dataset,
-            tokenizer,
-            max_len=args.max_len,
-            overlong="truncate",
-            with_kl=args.loss_type == "kto",
-            processor=processor,
-        )
-        eval_records = [r for r in records if "answer" in r][: args.eval_samples]
-    global_pairs = args.batch_size * args.grad_accum * world_size
+        eval_pairs, records = build_pairs(args.eval_dataset, processor, max_len=args.max_len, with_kl=with_kl)
+        answer_items = [(preference_messages(r)[0][: _n_prompt(r)], r["answer"]) for r in records if "answer" in r]
+        answer_items = answer_items[: args.eval_samples]
+    global_pairs = args.batch_size * args.grad_accum * run.world_size
     steps_per_epoch = len(pairs) // global_pairs
     if steps_per_epoch == 0:
         raise SystemExit(
             f"error: {len(pairs)} training pairs is less than one global batch of {global_pairs} "
-            f"(--batch-size {args.batch_size} x --grad-accum {args.grad_accum} x {world_size} processes)"
+            f"(--batch-size {args.batch_size} x --grad-accum {args.grad_accum} x {run.world_size} processes)"
         )
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
-    ref_desc = (
-        "none (reference-free)"
-        if not needs_ref
-        else (args.ref_model or ("base model, adapters off" if args.lora_r else "initial policy"))
-    )
-    say(
-        f"[plan] {args.loss_type} (beta {args.beta}) | model {args.model_path}{' (VLM)' if vlm else ''} | reference {ref_desc} | "
-        f"{len(pairs)} pairs, eval {len(eval_pairs)} pairs, {len(eval_records)} answer prompts | {total_steps} steps x "
-        f"{global_pairs} pairs ({total_steps / steps_per_epoch:.2f} epochs) | world size {world_size} | {device} {compute_dtype}"
+    ref_desc = args.ref_model or ("base model, adapters off" if args.lora_r else "initial policy")
+    run.print(
+        f"[plan] {args.loss_type} (beta {args.beta}) | model {args.model_path} | reference "
+        f"{ref_desc if needs_ref else 'none (reference-free)'} | {len(pairs)} pairs, eval {len(eval_pairs)} pairs, "
+        f"{len(answer_items)} answer prompts | {total_steps} steps x {global_pairs} pairs "
+        f"({total_steps / steps_per_epoch:.2f} epochs) | world size {run.world_size} | {run.device} {run.dtype}"
     )
     if args.dry_run:
-        from transformers import AutoConfig
-
-        config = model.config if vlm else AutoConfig.from_pretrained(resolve_model_path(args.model_path))
-        config = getattr(config, "text_config", config)  # a native VLM's LM
-        say(
-            f"[plan] {config.model_type}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-            f"vocab {config.vocab_size}; dry run, exiting"
-        )
+        run.print(f"[plan] {describe(args.model_path)}; dry run, exiting")
         return None
 
-    # ---- model, reference logps (before any update and before FSDP), task accuracy before ----
-    if not vlm:
-        model = load_model(
-            args.model_path,
-            device=device,
-            gradient_checkpointing=args.gradient_checkpointing,
-            lora_r=args.lora_r,
-            lora_alpha=args.lora_alpha,
-            lora_targets=list(args.lora_targets) if args.lora_targets else None,
-        )
-    elif args.gradient_checkpointing:
-        checkpoint_vlm(model)
-    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
+    # ---- model, reference logps (before any update and before FSDP2), answer accuracy before ----
+    model = load_model(args.model_path, device=run.device, gradient_checkpointing=args.gradient_checkpointing,
+                       lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets)  # fmt: skip
     results: dict = {"ref_cache_hit": {}}
-    ref = {}
-    ref_eval = {}
+    ref, ref_eval = {}, {}
     if needs_ref:
-        ref, results["ref_cache_hit"]["train"] = reference_logps(
-            args, "train", pairs, sides, model, tokenizer, autocast, compute_dtype, device, rank, world_size, processor
-        )
+        ref, results["ref_cache_hit"]["train"] = reference_logps(args, "train", pairs, sides, model, processor, run)
         if eval_pairs:
-            ref_eval, results["ref_cache_hit"]["eval"] = reference_logps(
-                args,
-                "eval",
-                eval_pairs,
-                sides,
-                model,
-                tokenizer,
-                autocast,
-                compute_dtype,
-                device,
-                rank,
-                world_size,
-                processor,
-            )
-    if eval_records and not args.resume:
-        if rank == 0:
-            results["accuracy_before"] = answer_accuracy(
-                model, tokenizer, eval_records, args.max_new_tokens, compute_dtype, processor=processor
-            )
-            say(f"[eval] held-out answer accuracy before training: {results['accuracy_before']:.3f}")
-        barrier()
-    if world_size > 1:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mesh = init_device_mesh(device.type, (world_size,))
-        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-        # a VLM's vision encoder blocks too: the first ModuleList under vision/visual (as in sft.py)
-        blocks = [
-            m for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and re.search("vision|visual", n)
-        ]
-        for layer in [*model.get_decoder().layers, *(blocks[0] if vlm and blocks else [])]:
-            fully_shard(layer, mesh=mesh, mp_policy=mp)
+            ref_eval, results["ref_cache_hit"]["eval"] = reference_logps(args, "eval", eval_pairs, sides, model,
+                                                                         processor, run)  # fmt: skip
+    if answer_items and not args.resume:
+        results["accuracy_before"] = answer_accuracy(
+            model, processor, answer_items, run, max_new_tokens=args.max_new_tokens
+        )
+        run.print(f"[eval] held-out answer accuracy before training: {results['accuracy_before']:.3f}")
+    if run.world_size > 1:
+        mesh = init_device_mesh(run.device.type, (run.world_size,))
+        mp = MixedPrecisionPolicy(param_dtype=run.dtype, reduce_dtype=torch.float32)
+        for block in fsdp_blocks(model):  # decoder layers (and a VLM's vision blocks), then the root
+            fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)  # root: embeddings, final norm, LM head (a VLM's projector too)
-        autocast = nullcontext()  # FSDP2's mixed-precision policy casts instead
-    # a VLM gets one lr per module (projector, vision, LM); a module at lr 0 is frozen and left out
-    groups = (
-        param_groups(model, args.lr, args.lr_projector, args.lr_vision, args.lr_lm, args.weight_decay) if vlm else None
-    )
+    # one lr per part of a VLM (projector, vision, LM; lr 0 freezes a part); a text model is all LM
+    groups = param_groups(model, args.lr, args.lr_projector, args.lr_vision, args.lr_lm, args.weight_decay)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(groups or trainable, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, args.warmup_steps, total_steps, args.schedule, args.min_lr_ratio)
-    )
-
-    step = 0
-    if args.resume:
-        found = checkpoint_dirs(args.output_dir)
-        if found:
-            step = load_checkpoint(found[-1], model, optimizer, scheduler, rank)
-            say(f"[resume] from {found[-1]} at step {step}")
-        else:
-            say(f"[resume] no complete checkpoint in {args.output_dir}/checkpoints, starting fresh")
-    logger = RunLogger(
-        args.output_dir,
-        asdict(args),
-        enabled=rank == 0,
-        track=args.track,
-        project=args.wandb_project,
-        run_name=args.run_name,
-        resume_step=step if args.resume else None,
-    )
-
-    stop_signal = []  # set by SIGTERM/SIGUSR1 (cluster preemption): save at the end of the step and exit cleanly
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
-
-    pad_id = tokenizer.pad_token_id
-
-    def policy_logps(chunk):
-        """Policy logps of the chunk's chosen [B] and rejected [B] answers (mean per token where the loss wants it)."""
-        with autocast:
-            sums, counts = sequence_logps(
-                model,
-                collate_pairs(chunk, pad_id, packing=args.packing, max_len=args.max_len, processor=processor),
-                args.logprob_impl,
-            )
-        logps = sums / counts.clamp(min=1) if args.loss_type in LENGTH_AVERAGED else sums
-        return logps.chunk(2)
-
-    def pair_losses(chunk, ref_table, kl):
-        """Per-pair losses [B] and the metric rows [B, 7] of one micro-batch."""
-        pc, pr = policy_logps(chunk)
-        idx = torch.tensor([p["index"] for p in chunk])
-        rc = ref_table["chosen"][idx].to(pc.device) if ref_table else None
-        rr = ref_table["rejected"][idx].to(pc.device) if ref_table else None
-        if rc is not None and args.loss_type in LENGTH_AVERAGED:  # ipo: the reference is averaged like the policy
-            rc = rc / torch.tensor([len_answer(p["chosen"]) for p in chunk], device=pc.device)
-            rr = rr / torch.tensor([len_answer(p["rejected"]) for p in chunk], device=pc.device)
-        losses, cr, rj = preference_loss(
-            pc,
-            pr,
-            rc,
-            rr,
-            loss_type=args.loss_type,
-            beta=args.beta,
-            label_smoothing=args.label_smoothing,
-            gamma=args.gamma,
-            kl=kl,
-        )
-        if args.loss_type == "orpo":
-            losses = losses - pc  # the SFT term: mean token NLL of the chosen answer
-        rows = torch.stack(
-            [losses.detach(), cr, rj, cr - rj, (cr > rj).float(), pc.detach(), pr.detach(), (pc > pr).float().detach()],
-            1,
-        )  # [B, 8]
-        return losses, rows
-
-    def global_kl(chunks, ref_table, n_global):
-        """KTO's z0 over the global batch: mean policy - reference logp of the mismatched pairs, >= 0, no grad."""
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        with torch.no_grad():
-            for chunk in chunks:
-                with autocast:  # an empty chunk (eval tail) still runs a forward: FSDP ranks must stay in step
-                    sums, _ = sequence_logps(
-                        model,
-                        collate_pairs(
-                            chunk or pairs[:1],
-                            pad_id,
-                            packing=args.packing,
-                            max_len=args.max_len,
-                            sides=("kl",),
-                            processor=processor,
-                        ),
-                        args.logprob_impl,
-                    )
-                if chunk:
-                    idx = torch.tensor([p["index"] for p in chunk])
-                    total += (sums.double() - ref_table["kl"][idx].to(device).double()).sum()
-        if dist.is_initialized():
-            dist.all_reduce(total)
-        return (total / n_global).clamp(min=0).float()
-
-    def run_eval():
-        """Held-out means of loss, rewards and accuracies (reward margin > 0; policy logp of chosen > rejected)."""
-        totals = torch.zeros(9, dtype=torch.float64, device=device)  # 8 metric sums + pair count
-        model.eval()
-        n_batches = math.ceil(len(eval_pairs) / (args.batch_size * world_size))
-        with torch.no_grad():
-            chunks = []
-            for b in range(n_batches):
-                lo = (b * world_size + rank) * args.batch_size
-                chunks.append(eval_pairs[lo : lo + args.batch_size])
-            kl = None
-            if args.loss_type == "kto":
-                kl = global_kl(chunks, ref_eval, len(eval_pairs))
-            for chunk in chunks:
-                _, rows = pair_losses(chunk or eval_pairs[:1], ref_eval, kl)  # ranks run equal forwards for FSDP
-                if chunk:
-                    totals[:8] += rows.double().sum(0)
-                    totals[8] += len(chunk)
-        model.train()
-        if dist.is_initialized():
-            dist.all_reduce(totals)
-        means = (totals[:8] / totals[8]).tolist()
-        return dict(
-            zip(
-                (
-                    "eval/loss",
-                    "eval/rewards/chosen",
-                    "eval/rewards/rejected",
-                    "eval/rewards/margins",
-                    "eval/rewards/accuracies",
-                    "eval/logps/chosen",
-                    "eval/logps/rejected",
-                    "eval/logps_accuracy",
-                ),
-                means,
-            )
-        )
-
+        optimizer, lambda s: lr_lambda(s, args.warmup_steps, total_steps, args.schedule, args.min_lr_ratio))  # fmt: skip
+    step = resume(run, args.output_dir, model, optimizer, scheduler) if args.resume else 0
+    logger = RunLogger(args.output_dir, asdict(args), run, track=args.track, project=args.wandb_project,
+                       run_name=args.run_name, resume_step=step if args.resume else None)  # fmt: skip
     if eval_pairs and step == 0:
-        before = run_eval()
-        results.update(
-            {
-                "preference_accuracy_before": before["eval/rewards/accuracies"],
-                "logps_accuracy_before": before["eval/logps_accuracy"],
-            }
-        )
-        say(
-            f"[eval] held-out before training: reward accuracy {before['eval/rewards/accuracies']:.3f} (margin > 0; "
-            f"0 when the policy is the reference), policy prefers chosen {before['eval/logps_accuracy']:.3f}"
+        before = run_eval(model, eval_pairs, ref_eval, args, processor, run)
+        results.update(preference_accuracy_before=before["eval/rewards/accuracies"],
+                       logps_accuracy_before=before["eval/logps_accuracy"])  # fmt: skip
+        run.print(
+            f"[eval] held-out before training: reward accuracy {before['eval/rewards/accuracies']:.3f} (margin > 0;"
+            f" 0 when the policy is the reference), policy prefers chosen {before['eval/logps_accuracy']:.3f}"
         )
         logger.log(before, 0)
 
     # ---- training loop ----
     model.train()
-    progress = tqdm(total=total_steps, initial=step, desc=args.loss_type, disable=rank != 0, dynamic_ncols=True)
+    progress = tqdm(total=total_steps, initial=step, desc=args.loss_type, disable=not run.main, dynamic_ncols=True)
     while step < total_steps:
         t0 = time.time()
         epoch, position = divmod(step, steps_per_epoch)
         order = [i for batch in epoch_batches(len(pairs), global_pairs, args.seed, epoch) for i in batch]
-        global_batch = order[position * global_pairs : (position + 1) * global_pairs]
         per_rank = args.batch_size * args.grad_accum
-        my_pairs = [pairs[i] for i in global_batch[rank * per_rank : (rank + 1) * per_rank]]
-        chunks = [my_pairs[m * args.batch_size : (m + 1) * args.batch_size] for m in range(args.grad_accum)]
-        kl = global_kl(chunks, ref, global_pairs) if args.loss_type == "kto" else None
-        sums = torch.zeros(8, dtype=torch.float64, device=device)
+        mine = [pairs[i] for i in order[position * global_pairs + run.rank * per_rank :][:per_rank]]
+        chunks = [mine[m * args.batch_size : (m + 1) * args.batch_size] for m in range(args.grad_accum)]
+        kl = global_kl(model, chunks, ref, args, processor, run, pairs[:1]) if args.loss_type == "kto" else None
+        sums = torch.zeros(8, dtype=torch.float64, device=run.device)
         for chunk in chunks:
-            losses, rows = pair_losses(chunk, ref, kl)
+            losses, rows = pair_losses(model, chunk, ref, kl, args, processor, run)
             # FSDP2 averages gradients over ranks; scaling by world_size turns that into the global-batch mean
-            (losses.sum() * world_size / global_pairs).backward()
+            (losses.sum() * run.world_size / global_pairs).backward()
             sums += rows.double().sum(0)
         if dist.is_initialized():
             dist.all_reduce(sums)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            trainable, args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
-        )
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr, lrs = scheduler.get_last_lr()[0], scheduler.get_last_lr()  # lrs: one per param group
-        scheduler.step()
+        lrs = scheduler.get_last_lr()  # this step's, one per param group
+        grad_norm = optimizer_step(optimizer, scheduler, trainable, args.max_grad_norm)
         step += 1
 
-        means = (sums / global_pairs).tolist()
-        metrics = dict(
-            zip(
-                (
-                    "train/loss",
-                    "train/rewards/chosen",
-                    "train/rewards/rejected",
-                    "train/rewards/margins",
-                    "train/rewards/accuracies",
-                    "train/logps/chosen",
-                    "train/logps/rejected",
-                ),
-                means[:7],
-            )
-        )
-        metrics.update(
-            {
-                "train/lr": lr,
-                "train/grad_norm": grad_norm.item(),
-                "train/epoch": step / steps_per_epoch,
-                "train/pairs_per_s": global_pairs / (time.time() - t0),
-            }
-        )
-        metrics |= (
-            {f"train/lr_{group['name']}": group_lr for group, group_lr in zip(optimizer.param_groups, lrs)}
-            if vlm
-            else {}
-        )
+        metrics = dict(zip(TRAIN_KEYS, (sums / global_pairs).tolist()))
+        metrics.update({"train/lr": lrs[0], "train/grad_norm": grad_norm, "train/epoch": step / steps_per_epoch,
+                        "train/pairs_per_s": global_pairs / (time.time() - t0)})  # fmt: skip
+        if len(lrs) > 1:  # a VLM's parts
+            metrics |= {f"train/lr_{group['name']}": lr for group, lr in zip(optimizer.param_groups, lrs)}
         if kl is not None:
             metrics["train/kl"] = kl.item()
         if eval_pairs and ((args.eval_every and step % args.eval_every == 0) or step == total_steps):
-            metrics.update(run_eval())
+            metrics.update(run_eval(model, eval_pairs, ref_eval, args, processor, run))
         logger.log(metrics, step)
         progress.update(1)
         progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/rewards/accuracies']:.2f}")
-
-        preempted = torch.tensor(float(bool(stop_signal)), device=device)
-        if dist.is_initialized():
-            dist.all_reduce(preempted)  # every rank must agree to save, or the collective save hangs
-        if preempted.item() or (args.save_every and step % args.save_every == 0) or step == total_steps:
-            path = save_checkpoint(args.output_dir, step, model, optimizer, scheduler, rank, args.keep_checkpoints)
-            if preempted.item():
-                say(f"\n[signal] saved {path} at step {step}; exiting. Continue with --resume.")
-                progress.close()
-                logger.close()
-                return {"step": step, "preempted": True, **results}
+        if save_if_due(run, args, step, total_steps, model, optimizer, scheduler):
+            return finish(run, logger, {"step": step, "preempted": True, **results}, progress)
     progress.close()
-    if eval_pairs:
-        final = (
-            [metrics[k] for k in ("eval/rewards/accuracies", "eval/logps_accuracy")] if "eval/loss" in metrics else None
+    if eval_pairs and "eval/loss" in metrics:
+        results.update(preference_accuracy_after=metrics["eval/rewards/accuracies"],
+                       logps_accuracy_after=metrics["eval/logps_accuracy"])  # fmt: skip
+        run.print(
+            f"[eval] held-out after training: reward accuracy {results['preference_accuracy_after']:.3f}, "
+            f"policy prefers chosen {results['logps_accuracy_after']:.3f}"
         )
-        if final:
-            results.update({"preference_accuracy_after": final[0], "logps_accuracy_after": final[1]})
-            say(f"[eval] held-out after training: reward accuracy {final[0]:.3f}, policy prefers chosen {final[1]:.3f}")
 
-    # ---- export and task accuracy after training ----
-    out = export_hf(args, model, tokenizer, rank, processor) if args.export else None
-    if rank == 0 and out is not None:
-        say(f"[export] {'VLM' if vlm else 'Hugging Face'} folder: {out}")
-    if eval_records and rank == 0:
-        scorer = model
-        if world_size > 1:  # the sharded model can't generate alone: reload the export when it holds full weights
-            scorer = None
-            if out is not None and (vlm or (out / "config.json").exists()):
-                from transformers import AutoModelForCausalLM
-
-                scorer = (
-                    load_vlm(out, device=device)[0]
-                    if vlm
-                    else AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).to(device)
-                )
-        if scorer is not None:
-            results["accuracy_after"] = answer_accuracy(
-                scorer, tokenizer, eval_records, args.max_new_tokens, compute_dtype, processor=processor
-            )
-            say(
-                f"[eval] held-out answer accuracy after training: {results['accuracy_after']:.3f}"
-                + (f" (before: {results['accuracy_before']:.3f})" if "accuracy_before" in results else "")
-            )
-    if rank == 0:
-        logger.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, float)}, step)
-    barrier()
-    logger.close()
-    if dist.is_initialized():
-        dist.barrier()  # gloo aborts a rank whose peer tears down while it is still in a collective
-        dist.destroy_process_group()
-    return {"step": step, **results}
+    # ---- export and answer accuracy after training ----
+    if args.export:
+        out = export_model(model, processor, Path(args.output_dir) / "model", run, base_path=args.model_path,
+                           merge=args.merge)  # fmt: skip
+        run.print(f"[export] {out}")
+    if answer_items:
+        results["accuracy_after"] = answer_accuracy(
+            model, processor, answer_items, run, max_new_tokens=args.max_new_tokens
+        )
+        run.print(
+            f"[eval] held-out answer accuracy after training: {results['accuracy_after']:.3f}"
+            + (f" (before: {results['accuracy_before']:.3f})" if "accuracy_before" in results else "")
+        )
+    logger.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, float)}, step)
+    return finish(run, logger, {"step": step, **results})
 
 
 if __name__ == "__main__":

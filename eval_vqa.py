@@ -40,11 +40,9 @@ Writes <output-dir>/predictions.jsonl (one row per question: question, answers, 
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections import Counter
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -53,11 +51,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from common.chat import encode
+from common.cli import cli
 from common.data import DataError, content_text, load_records
+from common.easy_vqa import EASY_VQA_COLORS, EASY_VQA_SHAPES
 from common.metrics import (
-    RunLogger,
     anls,
-    cli,
     counting_accuracy,
     exact_match,
     mc_accuracy,
@@ -65,8 +64,9 @@ from common.metrics import (
     vqa_normalize,
     vqa_score,
 )
-from common.models import pick_dtype
-from common.vision import CONFIG_FILE, EASY_VQA_COLORS, EASY_VQA_SHAPES, is_vlm, load_vlm, vlm_generate
+from common.rollout import generate
+from common.run import RunLogger, finish, setup
+from common.vision import CONFIG_FILE, is_vlm, load_vlm
 
 MetricName = Literal["vqa_score", "exact_match", "anls", "relaxed_correctness", "counting_accuracy", "mc_accuracy"]
 
@@ -285,53 +285,19 @@ def check_model_path(path: str) -> Path:
 
 
 @torch.no_grad()
-def answer_batch(model, processor, chunk, args, device, autocast) -> list[str]:
-    """Greedy / beam answers to a batch of normalised records: prompts left-padded, since generation appends on
-    the right and every row's last prompt token must sit in the last column."""
-    prompts = []
-    for r in chunk:
-        try:
-            prompts.append(processor(r["messages"], base_dir=r["_dir"], add_generation_prompt=True))
-        except DataError as e:
-            raise DataError(f"{r['_where']}: {e}") from None
-    pad_id = processor.tokenizer.pad_token_id
-    T = max(len(p["input_ids"]) for p in prompts)
-    input_ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)  # [B, T], left-padded
-    attention_mask = torch.zeros((len(prompts), T), dtype=torch.long)  # [B, T]
-    for row, p in enumerate(prompts):
-        input_ids[row, T - len(p["input_ids"]) :] = torch.tensor(p["input_ids"])
-        attention_mask[row, T - len(p["input_ids"]) :] = 1
-    image_inputs = {
-        k: v.to(device) if torch.is_tensor(v) else v for k, v in processor.image_inputs(prompts, input_ids).items()
-    }
-    with autocast:
-        new_tokens = vlm_generate(
-            model,
-            input_ids.to(device),
-            attention_mask.to(device),
-            **image_inputs,
-            max_new_tokens=args.max_new_tokens,
-            do_sample=False,
-            num_beams=args.num_beams,
-            use_cache=True,
-            pad_token_id=pad_id,
-        )  # [B, n_new]
-    return [t.strip() for t in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+def answer_batch(model, processor, chunk, args, run) -> list[str]:
+    """Greedy / beam answers to a batch of normalised records."""
+    prompts = [encode(processor, r["messages"], r, add_generation_prompt=True) for r in chunk]
+    with run.autocast(model):
+        completions, _, _ = generate(model, processor, prompts, max_new_tokens=args.max_new_tokens, greedy=True,
+                                     num_beams=args.num_beams)  # fmt: skip
+    return [t.strip() for t in processor.tokenizer.batch_decode(completions, skip_special_tokens=True)]
 
 
 def main(args: Args):
-    # ---- distributed setup ----
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    compute_dtype = pick_dtype(args.dtype, device)
-    say = print if rank == 0 else (lambda *a, **k: None)
     if args.num_beams < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
         raise SystemExit("error: --num-beams, --batch-size and --max-new-tokens must be at least 1")
+    run = setup(0, args.dtype)
 
     # ---- data: an evenly spaced subset, normalised; each rank takes every world_size-th question ----
     model_dir = check_model_path(args.model_path)
@@ -345,37 +311,25 @@ def main(args: Args):
         raise DataError(f"{not_mc['_where']}: mc_accuracy needs options and answer_index in every record")
     if not not_mc and "mc_accuracy" not in metrics:
         metrics.append("mc_accuracy")
-    mine = list(range(rank, len(records), world_size))
-    say(
-        f"[plan] model {args.model_path} | {len(records)} questions from {args.dataset} | metrics {', '.join(metrics)} "
-        f"| {'greedy' if args.num_beams == 1 else f'beam search x{args.num_beams}'}, <= {args.max_new_tokens} new "
-        f"tokens | world size {world_size} | {device} {compute_dtype}"
-    )
+    mine = list(range(run.rank, len(records), run.world_size))
+    run.print(f"[plan] model {args.model_path} | {len(records)} questions from {args.dataset} | metrics "
+              f"{', '.join(metrics)} | {'greedy' if args.num_beams == 1 else f'beam search x{args.num_beams}'}, <= "
+              f"{args.max_new_tokens} new tokens | world size {run.world_size} | {run.device} {run.dtype}")  # fmt: skip
 
     # ---- answer this rank's share, then gather every rank's rows ----
-    model, processor = load_vlm(model_dir, device=device)
-    model.eval()
-    autocast = torch.autocast(device.type, dtype=compute_dtype) if compute_dtype != torch.float32 else nullcontext()
+    model, processor = load_vlm(model_dir, device=run.device)
     rows, t0 = [], time.time()
-    for lo in tqdm(range(0, len(mine), args.batch_size), desc="eval_vqa", disable=rank != 0, dynamic_ncols=True):
+    for lo in tqdm(range(0, len(mine), args.batch_size), desc="eval_vqa", disable=not run.main, dynamic_ncols=True):
         chunk = [records[i] for i in mine[lo : lo + args.batch_size]]
         for i, r, prediction in zip(
-            mine[lo : lo + args.batch_size], chunk, answer_batch(model, processor, chunk, args, device, autocast)
+            mine[lo : lo + args.batch_size], chunk, answer_batch(model, processor, chunk, args, run)
         ):
-            row = {
-                "index": i,
-                "question": r["question"],
-                "answers": r["answers"],
-                "prediction": prediction,
-                "scores": {m: score(m, prediction, r) for m in metrics},
-                "image": r["image"],
-                "answer_type": r["answer_type"],
-                "where": r["_where"],
-            }
-            row.update({k: r[k] for k in ("question_type", "options", "answer_index") if k in r})
-            rows.append(row)
+            row = {"index": i, "question": r["question"], "answers": r["answers"], "prediction": prediction,
+                   "scores": {m: score(m, prediction, r) for m in metrics}, "image": r["image"],
+                   "answer_type": r["answer_type"], "where": r["_where"]}  # fmt: skip
+            rows.append(row | {k: r[k] for k in ("question_type", "options", "answer_index") if k in r})
     if dist.is_initialized():
-        gathered = [None] * world_size
+        gathered = [None] * run.world_size
         dist.all_gather_object(gathered, rows)
         rows = [row for part in gathered for row in part]
     rows.sort(key=lambda row: row["index"])
@@ -383,24 +337,18 @@ def main(args: Args):
 
     # ---- rank 0 writes predictions, metrics and the table ----
     summary = {**summarise(rows, metrics), "model_path": args.model_path, "dataset": args.dataset}
-    if rank == 0:
-        out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.output_dir)
+    logger = RunLogger(out, asdict(args), run, track=args.track, project=args.wandb_project, run_name=args.run_name)
+    logger.log({f"eval/{m}": v for m, v in summary["overall"].items() if m != "n"}, step=0)
+    if run.main:
         with open(out / "predictions.jsonl", "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
         (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-        logger = RunLogger(out, asdict(args), track=args.track, project=args.wandb_project, run_name=args.run_name)
-        logger.log({f"eval/{m}": v for m, v in summary["overall"].items() if m != "n"}, step=0)
-        logger.close()
-        say(format_table(summary, metrics))
-        say(
-            f"[done] {len(rows)} questions in {seconds:.1f} s ({len(rows) / max(seconds, 1e-9):.1f}/s over "
-            f"{world_size} process{'es' if world_size > 1 else ''}) -> {out / 'predictions.jsonl'}, {out / 'metrics.json'}"
-        )
-    if dist.is_initialized():
-        dist.barrier()  # gloo aborts a rank whose peer tears down while it is still in a collective
-        dist.destroy_process_group()
-    return summary
+    run.print(format_table(summary, metrics))
+    run.print(f"[done] {len(rows)} questions in {seconds:.1f} s ({len(rows) / max(seconds, 1e-9):.1f}/s over "
+              f"{run.world_size} process{'es' if run.world_size > 1 else ''}) -> {out / 'predictions.jsonl'}, "
+              f"{out / 'metrics.json'}")  # fmt: skip
+    return finish(run, logger, summary)
 
 
 if __name__ == "__main__":

@@ -39,35 +39,29 @@ long PixMo-Cap captions:
 
 from __future__ import annotations
 
-import math
 import os
-import random
 import re
-import signal
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from tqdm import tqdm
 
-from common.data import IGNORE, DataError, epoch_batches, load_mixture, pack_collate, pack_examples, pad_collate
+from common.chat import IGNORE, collate, epoch_batches, heldout_nll, pack_examples
+from common.checkpoint import export_model, resume, save_if_due
+from common.cli import cli
+from common.data import DataError, load_mixture
+from common.easy_vqa import EASY_VQA_COLORS, EASY_VQA_SHAPES
 from common.logprob import sequence_logprobs
-from common.metrics import RunLogger, cli, exact_match, vqa_normalize
-from common.models import barrier, checkpoint_dirs, load_checkpoint, pick_dtype, save_checkpoint
-from common.vision import (
-    EASY_VQA_COLORS,
-    EASY_VQA_SHAPES,
-    ComposedVLM,
-    build_vlm,
-    export_vlm,
-    is_vlm,
-    load_vlm,
-    param_groups,
-    vlm_generate,
-)
+from common.metrics import exact_match, vqa_normalize
+from common.models import build_vlm, fsdp_blocks
+from common.rollout import generate
+from common.run import RunLogger, all_reduce_sums, finish, lr_lambda, optimizer_step, setup, to_device
+from common.vision import ComposedVLM, is_vlm, load_vlm, param_groups
 
 
 @dataclass
@@ -137,7 +131,7 @@ class Args:
     logprob_impl: Literal["fused", "naive"] = "fused"
     """fused: chunked kernel that never builds the logits; naive: log_softmax over full logits, for comparison"""
     eval_every: int = 100
-    """eval every N steps and before training (0: only at the end); caption accuracy needs a single process"""
+    """eval every N steps and before training (0: only at the end)"""
     save_every: int = 200
     """save a resumable checkpoint every N steps (0: only on preemption and at the end)"""
     keep_checkpoints: int = 1
@@ -152,19 +146,6 @@ class Args:
     """wandb project name"""
     run_name: str | None = None
     """wandb run name"""
-
-
-def lr_lambda(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak lr at `step`: linear warmup (step+1)/warmup, then
-    cosine / linear decay to min_ratio at `total`, or inverse-sqrt sqrt(warmup / (step+1)) (Vaswani et al. 2017;
-    continuous with the warmup, no floor)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "inverse-sqrt":
-        return math.sqrt(max(1, warmup) / (step + 1))
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
-    return min_ratio + (1 - min_ratio) * decay
 
 
 def caption_chat(record: dict, with_caption: bool = True) -> list[dict]:
@@ -199,19 +180,6 @@ def caption_examples(records, processor, max_len: int, overlong: str) -> list[di
     return examples
 
 
-def collate(items, processor, packing: bool, max_len: int, device) -> dict:
-    """Packed rows (items are lists of examples) or right-padded examples, plus the images in token order."""
-    examples = [e for pack in items for e in pack] if packing else items
-    batch = (
-        pack_collate(items, processor.tokenizer.pad_token_id, max_len)
-        if packing
-        else pad_collate(items, processor.tokenizer.pad_token_id)
-    )
-    batch = {k: v for k, v in batch.items() if k not in ("cu_seqlens", "max_seqlen")}  # flash-attn varlen only
-    batch |= processor.image_inputs(examples, batch["input_ids"])  # a native VLM overrides position_ids here
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 def caption_loss_sum(model, batch: dict, impl: str) -> tuple[torch.Tensor, int]:
     """Sum of caption-token NLL in this micro-batch, and how many tokens it covers."""
     kwargs = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}  # positions, mask, pixel_values
@@ -231,52 +199,30 @@ def caption_correct(prediction: str, reference: str) -> bool:
 
 
 @torch.no_grad()
-def caption_accuracy(model, processor, prompts, references, max_new_tokens, dtype, batch_size=50) -> dict:
-    """Greedy captions of held-out images: colour-and-shape accuracy, exact-match accuracy and a few samples."""
-    model.eval()
-    device, pad = next(model.parameters()).device, processor.tokenizer.pad_token_id
+def caption_accuracy(model, processor, prompts, references, max_new_tokens, run, batch_size=50) -> dict:
+    """Greedy captions of held-out images: colour-and-shape accuracy, exact-match accuracy (both over every rank's
+    share of the images) and a few of rank 0's captions."""
+    mine = list(range(run.rank, len(prompts), run.world_size))
     texts = []
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i : i + batch_size]
-        T = max(len(p["input_ids"]) for p in chunk)  # left padding: generation appends on the right
-        ids = torch.tensor([[pad] * (T - len(p["input_ids"])) + p["input_ids"] for p in chunk], device=device)  # [B, T]
-        mask = torch.tensor([[0] * (T - len(p["input_ids"])) + [1] * len(p["input_ids"]) for p in chunk], device=device)
-        images = {k: v.to(device) if torch.is_tensor(v) else v for k, v in processor.image_inputs(chunk, ids).items()}
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            new = vlm_generate(
-                model,
-                ids,
-                mask,
-                **images,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=pad,
-            )  # [B, n_new]
-        texts += [t.strip() for t in processor.tokenizer.batch_decode(new, skip_special_tokens=True)]
-    model.train()
-    n = max(1, len(texts))
-    return {
-        "caption_accuracy": sum(caption_correct(t, r) for t, r in zip(texts, references)) / n,
-        "caption_exact_match": sum(exact_match(t, r) for t, r in zip(texts, references)) / n,
-        "samples": list(zip(texts[:3], references[:3])),
-    }
+    with run.autocast(model):
+        for lo in range(0, len(mine), batch_size):
+            chunk = [prompts[i] for i in mine[lo : lo + batch_size]]
+            completions, _, _ = generate(model, processor, chunk, max_new_tokens=max_new_tokens, greedy=True)
+            texts += [t.strip() for t in processor.tokenizer.batch_decode(completions, skip_special_tokens=True)]
+    refs = [references[i] for i in mine]
+    sums = all_reduce_sums({"right": sum(caption_correct(t, r) for t, r in zip(texts, refs)),
+                            "exact": sum(exact_match(t, r) for t, r in zip(texts, refs))}, run)  # fmt: skip
+    n = max(1, len(prompts))
+    return {"caption_accuracy": sums["right"] / n, "caption_exact_match": sums["exact"] / n,
+            "samples": list(zip(texts[:3], refs[:3]))}  # fmt: skip
 
 
 def build_model(args, device):
     """(model, processor): the VLM folder in --model-path, or --model-path's LM composed with --vision-encoder."""
     if is_vlm(args.model_path):
         return load_vlm(args.model_path, dtype=torch.float32, device=device)
-    return build_vlm(
-        args.model_path,
-        args.vision_encoder,
-        image_size=args.image_size,
-        projector=args.projector,
-        pixel_shuffle=args.pixel_shuffle,
-        dtype=torch.float32,
-        device=device,
-        seed=args.seed,
-    )
+    return build_vlm(args.model_path, args.vision_encoder, image_size=args.image_size, projector=args.projector,
+                     pixel_shuffle=args.pixel_shuffle, dtype=torch.float32, device=device, seed=args.seed)  # fmt: skip
 
 
 def freeze_unused_vision_params(model) -> list[str]:
@@ -297,58 +243,44 @@ def freeze_unused_vision_params(model) -> list[str]:
     return unused
 
 
-def transformer_blocks(model) -> list[torch.nn.Module]:
-    """Every block of the encoder's and the LM's layer lists (ModuleLists named layers / layer / blocks): the units
-    FSDP2 gathers one at a time."""
-    return [
-        block
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "layer", "blocks")
-        for block in module
-    ]
+def evaluate(model, eval_items, captions, processor, packing, args, run) -> dict:
+    """Held-out caption loss (every rank's share) and, when held-out images are captioned, caption accuracy."""
+    out = {"eval/loss": heldout_nll(model, eval_items, processor, packing=packing, max_len=args.max_len,
+                                    batch_size=args.batch_size, impl=args.logprob_impl, run=run)}  # fmt: skip
+    if captions[0]:
+        acc = caption_accuracy(model, processor, *captions, args.max_new_tokens, run)
+        out |= {
+            "eval/caption_accuracy": acc["caption_accuracy"],
+            "eval/caption_exact_match": acc["caption_exact_match"],
+        }
+        run.print(
+            f"\n[eval] loss {out['eval/loss']:.4f}, colour+shape right {acc['caption_accuracy']:.3f}, e.g. "
+            + " | ".join(f"{t!r} (ref {r!r})" for t, r in acc["samples"])
+        )
+    return out
 
 
 def main(args: Args):
-    # ---- distributed setup and seeding ----
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    compute_dtype = pick_dtype(args.dtype, device)
-    say = print if rank == 0 else (lambda *a, **k: None)
+    run = setup(args.seed, args.dtype)
 
     # ---- data and model: read and check the records first, then preprocess every image and caption once, pack ----
     records = load_caption_records(args.dataset, args.seed)
     eval_records = load_caption_records(args.eval_dataset, args.seed) if args.eval_dataset else []
-    model, processor = build_model(args, device)
-    packing = args.packing and isinstance(model, ComposedVLM)
+    model, processor = build_model(args, run.device)
+    packing = args.packing and processor.packable
     examples = caption_examples(records, processor, args.max_len, args.overlong)
-    items = [[examples[i] for i in pack] for pack in pack_examples(examples, args.max_len)] if packing else examples
-    eval_items, eval_prompts, eval_refs = [], [], []
-    if eval_records:
-        eval_examples = caption_examples(eval_records[: args.eval_size], processor, args.max_len, "truncate")
-        eval_items = (
-            [[eval_examples[i] for i in p] for p in pack_examples(eval_examples, args.max_len)]
-            if packing
-            else eval_examples
-        )
-        if world_size == 1 or rank == 0:
-            eval_prompts = [
-                processor(caption_chat(r, with_caption=False), base_dir=r.get("_dir", "."), add_generation_prompt=True)
-                for r in eval_records[: args.eval_samples]
-            ]
-            eval_refs = [r["caption"] for r in eval_records[: args.eval_samples]]
-    global_rows = args.batch_size * args.grad_accum * world_size
+    eval_examples = caption_examples(eval_records[: args.eval_size], processor, args.max_len, "truncate")
+    items, eval_items = (
+        [[e[i] for i in pack] for pack in pack_examples(e, args.max_len)] if packing else e
+        for e in (examples, eval_examples))  # fmt: skip
+    captions = ([processor(caption_chat(r, with_caption=False), base_dir=r.get("_dir", "."), add_generation_prompt=True)
+                 for r in eval_records[: args.eval_samples]], [r["caption"] for r in eval_records[: args.eval_samples]])  # fmt: skip
+    global_rows = args.batch_size * args.grad_accum * run.world_size
     steps_per_epoch = len(items) // global_rows
     if steps_per_epoch == 0:
         raise SystemExit(
             f"error: {len(items)} training rows is less than one global batch of {global_rows} "
-            f"(--batch-size {args.batch_size} x --grad-accum {args.grad_accum} x {world_size} processes)"
+            f"(--batch-size {args.batch_size} x --grad-accum {args.grad_accum} x {run.world_size} processes)"
         )
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
     freeze_unused_vision_params(model)
@@ -358,32 +290,25 @@ def main(args: Args):
     sizes = {g["name"]: 0 for g in groups}  # trainable parameters per part
     for g in groups:
         sizes[g["name"]] += sum(p.numel() for p in g["params"])
-    say(
-        f"[plan] {args.model_path}"
-        + ("" if is_vlm(args.model_path) else f" + {args.vision_encoder}")
-        + f" | {len(records)} records -> {len(examples)} examples -> {len(items)} rows "
-        f"({'packed' if packing else 'padded'}, max {args.max_len} tokens) | eval {len(eval_items)} rows, "
-        f"{len(eval_prompts)} images captioned | {total_steps} steps x {global_rows} rows "
-        f"({total_steps / steps_per_epoch:.2f} epochs) | trains "
-        + ", ".join(f"{name} {n / 1e6:.2f}M" for name, n in sizes.items())
-        + f" | world size {world_size} | {device} {compute_dtype}"
-    )
+    run.print(f"[plan] {args.model_path}{'' if is_vlm(args.model_path) else f' + {args.vision_encoder}'} | {len(records)} "
+              f"records -> {len(examples)} examples -> {len(items)} rows ({'packed' if packing else 'padded'}, max "
+              f"{args.max_len} tokens) | eval {len(eval_items)} rows, {len(captions[0])} images captioned | {total_steps} "
+              f"steps x {global_rows} rows ({total_steps / steps_per_epoch:.2f} epochs) | trains "
+              + ", ".join(f"{name} {n / 1e6:.2f}M" for name, n in sizes.items())
+              + f" | world size {run.world_size} | {run.device} {run.dtype}")  # fmt: skip
     if args.dry_run:
-        say("[plan] dry run, exiting")
+        run.print("[plan] dry run, exiting")
         return None
 
-    # ---- FSDP2: each encoder and LM block, then the root (embeddings, projector, norms, LM head) ----
-    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
-    if world_size > 1:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mesh = init_device_mesh(device.type, (world_size,))
-        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-        for block in transformer_blocks(model):
+    # ---- FSDP2: each encoder and LM block, then the root (embeddings, projector, norms, LM head); optimizer ----
+    if run.world_size > 1:
+        mesh = init_device_mesh(run.device.type, (run.world_size,))
+        mp = MixedPrecisionPolicy(param_dtype=run.dtype, reduce_dtype=torch.float32)
+        for block in fsdp_blocks(model):
             fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
-        autocast = nullcontext()  # FSDP2's mixed-precision policy casts instead
+        if isinstance(model, ComposedVLM):  # its generate bypasses forward: make it gather the root's weights too
+            register_fsdp_forward_method(model, "generate")
         # sharding replaced the parameters; frozen parts stay frozen (requires_grad was set before)
         groups = param_groups(
             model, args.lr, lr_vision=args.lr_vision, lr_lm=args.lr_lm, weight_decay=args.weight_decay
@@ -391,164 +316,63 @@ def main(args: Args):
     trainable = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_lambda(s, args.warmup_steps, total_steps, args.schedule, args.min_lr_ratio)
-    )
-
-    step = 0
-    if args.resume:
-        found = checkpoint_dirs(args.output_dir)
-        if found:
-            step = load_checkpoint(found[-1], model, optimizer, scheduler, rank)
-            say(f"[resume] from {found[-1]} at step {step}")
-        else:
-            say(f"[resume] no complete checkpoint in {args.output_dir}/checkpoints, starting fresh")
-    logger = RunLogger(
-        args.output_dir,
-        asdict(args),
-        enabled=rank == 0,
-        track=args.track,
-        project=args.wandb_project,
-        run_name=args.run_name,
-        resume_step=step if args.resume else None,
-    )
-
-    stop_signal = []  # set by SIGTERM/SIGUSR1 (cluster preemption): save at the end of the step and exit cleanly
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
-
-    def run_eval() -> dict:
-        """Eval loss over all ranks; caption accuracy too in a single process (FSDP: on the export, at the end)."""
-        totals = torch.zeros(2, dtype=torch.float64, device=device)  # [nll sum, target tokens]
-        model.eval()
-        n_batches = math.ceil(len(eval_items) / (args.batch_size * world_size))
-        with torch.no_grad():
-            for b in range(n_batches):
-                lo = (b * world_size + rank) * args.batch_size
-                chunk = eval_items[lo : lo + args.batch_size] or eval_items[:1]  # ranks run equal forwards for FSDP
-                with autocast:
-                    nll, n = caption_loss_sum(
-                        model, collate(chunk, processor, packing, args.max_len, device), args.logprob_impl
-                    )
-                if eval_items[lo : lo + args.batch_size]:
-                    totals += torch.tensor([nll.item(), n], dtype=torch.float64, device=device)
-        model.train()
-        if dist.is_initialized():
-            dist.all_reduce(totals)
-        out = {"eval/loss": (totals[0] / totals[1].clamp(min=1)).item()}
-        if world_size == 1 and eval_prompts:
-            acc = caption_accuracy(model, processor, eval_prompts, eval_refs, args.max_new_tokens, compute_dtype)
-            out |= {
-                "eval/caption_accuracy": acc["caption_accuracy"],
-                "eval/caption_exact_match": acc["caption_exact_match"],
-            }
-            say(
-                f"\n[eval] step {step}: loss {out['eval/loss']:.4f}, colour+shape right {acc['caption_accuracy']:.3f}, "
-                f"e.g. " + " | ".join(f"{t!r} (ref {r!r})" for t, r in acc["samples"])
-            )
-        return out
+        optimizer, lambda s: lr_lambda(s, args.warmup_steps, total_steps, args.schedule, args.min_lr_ratio))  # fmt: skip
+    step = resume(run, args.output_dir, model, optimizer, scheduler) if args.resume else 0
+    logger = RunLogger(args.output_dir, asdict(args), run, track=args.track, project=args.wandb_project,
+                       run_name=args.run_name, resume_step=step if args.resume else None)  # fmt: skip
+    autocast = run.autocast(model)
 
     # ---- training loop ----
     model.train()
     metrics = {}
     if eval_items and args.eval_every and step == 0:
-        logger.log(run_eval(), 0)
-    progress = tqdm(total=total_steps, initial=step, desc="captioner", disable=rank != 0, dynamic_ncols=True)
+        logger.log(evaluate(model, eval_items, captions, processor, packing, args, run), 0)
+    progress = tqdm(total=total_steps, initial=step, desc="captioner", disable=not run.main, dynamic_ncols=True)
     while step < total_steps:
         t0 = time.time()
         epoch, position = divmod(step, steps_per_epoch)
         order = [i for batch in epoch_batches(len(items), global_rows, args.seed, epoch) for i in batch]
-        global_batch = order[position * global_rows : (position + 1) * global_rows]
-        my_rows = global_batch[
-            rank * args.batch_size * args.grad_accum : (rank + 1) * args.batch_size * args.grad_accum
-        ]
-        micro_batches = [
-            collate(
-                [items[i] for i in my_rows[m * args.batch_size : (m + 1) * args.batch_size]],
-                processor,
-                packing,
-                args.max_len,
-                device,
-            )
-            for m in range(args.grad_accum)
-        ]
-        # normalise by the caption tokens of the whole global batch, known before any forward
-        counts = torch.tensor(
-            [
-                sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro_batches),
-                sum(len(e["input_ids"]) for i in my_rows for e in (items[i] if packing else [items[i]])),
-                sum(mb["input_ids"].numel() for mb in micro_batches),
-            ],
-            dtype=torch.float64,
-            device=device,
-        )
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        if dist.is_initialized():
-            dist.all_reduce(counts)
-        n_target = counts[0].item()
+        per_rank = args.batch_size * args.grad_accum
+        my_rows = order[position * global_rows + run.rank * per_rank :][:per_rank]
+        micro_batches = [to_device(collate([items[i] for i in my_rows[m * args.batch_size : (m + 1) * args.batch_size]],
+                                           processor, packing=packing, max_len=args.max_len), run.device)
+                         for m in range(args.grad_accum)]  # fmt: skip
+        # the loss is normalised by the caption tokens of the whole global batch, known before any forward
+        counts = all_reduce_sums({"targets": sum(int((mb["labels"][:, 1:] != IGNORE).sum()) for mb in micro_batches),
+                                  "tokens": sum(len(e["input_ids"]) for i in my_rows
+                                                for e in (items[i] if packing else [items[i]])),
+                                  "slots": sum(mb["input_ids"].numel() for mb in micro_batches)}, run)  # fmt: skip
+        nll_sum = 0.0
         for mb in micro_batches:
             with autocast:
                 nll, _ = caption_loss_sum(model, mb, args.logprob_impl)
             # FSDP2 averages gradients over ranks; scaling by world_size turns that into the global-batch sum
-            (nll * world_size / n_target).backward()
-            loss_sum += nll.detach().double()
-        if dist.is_initialized():
-            dist.all_reduce(loss_sum)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            trainable, args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
-        )
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            (nll * run.world_size / counts["targets"]).backward()
+            nll_sum += float(nll.detach())
         lrs = {f"train/lr_{g['name']}": lr for g, lr in zip(optimizer.param_groups, scheduler.get_last_lr())}
-        scheduler.step()
+        grad_norm = optimizer_step(optimizer, scheduler, trainable, args.max_grad_norm)
         step += 1
 
-        loss = (loss_sum / n_target).item()
-        metrics = {
-            "train/loss": loss,
-            **lrs,
-            "train/grad_norm": grad_norm.item(),
-            "train/epoch": step / steps_per_epoch,
-            "train/tokens_per_s": counts[1].item() / (time.time() - t0),
-            "train/padding_fraction": 1 - counts[1].item() / counts[2].item(),
-        }
+        loss = all_reduce_sums({"nll": nll_sum}, run)["nll"] / counts["targets"]
+        metrics = {"train/loss": loss, **lrs, "train/grad_norm": grad_norm, "train/epoch": step / steps_per_epoch,
+                   "train/tokens_per_s": counts["tokens"] / (time.time() - t0),
+                   "train/padding_fraction": 1 - counts["tokens"] / counts["slots"]}  # fmt: skip
         if eval_items and ((args.eval_every and step % args.eval_every == 0) or step == total_steps):
-            metrics |= run_eval()
+            metrics |= evaluate(model, eval_items, captions, processor, packing, args, run)
         logger.log(metrics, step)
         progress.update(1)
         progress.set_postfix(loss=f"{loss:.4f}")
-
-        preempted = torch.tensor(float(bool(stop_signal)), device=device)
-        if dist.is_initialized():
-            dist.all_reduce(preempted)  # every rank must agree to save, or the collective save hangs
-        if preempted.item() or (args.save_every and step % args.save_every == 0) or step == total_steps:
-            path = save_checkpoint(args.output_dir, step, model, optimizer, scheduler, rank, args.keep_checkpoints)
-            if preempted.item():
-                say(f"\n[signal] saved {path} at step {step}; exiting. Continue with --resume.")
-                progress.close()
-                logger.close()
-                return {"step": step, "preempted": True}
+        if save_if_due(run, args, step, total_steps, model, optimizer, scheduler):
+            return finish(run, logger, {"step": step, "preempted": True}, progress)
     progress.close()
 
-    # ---- export (and, after FSDP, caption accuracy of the exported model on rank 0) ----
-    results = {"step": step, **{k.split("/")[1]: v for k, v in metrics.items() if k.startswith("eval/")}}
+    # ---- export ----
     if args.export:
-        out = export_vlm(
-            model, processor, os.path.join(args.output_dir, "model"), lambda: build_model(args, "cpu")[0], rank
-        )
-        say(f"[export] VLM folder (load_vlm opens it): {out}")
-        if world_size > 1 and rank == 0 and eval_prompts:
-            exported, _ = load_vlm(out, device=device)
-            acc = caption_accuracy(exported, processor, eval_prompts, eval_refs, args.max_new_tokens, compute_dtype)
-            results |= {k: acc[k] for k in ("caption_accuracy", "caption_exact_match")}
-            logger.log({f"eval/{k}": acc[k] for k in ("caption_accuracy", "caption_exact_match")}, step)
-            say(f"[eval] exported model: colour+shape right {acc['caption_accuracy']:.3f}")
-        barrier()
-    logger.close()
-    if dist.is_initialized():
-        dist.barrier()  # gloo aborts a rank whose peer tears down while it is still in a collective
-        dist.destroy_process_group()
-    return results
+        out = export_model(model, processor, Path(args.output_dir) / "model", run, base_path=args.model_path,
+                           fresh=lambda: build_model(args, "cpu")[0])  # fmt: skip
+        run.print(f"[export] VLM folder (load_vlm opens it): {out}")
+    results = {"step": step, **{k.split("/")[1]: v for k, v in metrics.items() if k.startswith("eval/")}}
+    return finish(run, logger, results)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def write_pairs(n: int, folder: Path) -> Path:
 def run_ours(a, data: Path, work: Path) -> dict:
     sys.path.insert(0, str(ROOT))
     import dpo
-    from common.metrics import read_metrics
+    from common.run import read_metrics
 
     dpo.main(
         dpo.Args(
@@ -164,7 +164,7 @@ def main():
     a = p.parse_args()
     if a.dtype == "auto":
         sys.path.insert(0, str(ROOT))
-        from common.models import bf16_supported
+        from common.run import bf16_supported
 
         a.dtype = "bfloat16" if bf16_supported("cpu") else "float32"
     if a.worker:

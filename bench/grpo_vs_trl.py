@@ -85,7 +85,7 @@ def summarise(stamps, step_s, rollout_s, lengths, rows, end, rewards, seen) -> d
 def run_ours(a, work: Path) -> dict:
     sys.path.insert(0, str(ROOT))
     import grpo
-    from common.metrics import read_metrics
+    from common.run import read_metrics
 
     seen, ended, stamps = {}, [], []
 
@@ -294,7 +294,7 @@ def main():
         raise SystemExit("error: --steps must be >= 1 (one more warm-up step is always run)")
     if a.dtype == "auto":
         sys.path.insert(0, str(ROOT))
-        from common.models import bf16_supported
+        from common.run import bf16_supported
 
         a.dtype = "bfloat16" if bf16_supported("cpu") else "float32"
     if a.worker:

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common.data import epoch_batches, pack_collate, pack_examples, pad_collate  # noqa: E402
+from common.chat import epoch_batches, pack_collate, pack_examples
+from common.data import pad_collate  # noqa: E402
 from common.models import load_model, tiny_model  # noqa: E402
 
 

@@ -1,10 +1,8 @@
-"""Reading, validating, tokenising, padding and packing training data.
+"""Reading and validating training data: files, folders, hub datasets, easy-vqa, weighted mixtures; record formats.
 
 Every script reads data through this module, so every data problem surfaces here, early, as a `DataError`
-that names the file and line (the record's `_where`) and what was expected.
-
-Pipeline for SFT: load_records -> detect_format -> to_messages -> tokenize_chat (assistant-only labels)
--> pad_collate or pack_examples + pack_collate. Labels are *unshifted* (-100 = no loss); the scripts shift.
+that names the file and line (the record's `_where`) and what was expected. Tokenising, padding and packing the
+records is common/chat.py's job.
 """
 
 from __future__ import annotations
@@ -14,11 +12,8 @@ import os
 import random
 from pathlib import Path
 
-import torch
-
 FORMATS = ("messages", "prompt_completion", "message_answer", "preference")
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
-IGNORE = -100  # label value that contributes no loss (torch cross_entropy's default ignore_index)
 
 
 def log(message: str) -> None:
@@ -80,7 +75,7 @@ def load_records(source: str, split: str | None = None) -> list[dict]:
     """Records from a .jsonl/.json/.parquet file, a folder of them, `easy-vqa:<kind>` (the bundled easy-VQA shapes
     set; kind: captions-train, captions-test, train, test, pairs-train or pairs-test) or a `datasets` hub name."""
     if source.startswith("easy-vqa:"):
-        from common.vision import easy_vqa_records  # lazy: only the vision scripts need it (it checks the kind)
+        from common.easy_vqa import easy_vqa_records
 
         return easy_vqa_records(source.split(":", 1)[1])
     path = Path(source).expanduser()
@@ -299,6 +294,12 @@ def content_text(content) -> str:
     return "\n".join(part["text"] for part in content if part.get("type") == "text")
 
 
+def has_images(messages: list[dict]) -> bool:
+    """Whether any message holds an image part."""
+    return any(isinstance(m["content"], list) and any(p.get("type") in ("image", "image_url") for p in m["content"])
+               for m in messages)  # fmt: skip
+
+
 def image_paths(messages: list[dict], base_dir: str, *, where: str = "?") -> list[str]:
     """Local image files referenced by content parts (relative to base_dir); DataError if one is missing."""
     paths = []
@@ -312,215 +313,3 @@ def image_paths(messages: list[dict], base_dir: str, *, where: str = "?") -> lis
                 raise DataError(f"{where}: image not found: {ref!r} (resolved to {path})")
             paths.append(str(path))
     return paths
-
-
-# -------------------------------------------------------------------------------------- tokenisation
-_warned_unstable: set[str] = set()
-
-
-def _assistant_spans(messages: list[dict], tokenizer, full: str) -> list[tuple[int, int]]:
-    """Character spans of every assistant turn (content + end-of-turn token) inside the rendered `full` text."""
-
-    def render(msgs, gen=False):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-
-    spans, cursor = [], 0
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        try:  # prefix renders: the generation prompt ends where the answer starts, the turn ends where it ends
-            start = render(messages[:i], gen=True) if i else ""
-            end = render(messages[: i + 1])
-            stable = full.startswith(start) and full.startswith(end) and cursor <= len(start) <= len(end)
-        except Exception:
-            stable = False
-        if stable:
-            # trailing whitespace after the end token (ChatML's "\n") is template, never generated
-            span = (len(start), len(end.rstrip()))
-        else:  # template is not prefix-stable (e.g. drops reasoning of earlier turns): find the content itself
-            name = getattr(tokenizer, "name_or_path", "tokenizer")
-            if name not in _warned_unstable:
-                _warned_unstable.add(name)
-                log(
-                    f"[data] warning: chat template of {name} is not prefix-stable; locating assistant turns by content"
-                )
-            text = m["content"]
-            k = full.find(text, cursor) if text else -1
-            if k < 0:
-                raise DataError(f"assistant turn {i} ({text[:60]!r}) not found in the chat-template rendering")
-            stop = k + len(text)
-            for special in sorted(tokenizer.all_special_tokens, key=len, reverse=True):
-                if special and full.startswith(special, stop):
-                    stop += len(special)  # the end-of-turn token, so the model learns to stop
-                    break
-            span = (k, stop)
-        spans.append(span)
-        cursor = span[1]
-    return spans
-
-
-def tokenize_chat(messages: list[dict], tokenizer, *, max_len: int, overlong: str = "truncate") -> dict | None:
-    """{"input_ids", "labels", "truncated"} with labels = input_ids on assistant-turn tokens only, -100 elsewhere.
-
-    Over-long chats keep their first max_len tokens (overlong="truncate") or give None (overlong="drop").
-    """
-    if overlong not in ("truncate", "drop"):
-        raise ValueError(f"overlong must be 'truncate' or 'drop', got {overlong!r}")
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            f"tokenizer {getattr(tokenizer, 'name_or_path', '')} has no chat template; use an instruct model's tokenizer"
-        )
-    text_messages = [{"role": m["role"], "content": content_text(m["content"])} for m in messages]
-    full = tokenizer.apply_chat_template(text_messages, tokenize=False)
-    spans = _assistant_spans(text_messages, tokenizer, full)
-    enc = tokenizer(full, return_offsets_mapping=True, add_special_tokens=False)
-    input_ids = list(enc["input_ids"])
-    # a token is a target when it overlaps an assistant span (catches tokens merged across the span start)
-    labels = [
-        tid if any(a < e and b > s for s, e in spans) else IGNORE
-        for tid, (a, b) in zip(input_ids, enc["offset_mapping"])
-    ]
-    truncated = len(input_ids) > max_len
-    if truncated and overlong == "drop":
-        return None
-    return {"input_ids": input_ids[:max_len], "labels": labels[:max_len], "truncated": truncated}
-
-
-def build_sft_examples(
-    source,
-    tokenizer,
-    *,
-    max_len: int,
-    overlong: str = "truncate",
-    split: str | None = None,
-    processor=None,
-    name: str | None = None,
-) -> tuple[list[dict], dict]:
-    """load -> detect -> to_messages -> tokenize_chat; returns (examples, stats). `source`: a load_records source, or
-    records already loaded (load_mixture), called `name` in messages. A VLM `processor` (common.vision) tokenises
-    instead of tokenize_chat: its examples also carry their images, and image tokens count toward max_len."""
-    records = load_records(source, split) if isinstance(source, str) else source
-    source = source if isinstance(source, str) else name or "dataset"
-    fmt = detect_format(records)
-    if fmt == "preference":
-        raise DataError(
-            f"{source}: preference data (prompt/chosen/rejected) is for dpo.py; SFT needs "
-            "messages, prompt_completion or message_answer records"
-        )
-    examples, n_truncated, n_dropped, n_no_target = [], 0, 0, 0
-    for record in records:
-        messages = to_messages(record, fmt)
-        example = (
-            tokenize_chat(messages, tokenizer, max_len=max_len, overlong=overlong)
-            if processor is None
-            else processor(messages, base_dir=record.get("_dir", "."), max_len=max_len, overlong=overlong)
-        )
-        if example is None:
-            n_dropped += 1
-            continue
-        if all(label == IGNORE for label in example["labels"]):
-            n_no_target += 1  # nothing to learn (no assistant turn, or it was cut off by truncation)
-            continue
-        n_truncated += example.pop("truncated")
-        examples.append(example)
-    stats = dict(
-        format=fmt,
-        n_records=len(records),
-        n_examples=len(examples),
-        n_truncated=n_truncated,
-        n_dropped=n_dropped,
-        n_no_target=n_no_target,
-        n_tokens=sum(len(e["input_ids"]) for e in examples),
-        n_target_tokens=sum(sum(label != IGNORE for label in e["labels"]) for e in examples),
-    )
-    log(
-        f"[data] {source}: {fmt}, {len(records)} records -> {len(examples)} examples, {stats['n_tokens']} tokens "
-        f"({stats['n_target_tokens']} targets); {n_truncated} truncated, {n_dropped} dropped as over-long, "
-        f"{n_no_target} without assistant tokens"
-    )
-    if not examples:
-        raise DataError(
-            f"{source}: empty dataset after filtering ({len(records)} records, {n_dropped} dropped as "
-            f"over-long: raise --max-len or use --overlong truncate; {n_no_target} had no assistant tokens)"
-        )
-    return examples, stats
-
-
-# ----------------------------------------------------------------------------------- batching, packing
-def pad_collate(examples: list[dict], pad_id: int) -> dict:
-    """Right-padded batch: input_ids, labels (-100 on pad), attention_mask, position_ids, all [B, T]."""
-    T = max(len(e["input_ids"]) for e in examples)
-    input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)  # [B, T]
-    labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)  # [B, T]
-    attention_mask = torch.zeros((len(examples), T), dtype=torch.long)  # [B, T]
-    position_ids = torch.zeros((len(examples), T), dtype=torch.long)  # [B, T]
-    for row, e in enumerate(examples):
-        n = len(e["input_ids"])
-        input_ids[row, :n] = torch.tensor(e["input_ids"])
-        labels[row, :n] = torch.tensor(e["labels"])
-        attention_mask[row, :n] = 1
-        position_ids[row, :n] = torch.arange(n)
-    return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask, position_ids=position_ids)
-
-
-def pack_examples(examples: list[dict], max_tokens: int) -> list[list[int]]:
-    """Example indices grouped into packs of total length <= max_tokens (first-fit decreasing, deterministic)."""
-    lengths = [len(e["input_ids"]) for e in examples]
-    too_long = [i for i, n in enumerate(lengths) if n > max_tokens]
-    assert not too_long, (
-        f"{len(too_long)} examples longer than max_tokens={max_tokens} (e.g. #{too_long[0]}: "
-        f"{lengths[too_long[0]]} tokens); tokenise with max_len <= max_tokens"
-    )
-    packs: list[list[int]] = []
-    room: list[int] = []  # free tokens left in each pack
-    for i in sorted(range(len(examples)), key=lambda i: (-lengths[i], i)):
-        for p, free in enumerate(room):
-            if lengths[i] <= free:
-                packs[p].append(i)
-                room[p] -= lengths[i]
-                break
-        else:
-            packs.append([i])
-            room.append(max_tokens - lengths[i])
-    return packs
-
-
-def pack_collate(packs_of_examples: list[list[dict]], pad_id: int, max_tokens: int) -> dict:
-    """Each pack -> one row of exactly max_tokens tokens; examples are isolated by restarting position_ids.
-
-    No attention_mask on purpose: transformers then derives the block-diagonal mask from position_ids
-    (call the model with use_cache=False). cu_seqlens/max_seqlen describe the same segments for flash-attn varlen.
-    """
-    B = len(packs_of_examples)
-    input_ids = torch.full((B, max_tokens), pad_id, dtype=torch.long)  # [B, max_tokens]
-    labels = torch.full((B, max_tokens), IGNORE, dtype=torch.long)  # [B, max_tokens]
-    position_ids = torch.zeros((B, max_tokens), dtype=torch.long)  # [B, max_tokens]
-    seqlens = []
-    for row, pack in enumerate(packs_of_examples):
-        t = 0
-        for e in pack:
-            n = len(e["input_ids"])
-            assert t + n <= max_tokens, (
-                f"pack of {sum(len(x['input_ids']) for x in pack)} tokens > max_tokens={max_tokens}"
-            )
-            input_ids[row, t : t + n] = torch.tensor(e["input_ids"])
-            labels[row, t : t + n] = torch.tensor(e["labels"])
-            labels[row, t] = IGNORE  # the previous example's last token must never learn to predict this one
-            position_ids[row, t : t + n] = torch.arange(n)
-            seqlens.append(n)
-            t += n
-        if t < max_tokens:  # pad tail = its own segment, so it attends only to itself
-            position_ids[row, t:] = torch.arange(max_tokens - t)
-            seqlens.append(max_tokens - t)
-    cu_seqlens = torch.zeros(len(seqlens) + 1, dtype=torch.int32)  # [n_segments + 1]
-    cu_seqlens[1:] = torch.tensor(seqlens, dtype=torch.int32).cumsum(0)
-    return dict(
-        input_ids=input_ids, labels=labels, position_ids=position_ids, cu_seqlens=cu_seqlens, max_seqlen=max(seqlens)
-    )
-
-
-def epoch_batches(n_items: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Deterministic shuffled batches of indices for one epoch (last partial batch kept); exact resume."""
-    generator = torch.Generator().manual_seed(seed + epoch)
-    order = torch.randperm(n_items, generator=generator).tolist()
-    return [order[i : i + batch_size] for i in range(0, n_items, batch_size)]

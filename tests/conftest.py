@@ -60,7 +60,8 @@ def sharper_tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def vlm_dir(tiny_model_dir, tmp_path_factory):
     """A tiny composed VLM (the tiny LM + a random-init siglip-tiny, 16 image tokens) saved with save_vlm."""
-    from common.vision import build_vlm, save_vlm
+    from common.models import build_vlm
+    from common.vision import save_vlm
 
     model, processor = build_vlm(tiny_model_dir, "siglip-tiny", image_size=64, pixel_shuffle=2, seed=0)
     return str(save_vlm(model, processor, tmp_path_factory.mktemp("tiny-vlm") / "vlm"))
@@ -81,7 +82,7 @@ def captions_dir(tmp_path_factory):
     """train.jsonl (24 records) and test.jsonl (8) of easy-VQA captions, images copied to images/ beside them."""
     import shutil
 
-    from common.vision import easy_vqa_records
+    from common.easy_vqa import easy_vqa_records
 
     folder = tmp_path_factory.mktemp("captions")
     (folder / "images").mkdir()
@@ -216,3 +217,47 @@ def tiny_qwen_vl_folder(folder, family):
     Model(Config(text_config=text, vision_config=vision, **ids)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)  # no AutoProcessor offline: Qwen2-VL's video processor needs torchvision
     Qwen2VLImageProcessor().save_pretrained(folder)
+
+
+def easy_pairs(path, n=32):
+    """Pairs a tiny model can separate: the chosen answer always ends with ' apple', the rejected with ' stone'."""
+    words = ["red", "blue", "green", "small", "big", "old", "new", "fast"]
+    with open(path, "w") as f:
+        for i in range(n):
+            stem = f"{words[i % 8]} {words[(i * 3 + 1) % 8]} {i}"
+            record = {"prompt": f"Say something, {i}.", "chosen": f"{stem} apple", "rejected": f"{stem} stone"}
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def vlm_rm(vlm_dir, tmp_path_factory):
+    """A VLM reward model trained by reward_model.py on 12 image pairs, with its in-memory model (caught at export)."""
+    import reward_model
+
+    folder = tmp_path_factory.mktemp("vlm-rm")
+    pairs = write_pref_records(folder / "data", 12, seed=0, names=("red", "blue"))
+    caught = {}
+    export = reward_model.export_value_model
+
+    def catching_export(model, *args, **kwargs):
+        caught["model"] = model
+        return export(model, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reward_model, "export_value_model", catching_export)
+        result = reward_model.main(
+            reward_model.Args(
+                model_path=vlm_dir,
+                dataset=pairs,
+                eval_dataset=pairs,
+                eval_samples=12,
+                output_dir=str(folder / "run"),
+                max_steps=24,
+                pairs_per_step=12,
+                micro_batch_size=24,
+                lr=3e-4,
+                dtype="float32",
+            )  # fmt: skip
+        )
+    return {"pairs": pairs, "run": folder / "run", "result": result, "model": caught["model"]}

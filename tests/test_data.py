@@ -8,20 +8,16 @@ import random
 import pytest
 import torch
 
-from common.data import (
-    DataError,
+from common.chat import (
+    TextProcessor,
     build_sft_examples,
-    content_text,
-    detect_format,
     epoch_batches,
-    image_paths,
-    load_records,
     pack_collate,
     pack_examples,
     pad_collate,
-    to_messages,
     tokenize_chat,
 )
+from common.data import DataError, content_text, detect_format, image_paths, load_records, to_messages
 from common.models import load_tokenizer, tiny_model
 
 CHAT = [
@@ -219,7 +215,7 @@ def labelled_runs(example, tokenizer):
 def test_assistant_only_labels_multi_turn(tokenizer):
     example = tokenize_chat(CHAT, tokenizer, max_len=512)
     assert labelled_runs(example, tokenizer) == ["Paris, matey.<|im_end|>", "Madrid, arr.<|im_end|>"]
-    target_text = tokenizer.decode([t for t, l in zip(example["input_ids"], example["labels"]) if l != -100])
+    target_text = tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != -100])
     for other in ("pirate", "France", "Spain", "user", "system", "assistant"):
         assert other not in target_text
     # the ids are exactly the template's rendering, tokenised once
@@ -256,19 +252,19 @@ def test_truncate_and_drop_counts(tmp_path, tokenizer):
     max_len = 64
     assert lengths[0] <= max_len < lengths[2] < lengths[1]
 
-    examples, stats = build_sft_examples(path, tokenizer, max_len=max_len, overlong="truncate")
+    examples, stats = build_sft_examples(path, TextProcessor(tokenizer), max_len=max_len, overlong="truncate")
     assert (stats["n_records"], stats["n_examples"], stats["n_truncated"], stats["n_dropped"]) == (4, 3, 1, 0)
     assert stats["n_no_target"] == 1
     assert [len(e["input_ids"]) for e in examples] == [lengths[0], max_len, lengths[0]]
     assert stats["n_tokens"] == 2 * lengths[0] + max_len
-    assert stats["n_target_tokens"] == sum(sum(l != -100 for l in e["labels"]) for e in examples)
+    assert stats["n_target_tokens"] == sum(sum(label != -100 for label in e["labels"]) for e in examples)
 
-    examples, stats = build_sft_examples(path, tokenizer, max_len=max_len, overlong="drop")
+    examples, stats = build_sft_examples(path, TextProcessor(tokenizer), max_len=max_len, overlong="drop")
     assert (stats["n_examples"], stats["n_truncated"], stats["n_dropped"]) == (2, 0, 2)
     with pytest.raises(
         DataError, match=r"empty dataset after filtering \(4 records, 4 dropped as over-long: raise --max-len"
     ):
-        build_sft_examples(path, tokenizer, max_len=4, overlong="drop")
+        build_sft_examples(path, TextProcessor(tokenizer), max_len=4, overlong="drop")
 
 
 # ------------------------------------------------------------------------------- padding, packing
@@ -309,7 +305,6 @@ def test_pack_examples_and_collate():
     batch = pack_collate([[examples[i] for i in p] for p in packs], pad_id=0, max_tokens=max_tokens)
     assert "attention_mask" not in batch
     assert batch["input_ids"].shape == (len(packs), max_tokens)
-    expected_seqlens = []
     for row, pack in enumerate(packs):
         t = 0
         for i in pack:  # each example lies whole, in order, inside its own row
@@ -318,16 +313,10 @@ def test_pack_examples_and_collate():
             assert batch["position_ids"][row, t : t + n].tolist() == list(range(n))
             assert batch["labels"][row, t].item() == -100  # never predict across examples
             assert batch["labels"][row, t + 1 : t + n].tolist() == e["labels"][1:]
-            expected_seqlens.append(n)
             t += n
         if t < max_tokens:
             assert batch["position_ids"][row, t:].tolist() == list(range(max_tokens - t))
             assert (batch["labels"][row, t:] == -100).all()
-            expected_seqlens.append(max_tokens - t)
-    assert batch["cu_seqlens"].dtype == torch.int32
-    assert batch["cu_seqlens"].tolist() == [0] + torch.tensor(expected_seqlens).cumsum(0).tolist()
-    assert batch["cu_seqlens"][-1].item() == len(packs) * max_tokens
-    assert batch["max_seqlen"] == max(expected_seqlens)
     with pytest.raises(AssertionError, match="longer than max_tokens"):
         pack_examples(examples, 10)
 

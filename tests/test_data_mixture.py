@@ -10,8 +10,8 @@ from collections import Counter
 
 import pytest
 
+from common.cli import cli
 from common.data import DataError, detect_format, load_mixture, load_records, parse_source_spec
-from common.metrics import cli
 
 
 @pytest.fixture
@@ -150,7 +150,7 @@ def test_easy_vqa_source_real():
 
 
 def test_repeated_dataset_flags_become_one_mixture_spec():
-    from common.metrics import _join_repeated_datasets
+    from common.cli import _join_repeated_datasets
 
     assert _join_repeated_datasets(["--dataset", "a.jsonl:0.7", "--lr", "1", "--dataset=b.jsonl:0.3"]) == [
         "--dataset",

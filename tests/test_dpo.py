@@ -15,7 +15,9 @@ from conftest import ROOT, subprocess_env
 from safetensors.torch import load_file
 
 import dpo
-from common.metrics import RunLogger, cli, read_metrics
+from common.checkpoint import checkpoint_dirs
+from common.cli import cli
+from common.run import RunLogger, read_metrics
 
 
 def sig(x):
@@ -24,16 +26,6 @@ def sig(x):
 
 def logsig(x):
     return math.log(sig(x))
-
-
-@pytest.fixture(scope="session")
-def pref_small(tmp_path_factory):
-    """First 16 training and 8 held-out pairs of the bundled preference set."""
-    folder = tmp_path_factory.mktemp("arith-pref-small")
-    for split, n in (("train", 16), ("test", 8)):
-        lines = (ROOT / "data" / "arith_pref" / f"{split}.jsonl").read_text().splitlines()[:n]
-        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
 
 
 def tiny_args(tiny_model_dir, pref_small, out, **overrides):
@@ -181,21 +173,17 @@ def test_bundled_pairs_are_correct_vs_wrong_worked_answers():
 
 
 def test_packed_and_padded_logps_match(tiny_model_dir, pref_small):
-    from common.models import load_model, load_tokenizer
+    from common.models import load_model, load_processor
 
-    tokenizer, model = load_tokenizer(tiny_model_dir), load_model(tiny_model_dir)
-    pairs, _ = dpo.build_pairs(str(pref_small / "train.jsonl"), tokenizer, max_len=256)
+    processor, model = load_processor(tiny_model_dir), load_model(tiny_model_dir)
+    pairs, _ = dpo.build_pairs(str(pref_small / "train.jsonl"), processor, max_len=256)
     chunk = pairs[:6]
     with torch.no_grad():
-        padded, n_padded = dpo.sequence_logps(
-            model, dpo.collate_pairs(chunk, tokenizer.pad_token_id, packing=False, max_len=256)
-        )
-        packed, n_packed = dpo.sequence_logps(
-            model, dpo.collate_pairs(chunk, tokenizer.pad_token_id, packing=True, max_len=256)
-        )
+        padded, n_padded = dpo.sequence_logps(model, dpo.collate_pairs(chunk, processor, packing=False, max_len=256))
+        packed, n_packed = dpo.sequence_logps(model, dpo.collate_pairs(chunk, processor, packing=True, max_len=256))
         # one sequence alone, unpadded: the reference value for the first chosen answer
         alone, _ = dpo.sequence_logps(
-            model, dpo.collate_sequences([chunk[0]["chosen"]], tokenizer.pad_token_id, packing=False, max_len=256)
+            model, dpo.collate_pairs(chunk[:1], processor, packing=False, max_len=256, sides=("chosen",))
         )
     assert padded.shape == (12,) and torch.equal(n_padded, n_packed)
     n_answer = sum(t != -100 for t in chunk[2]["rejected"]["labels"])
@@ -250,40 +238,22 @@ def test_reference_cache_reused_and_invalidated(tiny_model_dir, pref_small, tmp_
 
 
 def test_lora_reference_is_base_model_with_adapters_off(tiny_model_dir, pref_small, tmp_path):
-    from common.models import load_model, load_tokenizer
+    from common.models import load_model, load_processor
+    from common.run import Run
 
-    tokenizer = load_tokenizer(tiny_model_dir)
-    pairs, _ = dpo.build_pairs(str(pref_small / "train.jsonl"), tokenizer, max_len=256)
+    processor = load_processor(tiny_model_dir)
+    pairs, _ = dpo.build_pairs(str(pref_small / "train.jsonl"), processor, max_len=256)
     base = load_model(tiny_model_dir)
     policy = load_model(tiny_model_dir, lora_r=4)
     with torch.no_grad():  # make the adapters matter: a freshly initialised LoRA is a no-op (B = 0)
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.5)
-    kw = dict(
-        batch_size=8,
-        pad_id=tokenizer.pad_token_id,
-        packing=False,
-        max_len=256,
-        impl="fused",
-        autocast=torch.autocast("cpu", enabled=False),
-    )
-    base_logps = dpo.compute_logps(base, pairs, ("chosen", "rejected"), **kw)
-    adapted_logps = dpo.compute_logps(policy, pairs, ("chosen", "rejected"), **kw)
     args = tiny_args(tiny_model_dir, pref_small, tmp_path, lora_r=4)
-    ref_logps, hit = dpo.reference_logps(
-        args,
-        "train",
-        pairs,
-        ("chosen", "rejected"),
-        policy,
-        tokenizer,
-        kw["autocast"],
-        torch.float32,
-        torch.device("cpu"),
-        0,
-        1,
-    )
+    run = Run(0, 1, torch.device("cpu"), torch.float32)
+    base_logps = dpo.compute_logps(base, pairs, ("chosen", "rejected"), args, processor, run)
+    adapted_logps = dpo.compute_logps(policy, pairs, ("chosen", "rejected"), args, processor, run)
+    ref_logps, hit = dpo.reference_logps(args, "train", pairs, ("chosen", "rejected"), policy, processor, run)
     assert not hit
     assert not torch.allclose(adapted_logps["chosen"], base_logps["chosen"], atol=1e-2)
     for side in ("chosen", "rejected"):
@@ -366,7 +336,7 @@ def test_resume_is_exact(tiny_model_dir, pref_small, tmp_path, monkeypatch):
     monkeypatch.setattr(RunLogger, "log", original_log)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     assert result["step"] == 2 and result["preempted"]
-    assert [p.name for p in dpo.checkpoint_dirs(tmp_path / "resumed")] == ["step_0000002"]
+    assert [p.name for p in checkpoint_dirs(tmp_path / "resumed")] == ["step_0000002"]
     result = dpo.main(
         tiny_args(tiny_model_dir, pref_small, tmp_path / "resumed", export=True, batch_size=4, max_steps=4, resume=True)
     )
@@ -483,7 +453,7 @@ def test_torchrun_fsdp2_matches_single_process(tiny_model_dir, pref_small, tmp_p
     w_a = load_file(tmp_path / "single" / "model" / "model.safetensors")
     w_b = load_file(tmp_path / "fsdp" / "model" / "model.safetensors")
     assert max((w_a[k] - w_b[k]).abs().max().item() for k in w_a) < 1e-4
-    assert [p.name for p in dpo.checkpoint_dirs(tmp_path / "fsdp")] == ["step_0000002", "step_0000004"]
+    assert [p.name for p in checkpoint_dirs(tmp_path / "fsdp")] == ["step_0000002", "step_0000004"]
 
 
 @pytest.mark.slow

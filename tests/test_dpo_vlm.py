@@ -2,55 +2,19 @@
 logps equal one-example-at-a-time values only when every row's image reaches its own image tokens; training must raise
 the reward accuracy with a frozen encoder left bit-identical; the reference cache must see the pixels, not just the tokens."""
 
-import json
 import math
-import random
 
 import pytest
 import torch
+from conftest import write_pref_records
 from PIL import Image
 from safetensors.torch import load_file
-from test_sft_vlm import COLORS
 
 import dpo
 from common.data import DataError
 from common.logprob import sequence_logprobs
-from common.metrics import read_metrics
-from common.vision import ComposedVLM, build_vlm, load_vlm, save_vlm
-
-
-@pytest.fixture(scope="module")
-def vlm_dir(tiny_model_dir, tmp_path_factory):
-    model, processor = build_vlm(tiny_model_dir, "siglip-tiny", image_size=64, pixel_shuffle=2, seed=0)
-    return str(save_vlm(model, processor, tmp_path_factory.mktemp("tiny-vlm") / "vlm"))
-
-
-def write_pref_records(folder, n, seed, names=tuple(COLORS)):
-    """n pairs over PNGs of a coloured rectangle: the same question every time, chosen = the colour, rejected = another
-    of `names`; every colour is chosen as often as rejected, so only the image tells a pair's answers apart (with two
-    names, the same two answers in both orders: a model ignoring the image is right on exactly half)."""
-    rng = random.Random(seed)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for k in range(n):  # the wrong colour cycles through the other names, one step further each round of len(names)
-        color, wrong = names[k % len(names)], names[(k + 1 + k // len(names) % (len(names) - 1)) % len(names)]
-        image = Image.new("RGB", (48, 48), (255, 255, 255))
-        x, y = rng.randrange(0, 12), rng.randrange(0, 12)
-        image.paste(COLORS[color], (x, y, x + 36, y + 36))
-        image.save(folder / "images" / f"{seed}_{k}.png")
-        prompt = [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image", "image": f"images/{seed}_{k}.png"},
-                    {"type": "text", "text": "what color is the shape?"},
-                ],
-            }
-        ]
-        lines.append(json.dumps({"prompt": prompt, "chosen": color, "rejected": wrong, "answer": color}))
-    path = folder / f"prefs_{seed}.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
+from common.run import read_metrics
+from common.vision import ComposedVLM, load_vlm
 
 
 @pytest.fixture(scope="module")
@@ -86,17 +50,14 @@ def train_rows(out) -> list[dict]:
 
 def test_pair_logps_equal_one_sequence_at_a_time(vlm_dir, prefs):
     model, processor = load_vlm(vlm_dir)
-    pad = processor.tokenizer.pad_token_id
-    pairs, _ = dpo.build_pairs(prefs["train"], processor.tokenizer, max_len=128, processor=processor)
+    pairs, _ = dpo.build_pairs(prefs["train"], processor, max_len=128)
     chunk = pairs[:4]
     seqs = [p[side] for side in ("chosen", "rejected") for p in chunk]  # the batch's order: chosen 0..3, rejected 0..3
     assert all(s["input_ids"].count(processor.image_token_id) == 16 and len(s["images"]) == 1 for s in seqs)
-    packed_batch = dpo.collate_pairs(chunk, pad, packing=True, max_len=128, processor=processor)
+    packed_batch = dpo.collate_pairs(chunk, processor, packing=True, max_len=128)
     assert packed_batch["input_ids"].shape[0] < len(seqs) and packed_batch["pixel_values"].shape[0] == len(seqs)
     with torch.no_grad():
-        padded, counts = dpo.sequence_logps(
-            model, dpo.collate_pairs(chunk, pad, packing=False, max_len=128, processor=processor)
-        )
+        padded, counts = dpo.sequence_logps(model, dpo.collate_pairs(chunk, processor, packing=False, max_len=128))
         packed, _ = dpo.sequence_logps(model, packed_batch)
 
         def alone(seq, images):  # one unpadded sequence through the plain logprob path, no dpo.py code
@@ -137,11 +98,11 @@ def test_dpo_learns_image_pairs_with_a_frozen_encoder_and_exports(vlm_dir, prefs
     # the export reloads and reproduces the final held-out eval (mean chosen logp over the 4 test pairs)
     model, processor = load_vlm(tmp_path / "model")
     assert isinstance(model, ComposedVLM)
-    pairs, _ = dpo.build_pairs(prefs["test"], processor.tokenizer, max_len=128, processor=processor)
+    pairs, _ = dpo.build_pairs(prefs["test"], processor, max_len=128)
     with torch.no_grad():
         logps, _ = dpo.sequence_logps(
             model,
-            dpo.collate_pairs(pairs, processor.tokenizer.pad_token_id, packing=False, max_len=128, processor=processor),
+            dpo.collate_pairs(pairs, processor, packing=False, max_len=128),
         )
     final_eval = [r for r in read_metrics(tmp_path) if "eval/logps/chosen" in r][-1]
     assert logps[: len(pairs)].mean().item() == pytest.approx(final_eval["eval/logps/chosen"], abs=1e-4)
@@ -162,7 +123,7 @@ def test_reference_cache_reused_and_keyed_on_pixels(vlm_dir, tmp_path, capsys):
     _, processor = load_vlm(vlm_dir)
 
     def key():
-        pairs, _ = dpo.build_pairs(data, processor.tokenizer, max_len=128, processor=processor)
+        pairs, _ = dpo.build_pairs(data, processor, max_len=128)
         return dpo.reference_cache_key(vlm_dir, pairs, ("chosen", "rejected"), 128, torch.float32), pairs
 
     old_key, old_pairs = key()

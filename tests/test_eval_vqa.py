@@ -15,7 +15,8 @@ import eval_vqa
 from common.data import DataError, load_records
 from common.logprob import sequence_logprobs
 from common.metrics import anls, counting_accuracy, exact_match, mc_accuracy, relaxed_correctness, vqa_score
-from common.vision import build_vlm, param_groups, save_vlm
+from common.models import build_vlm
+from common.vision import param_groups, save_vlm
 
 ALL_METRICS = ("vqa_score", "exact_match", "anls", "relaxed_correctness", "counting_accuracy")
 
@@ -38,7 +39,7 @@ def train_tiny_vlm(lm_dir, chats, steps, folder, lr=3e-3, seed=0):
 
 
 def eval_vqa_batch(examples, processor):
-    from common.data import pad_collate
+    from common.chat import pad_collate
 
     return pad_collate(examples, processor.tokenizer.pad_token_id) | processor.image_inputs(examples)
 

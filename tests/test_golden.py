@@ -21,9 +21,11 @@ import eval_vqa
 import grpo
 import ppo
 import pretrain_captioner
+import reward_model
 import sft
-from common.metrics import read_metrics
-from common.vision import build_vlm, save_vlm
+from common.models import build_vlm
+from common.run import read_metrics
+from common.vision import save_vlm
 
 # Tolerances: float32 on different CPUs (AVX2, AVX-512) sums in different orders (~1e-6 relative per op); sampling in
 # the RL scripts flips a token only when two candidates tie to that precision, which a handful of steps never meets.
@@ -294,8 +296,7 @@ def test_grpo(sharper_tiny_model_dir, arith_small, tmp_path):
             max_new_tokens=8,
             lr=1e-2,
             dtype="float32",
-            rewards=(),
-            reward_fn=("conftest:vowel_fraction",),
+            rewards=("conftest:vowel_fraction",),
             export=True,
             micro_batch_size=8,
             dynamic_sampling=False,
@@ -330,8 +331,7 @@ def test_grpo_vlm(vlm_dir, colors, tmp_path):
             lr=1e-3,
             lr_vision=0.0,
             dtype="float32",
-            rewards=("vqa",),
-            reward_fn=(f"{tmp_path}/length_reward.py:score",),
+            rewards=("vqa", f"{tmp_path}/length_reward.py:score"),
             export=True,
             micro_batch_size=4,
             dynamic_sampling=False,
@@ -406,8 +406,8 @@ def test_ppo_vlm(vlm_dir, colors, tmp_path):
 
 
 def train_reward_model(**kwargs):
-    """The Bradley-Terry reward-model trainer (ppo.py --mode rm at the time of recording)."""
-    return ppo.main(ppo.Args(mode="rm", **kwargs))
+    """The Bradley-Terry reward-model trainer (ppo.py --mode rm at the time of recording, reward_model.py since)."""
+    return reward_model.main(reward_model.Args(**kwargs))
 
 
 def test_reward_model(tiny_model_dir, pref_small, tmp_path):

@@ -2,21 +2,20 @@
 (computed here with plain Python on small hand-made tensors), accumulation invariance, and end-to-end runs on a tiny
 random-init model (learning, dynamic sampling, failing rewards, rollouts file, resume)."""
 
-import contextlib
 import math
 import os
 import signal
 import statistics
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
 from conftest import ROOT, read_jsonl, subprocess_env
 
 import grpo
-from common.metrics import RunLogger, read_metrics
+from common.checkpoint import checkpoint_dirs
+from common.run import RunLogger, read_metrics
 
 # two groups of G=3; the second has all-equal rewards; uneven response lengths (3, 1, 2 | 2, 3, 0 tokens)
 REWARDS = [1.0, 0.0, 0.5, 2.0, 2.0, 2.0]
@@ -33,7 +32,7 @@ def expected_group_adv(rewards, G, estimator):
     for g in range(0, len(rewards), G):
         group = rewards[g : g + G]
         mean = sum(group) / G
-        for i, r in enumerate(group):
+        for r in group:
             if estimator == "grpo":
                 out.append((r - mean) / (statistics.stdev(group) + 1e-6))
             elif estimator == "dr_grpo":
@@ -228,69 +227,7 @@ def test_micro_batches_give_the_same_loss_and_gradient(variant, agg):
     assert full.grad.abs().sum() > 0
 
 
-def test_build_batch_aligns_response_mask_with_logps():
-    batch = grpo.build_batch([[5, 6, 7], [8]], [[10, 11], [12, 13, 14]], pad_id=0)
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 10, 11], [8, 12, 13, 14, 0]]
-    # logps[:, t] scores token t+1: the completion tokens are scored at t = len(prompt)-1 ... len(row)-2
-    assert batch["response_mask"].tolist() == [[False, False, True, True, False], [True, True, True, False, False]]
-    assert batch["position_ids"][1].tolist()[:4] == [0, 1, 2, 3]
-    with_logps = grpo.build_batch(
-        [[5, 6, 7], [8]], [[10, 11], [12, 13, 14]], pad_id=0, rollout_logps=[[-0.5, -1.5], [-1.0, -2.0, -3.0]]
-    )
-    assert with_logps["rollout_logps"].tolist() == [[0, 0, -0.5, -1.5, 0], [-1.0, -2.0, -3.0, 0, 0]]
-    assert (with_logps["rollout_logps"] != 0).eq(with_logps["response_mask"]).all()
-
-
-def test_sampler_logps_equal_the_training_models_logps(sharper_tiny_model_dir):
-    """The logps recorded while sampling (KV cache, left padding) = a fresh training forward on the same tokens (fp32),
-    at the sampling temperature; with FIRE the first token's differ by exactly the temperature change."""
-    from transformers import AutoModelForCausalLM
-
-    from common.logprob import sequence_logprobs
-    from common.models import load_tokenizer
-
-    tokenizer = load_tokenizer(sharper_tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(sharper_tiny_model_dir, dtype=torch.float32)
-    prompts = [
-        grpo.encode_prompt(tokenizer, None, [{"role": "user", "content": q}])
-        for q in ("2+2?", "What is seven times eight?")
-    ]
-    prompt_ids = [p["input_ids"] for p in prompts]
-    for fire in (None, 3.0):
-        args = types.SimpleNamespace(temperature=0.7, top_p=1.0, fire_temperature=fire, max_new_tokens=6)
-        torch.manual_seed(0)
-        completions, _, sampler_logps = grpo.generate(model, tokenizer, prompts, args, contextlib.nullcontext())
-        batch = grpo.build_batch(prompt_ids, completions, tokenizer.pad_token_id, sampler_logps)
-        with torch.no_grad():
-            train_logps = sequence_logprobs(
-                model,
-                batch["input_ids"],
-                batch["labels"],
-                position_ids=batch["position_ids"],
-                attention_mask=batch["attention_mask"],
-                temperature=0.7,
-            )
-        diff = (train_logps - batch["rollout_logps"])[batch["response_mask"]]
-        assert diff.numel() == sum(len(c) for c in completions) > 0
-        if fire is None:
-            assert diff.abs().max() < 1e-4
-        else:  # only each completion's first token was drawn at the FIRE temperature
-            first = torch.tensor([len(p) - 1 for p in prompt_ids])
-            first_diff = (train_logps - batch["rollout_logps"])[torch.arange(2), first]
-            assert first_diff.abs().min() > 1e-3
-            assert diff.abs().sort().values[:-2].max() < 1e-4
-
-
 # ------------------------------------------------------------------------------------------- end to end
-def vowel_fraction(completions, prompts=None, answers=None, **kwargs):
-    """A reward a random-init model can learn: the share of letters that are vowels (tokens differ a lot in it)."""
-    out = []
-    for c in completions:
-        letters = [ch for ch in c.lower() if ch.isalpha()]
-        out.append(sum(ch in "aeiou" for ch in letters) / len(letters) if letters else 0.0)
-    return out
-
-
 def prompt_parity(completions, prompts=None, answers=None, **kwargs):
     """Depends on the prompt only, so every group's rewards are equal."""
     return [float(int(a) % 2) for a in answers]
@@ -314,27 +251,12 @@ def tiny_args(tiny_model_dir, arith_small, out, **overrides):
         max_new_tokens=8,
         lr=1e-3,
         dtype="float32",
-        rewards=(),
-        reward_fn=("test_grpo:vowel_fraction",),
+        rewards=("conftest:vowel_fraction",),
         export=False,
         micro_batch_size=8,
         dynamic_sampling=False,
     )
     return grpo.Args(**{**base, **overrides})
-
-
-@pytest.fixture(scope="module")
-def sharper_tiny_model_dir(tmp_path_factory):
-    """The tiny model with its final-norm gain x6: logits a little less flat, so a few steps move sampling visibly."""
-    from common.models import load_tokenizer, tiny_model
-
-    folder = tmp_path_factory.mktemp("tiny-sharper")
-    model = tiny_model("smollm2-135m", seed=0)
-    with torch.no_grad():
-        model.model.norm.weight.mul_(6.0)
-    model.save_pretrained(folder)
-    load_tokenizer("smollm2-135m").save_pretrained(folder)
-    return str(folder)
 
 
 def test_tiny_model_learns_a_learnable_reward(sharper_tiny_model_dir, arith_small, tmp_path):
@@ -361,7 +283,7 @@ def test_tiny_model_learns_a_learnable_reward(sharper_tiny_model_dir, arith_smal
         "train/approx_kl",
         "completion/length_mean",
         "time/rollout_share",
-        "reward/test_grpo:vowel_fraction_std",
+        "reward/conftest:vowel_fraction_std",
     ):
         assert key in rows[0], key
     # fp32, mu=1: the sampler's logps of the first step's rollouts are the training forward's (logged, not used)
@@ -383,7 +305,7 @@ def test_dynamic_sampling_drops_equal_groups_and_failing_rewards_are_counted(tin
             max_steps=1,
             dynamic_sampling=True,
             max_resample=1,
-            reward_fn=("test_grpo:prompt_parity",),
+            rewards=("test_grpo:prompt_parity",),
         )
     )
     row = read_metrics(tmp_path / "ds")[0]
@@ -396,12 +318,12 @@ def test_dynamic_sampling_drops_equal_groups_and_failing_rewards_are_counted(tin
             arith_small,
             tmp_path / "fail",
             max_steps=1,
-            reward_fn=("test_grpo:raise_on_odd_answer", "test_grpo:vowel_fraction"),
+            rewards=("test_grpo:raise_on_odd_answer", "conftest:vowel_fraction"),
         )
     )
     row = read_metrics(tmp_path / "fail")[0]
     assert row["reward/test_grpo:raise_on_odd_answer_failures"] > 0  # counted, and the run went on
-    assert row["reward/test_grpo:vowel_fraction_failures"] == 0
+    assert row["reward/conftest:vowel_fraction_failures"] == 0
     assert math.isfinite(row["train/loss"]) and row["step"] == 1
 
 
@@ -478,8 +400,7 @@ def test_torchrun_fsdp2_two_processes(tiny_model_dir, arith_small, tmp_path):
         "0.1",
         "--rewards",
         "math",
-        "--reward-fn",
-        "test_grpo:vowel_fraction",
+        "conftest:vowel_fraction",
         "--output-dir",
         str(tmp_path),
     ]
@@ -490,5 +411,5 @@ def test_torchrun_fsdp2_two_processes(tiny_model_dir, arith_small, tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["train/loss"]) and r["train/kl"] >= 0 for r in rows)
     assert (tmp_path / "model" / "model.safetensors").exists()
-    assert [p.name for p in grpo.checkpoint_dirs(tmp_path)] == ["step_0000002"]
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_0000002"]
     assert "accuracy after training" in run.stdout

@@ -2,28 +2,20 @@
 reward and trains; the sampler's logps must equal the training forward's, which only holds when every row's images
 reach its own image tokens in both passes."""
 
-import contextlib
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, subprocess_env, tiny_qwen_vl_folder, write_color_records
 from safetensors.torch import load_file
-from test_sft_vlm import write_color_records
-from test_vision import tiny_qwen_vl_folder
 
 import grpo
-from common.metrics import read_metrics
+from common.data import DataError
 from common.rewards import vqa_reward
-from common.vision import build_vlm, checkpoint_vlm, load_vlm, save_vlm
-
-
-@pytest.fixture(scope="module")
-def vlm_dir(tiny_model_dir, tmp_path_factory):
-    model, processor = build_vlm(tiny_model_dir, "siglip-tiny", image_size=64, pixel_shuffle=2, seed=0)
-    return str(save_vlm(model, processor, tmp_path_factory.mktemp("tiny-vlm") / "vlm"))
+from common.rollout import build_batch, generate, prompt_records, token_logps
+from common.run import read_metrics
+from common.vision import load_vlm
 
 
 @pytest.fixture(scope="module")
@@ -46,25 +38,16 @@ def test_vlm_sampler_logps_equal_training_logps_with_images_in_place(family, vlm
     if family == "qwen2_vl":  # a native HF VLM: its own image tokens, pixel layout and 3-D M-RoPE positions
         tiny_qwen_vl_folder(tmp_path / family, family)
     model, processor = load_vlm(vlm_dir if family == "composed" else tmp_path / family)
-    items, _ = grpo.prompt_records(colors["train"])
-    prompts = [grpo.encode_prompt(processor.tokenizer, processor, m) for m, _ in items[:4]]
+    items = prompt_records(colors["train"], processor)
+    prompts = [processor(m, add_generation_prompt=True) for m, _ in items[:4]]
     assert all(p["input_ids"].count(processor.image_token_id) == (16 if family == "composed" else 4) for p in prompts)
-    args = types.SimpleNamespace(
-        temperature=1.0, top_p=1.0, fire_temperature=None, max_new_tokens=5, logprob_impl="fused"
-    )
     torch.manual_seed(0)
-    completions, _, sampler_logps = grpo.generate(
-        model, processor.tokenizer, prompts, args, contextlib.nullcontext(), processor=processor
-    )
-    batch = grpo.build_batch(
-        [p["input_ids"] for p in prompts], completions, processor.tokenizer.pad_token_id, sampler_logps
-    )
+    completions, _, sampler_logps = generate(model, processor, prompts, max_new_tokens=5)
+    batch = build_batch([p["input_ids"] for p in prompts], completions, processor.tokenizer.pad_token_id, sampler_logps)
 
     def train_logps(rows_prompts):
         with torch.no_grad():
-            return grpo.token_logps(
-                model, batch, args, image_inputs=processor.image_inputs(rows_prompts, batch["input_ids"])
-            )
+            return token_logps(model, batch, processor.image_inputs(rows_prompts, batch["input_ids"]))
 
     mask = batch["response_mask"]
     assert mask.sum() == sum(len(c) for c in completions) > 0
@@ -80,7 +63,6 @@ def test_grpo_trains_a_vlm_on_image_prompts_with_the_vqa_reward(vlm_dir, colors,
         "def score(completions, **kw):\n    return [len(c) / 10 for c in completions]\n"
     )
     args = grpo.Args(
-        reward_fn=(f"{tmp_path}/length_reward.py:score",),
         model_path=vlm_dir,
         dataset=colors["train"],
         eval_dataset=colors["test"],
@@ -91,7 +73,7 @@ def test_grpo_trains_a_vlm_on_image_prompts_with_the_vqa_reward(vlm_dir, colors,
         max_new_tokens=4,
         lr=1e-3,
         lr_vision=0.0,
-        rewards=("vqa",),
+        rewards=("vqa", f"{tmp_path}/length_reward.py:score"),
         dynamic_sampling=False,
         micro_batch_size=3,
         eval_samples=4,
@@ -114,7 +96,8 @@ def test_grpo_trains_a_vlm_on_image_prompts_with_the_vqa_reward(vlm_dir, colors,
 
 def test_gradient_checkpointing_reaches_a_vlms_lm_and_changes_no_number(vlm_dir, colors, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(grpo, "checkpoint_vlm", lambda model: calls.append(model) or checkpoint_vlm(model))
+    load_model = grpo.load_model
+    monkeypatch.setattr(grpo, "load_model", lambda *a, **kw: calls.append(load_model(*a, **kw)) or calls[-1])
     (tmp_path / "length_reward.py").write_text(
         "def score(completions, **kw):\n    return [len(c) / 10 for c in completions]\n"
     )
@@ -123,7 +106,6 @@ def test_gradient_checkpointing_reaches_a_vlms_lm_and_changes_no_number(vlm_dir,
         out = tmp_path / f"gc-{checkpointing}"
         grpo.main(
             grpo.Args(
-                reward_fn=(f"{tmp_path}/length_reward.py:score",),
                 model_path=vlm_dir,
                 dataset=colors["train"],
                 output_dir=str(out),
@@ -132,7 +114,7 @@ def test_gradient_checkpointing_reaches_a_vlms_lm_and_changes_no_number(vlm_dir,
                 group_size=4,
                 max_new_tokens=4,
                 lr=1e-3,
-                rewards=("vqa",),
+                rewards=("vqa", f"{tmp_path}/length_reward.py:score"),
                 dynamic_sampling=False,
                 eval_samples=0,
                 dtype="float32",
@@ -140,9 +122,8 @@ def test_gradient_checkpointing_reaches_a_vlms_lm_and_changes_no_number(vlm_dir,
             )
         )
         exported.append(load_file(out / "model" / "model.safetensors"))
-    assert (
-        len(calls) == 1 and calls[0].language_model.is_gradient_checkpointing
-    )  # second run only: the composed VLM's LM
+    # the policy of each run (no reference: KL is off); only the second's composed LM checkpoints
+    assert [m.language_model.is_gradient_checkpointing for m in calls] == [False, True]
     before = load_file(f"{vlm_dir}/model.safetensors")
     assert any(not torch.equal(before[k], exported[1][k]) for k in before)  # it trained
     assert all(torch.allclose(exported[0][k], exported[1][k], atol=1e-6) for k in before)  # recomputation, same numbers
@@ -157,10 +138,12 @@ def test_text_model_refuses_image_prompts(tiny_model_dir, colors, tmp_path):
         prompts_per_step=2,
         group_size=2,
         eval_samples=0,
-        rewards=("vqa",),
+        rewards=("vqa", f"{tmp_path}/length_reward.py:score"),
         dtype="float32",
     )
-    with pytest.raises(SystemExit, match="image but --model-path is a text model"):
+    with pytest.raises(
+        DataError, match=r"colors_0.jsonl:1: the prompt holds an image but --model-path is a text model"
+    ):
         grpo.main(args)
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.models import ModelPathError, load_model, load_tokenizer, pick_dtype, resolve_model_path, tiny_model
+from common.models import ModelPathError, load_model, load_tokenizer, resolve_model_path, tiny_model
+from common.run import pick_dtype
 
 
 def test_alias_converts_gguf_once_then_loads_the_cache(monkeypatch):

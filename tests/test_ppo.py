@@ -1,8 +1,7 @@
-"""ppo.py: GAE, whitening, value clipping, the PPO loss, the adaptive KL controller and the Bradley-Terry loss against
-plain-Python formulas on small hand-made tensors; the reward model (learns easy pairs, exports a folder transformers
-reloads); end-to-end runs on a tiny random-init model (learning, critic warm-up, torchrun FSDP2, exact resume)."""
+"""ppo.py: GAE, whitening, value clipping, the PPO loss and the adaptive KL controller against plain-Python formulas on
+small hand-made tensors; end-to-end runs on a tiny random-init model (learning, critic warm-up, torchrun FSDP2 with a
+reward model and a critic started from it, exact resume)."""
 
-import json
 import math
 import os
 import signal
@@ -15,7 +14,9 @@ import torch
 from conftest import ROOT, subprocess_env
 
 import ppo
-from common.metrics import RunLogger, read_metrics
+from common.checkpoint import checkpoint_dirs
+from common.models import load_tokenizer
+from common.run import RunLogger, read_metrics
 
 # uneven masks: a gap inside row 0 (skipped, not a break), row 1 runs to the last column, row 2 is empty
 MASK = torch.tensor(
@@ -135,26 +136,13 @@ def test_policy_loss_matches_formula():
     assert stats["clip_fraction"].item() == pytest.approx(clipped / 3) and clipped > 0
 
 
-def test_adaptive_kl_controller_and_bradley_terry_by_hand():
+def test_adaptive_kl_controller_by_hand():
     # KL above target: the error is clipped at +0.2; below: -1/6 unclipped
     assert ppo.adaptive_kl_coef(0.1, 8.0, 6.0, 256, 10000) == pytest.approx(0.1 * (1 + 0.2 * 256 / 10000))
     assert ppo.adaptive_kl_coef(0.1, 5.0, 6.0, 256, 10000) == pytest.approx(0.1 * (1 - (1 / 6) * 256 / 10000))
-    loss, acc = ppo.bradley_terry_loss(torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, 0.5, 2.0]))
-    expected = [math.log1p(math.exp(-d)) for d in (1.0, -0.5, 0.0)]
-    assert loss.item() == pytest.approx(sum(expected) / 3, rel=1e-6)
-    assert acc.item() == pytest.approx(1 / 3)  # a tie is not a win
 
 
 # ------------------------------------------------------------------------------------------- end to end
-def vowel_fraction(completions, prompts=None, answers=None, **kwargs):
-    """A reward a random-init model can learn: the share of letters that are vowels (tokens differ a lot in it)."""
-    out = []
-    for c in completions:
-        letters = [ch for ch in c.lower() if ch.isalpha()]
-        out.append(sum(ch in "aeiou" for ch in letters) / len(letters) if letters else 0.0)
-    return out
-
-
 def tiny_args(model_dir, arith_small, out, **overrides):
     base = dict(
         model_path=model_dir,
@@ -167,25 +155,11 @@ def tiny_args(model_dir, arith_small, out, **overrides):
         lr=1e-3,
         critic_lr=1e-3,
         dtype="float32",
-        rewards=("test_ppo:vowel_fraction",),
+        rewards=("conftest:vowel_fraction",),
         export=False,
         micro_batch_size=8,
     )
     return ppo.Args(**{**base, **overrides})
-
-
-@pytest.fixture(scope="module")
-def sharper_tiny_model_dir(tmp_path_factory):
-    """The tiny model with its final-norm gain x6: logits a little less flat, so a few steps move sampling visibly."""
-    from common.models import load_tokenizer, tiny_model
-
-    folder = tmp_path_factory.mktemp("tiny-sharper-ppo")
-    model = tiny_model("smollm2-135m", seed=0)
-    with torch.no_grad():
-        model.model.norm.weight.mul_(6.0)
-    model.save_pretrained(folder)
-    load_tokenizer("smollm2-135m").save_pretrained(folder)
-    return str(folder)
 
 
 def test_tiny_model_learns_a_learnable_reward(sharper_tiny_model_dir, arith_small, tmp_path):
@@ -246,53 +220,6 @@ def test_missing_default_model_is_a_one_line_error(tmp_path, monkeypatch):
         ppo.main(ppo.Args())
 
 
-def easy_pairs(path, n=32):
-    """Pairs a tiny model can separate: the chosen answer always ends with ' apple', the rejected with ' stone'."""
-    words = ["red", "blue", "green", "small", "big", "old", "new", "fast"]
-    with open(path, "w") as f:
-        for i in range(n):
-            stem = f"{words[i % 8]} {words[(i * 3 + 1) % 8]} {i}"
-            f.write(
-                json.dumps({"prompt": f"Say something, {i}.", "chosen": f"{stem} apple", "rejected": f"{stem} stone"})
-                + "\n"
-            )
-    return path
-
-
-def test_reward_model_learns_easy_pairs_and_exports(tiny_model_dir, tmp_path):
-    from transformers import AutoModelForSequenceClassification
-
-    data = str(easy_pairs(tmp_path / "pairs.jsonl"))
-    result = ppo.main(
-        ppo.Args(
-            mode="rm",
-            model_path=tiny_model_dir,
-            dataset=data,
-            eval_dataset=data,
-            output_dir=str(tmp_path / "rm"),
-            max_steps=30,
-            pairs_per_step=8,
-            lr=3e-3,
-            dtype="float32",
-        )
-    )
-    assert result["pair_accuracy_after"] >= 0.9, result
-    losses = [r["train/loss"] for r in read_metrics(tmp_path / "rm") if "train/loss" in r]
-    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
-    # the exported folder: transformers loads it, scores chosen > rejected, and equals ppo's own last-token score
-    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm" / "model").eval()
-    assert model.config.num_labels == 1 and model.config.pad_token_id is not None
-    tokenizer = ppo.load_tokenizer(str(tmp_path / "rm" / "model"))
-    pairs = ppo.preference_pairs(data, tokenizer, 512)
-    with torch.no_grad():
-        hf = [[model(input_ids=torch.tensor([ids])).logits.item() for ids in pair] for pair in pairs]
-        ours = ppo.score_rows(
-            model, [c for c, _ in pairs], tokenizer.pad_token_id, "cpu", torch.autocast("cpu", enabled=False), 8
-        )
-    assert sum(c > r for c, r in hf) / len(hf) >= 0.9
-    assert torch.allclose(ours, torch.tensor([c for c, _ in hf]), atol=1e-5)  # batched + padded == one by one
-
-
 @pytest.fixture(scope="module")
 def tiny_reward_model_dir(tiny_model_dir, tmp_path_factory):
     """The tiny model as a sequence-classification folder (random head): a reward model and critic start."""
@@ -302,14 +229,14 @@ def tiny_reward_model_dir(tiny_model_dir, tmp_path_factory):
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
     model.config.pad_token_id = 2
     model.save_pretrained(folder)
-    ppo.load_tokenizer(tiny_model_dir).save_pretrained(folder)
+    load_tokenizer(tiny_model_dir).save_pretrained(folder)
     return str(folder)
 
 
 @pytest.mark.slow
 def test_torchrun_fsdp2_two_processes(tiny_model_dir, tiny_reward_model_dir, arith_small, tmp_path):
     """2 ranks under FSDP2: actor, critic (from the reward model), reference and reward model all sharded; adaptive KL;
-    checkpoint and both exports; then --mode rm under FSDP2."""
+    checkpoint and both exports."""
     cmd = [
         sys.executable,
         "-m",
@@ -340,7 +267,7 @@ def test_torchrun_fsdp2_two_processes(tiny_model_dir, tiny_reward_model_dir, ari
         "--critic-path",
         tiny_reward_model_dir,
         "--rewards",
-        "test_ppo:vowel_fraction",
+        "conftest:vowel_fraction",
         "--output-dir",
         str(tmp_path),
     ]
@@ -352,38 +279,8 @@ def test_torchrun_fsdp2_two_processes(tiny_model_dir, tiny_reward_model_dir, ari
     assert all(math.isfinite(r["train/value_loss"]) and r["reward/reward_model_mean"] != 0 for r in rows)
     assert rows[1]["train/kl_coef"] != rows[0]["train/kl_coef"]  # the adaptive controller moved beta
     assert (tmp_path / "model" / "model.safetensors").exists() and (tmp_path / "critic" / "model.safetensors").exists()
-    assert [p.name for p in ppo.checkpoint_dirs(tmp_path)] == ["step_0000002"]
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_0000002"]
     assert "accuracy after training" in run.stdout
-
-    data = str(easy_pairs(tmp_path / "pairs.jsonl", n=8))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "ppo.py",
-        "--mode",
-        "rm",
-        "--model-path",
-        tiny_model_dir,
-        "--dataset",
-        data,
-        "--eval-dataset",
-        data,
-        "--max-steps",
-        "2",
-        "--pairs-per-step",
-        "4",
-        "--dtype",
-        "float32",
-        "--output-dir",
-        str(tmp_path / "rm"),
-    ]
-    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert [r["step"] for r in read_metrics(tmp_path / "rm") if "train/loss" in r] == [1, 2]
-    assert "pair accuracy after training" in run.stdout and (tmp_path / "rm" / "model" / "config.json").exists()
 
 
 @pytest.mark.slow

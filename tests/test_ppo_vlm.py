@@ -1,32 +1,24 @@
 """ppo.py on image prompts: a tiny composed VLM (random-init tiny Llama + siglip-tiny) as actor, a second copy with a
-value head as critic; both must read each row's own image (the critic's values move when the images are swapped).
-The VLM reward model (--mode rm on image pairs) must learn pairs that only the image tells apart, export, reload to the
-same scores, and score PPO's rollouts with their images."""
+value head as critic; both must read each row's own image (the critic's values move when the images are swapped). A VLM
+reward model (reward_model.py on image pairs, tests/test_reward_model.py) must score PPO's rollouts with their images."""
 
-import contextlib
-import json
 import math
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, subprocess_env, write_color_records
 from safetensors.torch import load_file
-from test_dpo_vlm import write_pref_records
-from test_sft_vlm import write_color_records
 
 import ppo
+from common.data import DataError
+from common.easy_vqa import EASY_VQA_COLORS, EASY_VQA_SHAPES
 from common.logprob import forward_hidden
-from common.metrics import read_metrics
-from common.vision import EASY_VQA_COLORS, EASY_VQA_SHAPES, build_vlm, checkpoint_vlm, load_images, load_vlm, save_vlm
-
-
-@pytest.fixture(scope="module")
-def vlm_dir(tiny_model_dir, tmp_path_factory):
-    model, processor = build_vlm(tiny_model_dir, "siglip-tiny", image_size=64, pixel_shuffle=2, seed=0)
-    return str(save_vlm(model, processor, tmp_path_factory.mktemp("tiny-vlm") / "vlm"))
+from common.rollout import build_batch, generate, prompt_records
+from common.run import read_metrics
+from common.value import VLMCritic, token_values
+from common.vision import load_images, load_vlm
 
 
 @pytest.fixture(scope="module")
@@ -77,68 +69,37 @@ def test_ppo_trains_a_vlm_actor_and_critic_on_image_prompts(vlm_dir, colors, tmp
 
 
 def test_gradient_checkpointing_reaches_the_vlm_actor_and_critic(vlm_dir, colors, tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(ppo, "checkpoint_vlm", lambda model: calls.append(model) or checkpoint_vlm(model))
+    loaded = []
+    load_model, load_value_model = ppo.load_model, ppo.load_value_model
+    monkeypatch.setattr(ppo, "load_model", lambda *a, **kw: loaded.append(load_model(*a, **kw)) or loaded[-1])
+    monkeypatch.setattr(ppo, "load_value_model", lambda *a, **kw: loaded.append(load_value_model(*a, **kw)[0]) or
+                        (loaded[-1], None))  # fmt: skip
     (tmp_path / "length_reward.py").write_text(
         "def score(completions, **kw):\n    return [len(c) / 10 for c in completions]\n"
     )
-    result = ppo.main(
-        ppo.Args(
-            model_path=vlm_dir,
-            dataset=colors["train"],
-            output_dir=str(tmp_path / "run"),
-            rewards=(f"{tmp_path}/length_reward.py:score",),
-            max_steps=1,
-            prompts_per_step=4,
-            max_new_tokens=4,
-            lr=1e-3,
-            critic_lr=1e-3,
-            eval_samples=0,
-            dtype="float32",
-            gradient_checkpointing=True,
-        )
-    )
-    assert result["step"] == 1
-    assert (
-        len(calls) == 2 and calls[0] is not calls[1] and all(m.language_model.is_gradient_checkpointing for m in calls)
-    )
-    pairs = write_pref_records(tmp_path / "pairs", 4, seed=0, names=("red", "blue"))  # --mode rm on a VLM too
-    result = ppo.main(
-        ppo.Args(
-            mode="rm",
-            model_path=vlm_dir,
-            dataset=pairs,
-            eval_samples=0,
-            output_dir=str(tmp_path / "rm"),
-            max_steps=1,
-            pairs_per_step=4,
-            micro_batch_size=8,
-            dtype="float32",
-            export=False,
-            gradient_checkpointing=True,
-        )
-    )
-    assert result["step"] == 1 and len(calls) == 3 and calls[2].language_model.is_gradient_checkpointing
+    args = ppo.Args(model_path=vlm_dir, dataset=colors["train"], output_dir=str(tmp_path / "run"),
+                    rewards=(f"{tmp_path}/length_reward.py:score",), max_steps=1, prompts_per_step=4, max_new_tokens=4,
+                    lr=1e-3, critic_lr=1e-3, eval_samples=0, dtype="float32", kl_coef=0.0, gradient_checkpointing=True)  # fmt: skip
+    assert ppo.main(args)["step"] == 1
+    actor, critic = loaded
+    assert actor.language_model.is_gradient_checkpointing and critic.vlm.language_model.is_gradient_checkpointing
 
 
 def test_vlm_critic_values_depend_on_the_image(vlm_dir, colors):
     vlm, processor = load_vlm(vlm_dir)
-    critic = ppo.VLMCritic(vlm)
+    critic = VLMCritic(vlm)
     assert critic.score.weight.abs().sum() == 0  # values start at 0, as the text critic's
     torch.nn.init.normal_(critic.score.weight, std=1.0)  # a non-trivial head, so values can differ at all
-    items = ppo.prompt_records(colors["train"])
-    prompts = [ppo.encode_prompt(processor.tokenizer, processor, m) for m, _ in items[:4]]
+    items = prompt_records(colors["train"], processor)
+    prompts = [processor(m, add_generation_prompt=True) for m, _ in items[:4]]
     assert all(p["input_ids"].count(vlm.image_token_id) == 16 for p in prompts)
-    args = types.SimpleNamespace(temperature=1.0, top_p=1.0, max_new_tokens=3)
     torch.manual_seed(0)
-    completions, _ = ppo.generate(
-        vlm, processor.tokenizer, prompts, args, contextlib.nullcontext(), processor=processor
-    )
-    batch = ppo.build_batch([p["input_ids"] for p in prompts], completions, processor.tokenizer.pad_token_id)
+    completions, _, _ = generate(vlm, processor, prompts, max_new_tokens=3)
+    batch = build_batch([p["input_ids"] for p in prompts], completions, processor.tokenizer.pad_token_id)
 
     def values(rows_prompts):
         with torch.no_grad():
-            return ppo.token_values(critic, batch, processor.image_inputs(rows_prompts, batch["input_ids"]))
+            return token_values(critic, batch, processor.image_inputs(rows_prompts, batch["input_ids"]))
 
     mine, again, swapped = values(prompts), values(prompts), values(prompts[1:] + prompts[:1])
     mask = batch["response_mask"]
@@ -157,15 +118,17 @@ def test_text_model_refuses_image_prompts(tiny_model_dir, colors, tmp_path):
         rewards=("vqa",),
         dtype="float32",
     )
-    with pytest.raises(SystemExit, match="image but --model-path is a text model"):
+    with pytest.raises(
+        DataError, match=r"colors_0\.jsonl:1: the prompt holds an image but --model-path is a text model"
+    ):
         ppo.main(args)
 
 
 # ------------------------------------------------------------------------------------------- the VLM reward model
-def plain_score(vlm, head, processor, row, images=None):
-    """The reward of one chat row ({"chat", "base_dir"}) computed without ppo.py: encoded alone, unpadded, with its own
-    images (or `images`), then the head on the final hidden state of its last token."""
-    example = processor(row["chat"], base_dir=row["base_dir"])
+def plain_score(vlm, head, processor, chat, images=None):
+    """The reward of one (messages, image folder) chat computed without the scripts: encoded alone, unpadded, with its
+    own images (or `images`), then the head on the final hidden state of its last token."""
+    example = processor(chat[0], base_dir=chat[1])
     ids = torch.tensor([example["input_ids"]])
     with torch.no_grad():
         hidden = forward_hidden(
@@ -174,74 +137,16 @@ def plain_score(vlm, head, processor, row, images=None):
     return float(hidden[0, -1].float() @ head[0])
 
 
-@pytest.fixture(scope="module")
-def vlm_rm(vlm_dir, tmp_path_factory):
-    """A VLM reward model trained by `ppo.py --mode rm` on 12 image pairs, with its in-memory model (caught at export)."""
-    folder = tmp_path_factory.mktemp("vlm-rm")
-    pairs = write_pref_records(folder / "data", 12, seed=0, names=("red", "blue"))
-    caught = {}
-    export = ppo.export_vlm_critic
-
-    def catching_export(args, critic, processor, out, rank):
-        caught["model"] = critic
-        return export(args, critic, processor, out, rank)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ppo, "export_vlm_critic", catching_export)
-        result = ppo.main(
-            ppo.Args(
-                mode="rm",
-                model_path=vlm_dir,
-                dataset=pairs,
-                eval_dataset=pairs,
-                eval_samples=12,
-                output_dir=str(folder / "run"),
-                max_steps=24,
-                pairs_per_step=12,
-                micro_batch_size=24,
-                lr=3e-4,
-                dtype="float32",
-            )
-        )
-    return {"pairs": pairs, "run": folder / "run", "result": result, "model": caught["model"]}
-
-
-def test_vlm_reward_model_learns_pairs_only_the_image_tells_apart(vlm_rm):
-    result, rows = vlm_rm["result"], [r for r in read_metrics(vlm_rm["run"]) if "train/loss" in r]
-    assert len(rows) == 24 and rows[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)  # zero head: margins 0
-    assert result["pair_accuracy_before"] == 0.0  # every margin exactly 0 counts as wrong
-    assert result["pair_accuracy_after"] >= 0.9, result  # text alone (same question, both orders) caps this at 0.5
-    assert rows[-1]["train/loss"] < rows[0]["train/loss"] - 0.05
-
-
-def test_vlm_reward_model_export_reloads_to_the_same_scores(vlm_rm):
-    folder = vlm_rm["run"] / "model"
-    assert (folder / "value_head.safetensors").exists() and ppo.is_vlm(folder)
-    reloaded, processor = ppo.load_vlm_critic(folder, "cpu")
-    pairs = ppo.preference_pairs(vlm_rm["pairs"], processor.tokenizer, 512, processor)[:4]
-    rows = [side for pair in pairs for side in pair]
-    trained = vlm_rm["model"].eval()
-    pad = processor.tokenizer.pad_token_id
-    got = ppo.score_rows(reloaded, rows, pad, "cpu", contextlib.nullcontext(), 8, processor)
-    want = ppo.score_rows(trained, rows, pad, "cpu", contextlib.nullcontext(), 8, processor)
-    assert got.abs().max() > 1e-3 and (got - want).abs().max() < 1e-4, (got, want)
-    # ...and without ppo.py's batching: the saved VLM and head, one example at a time
-    vlm, _ = load_vlm(folder)
-    head = load_file(folder / "value_head.safetensors")["weight"]
-    alone = torch.tensor([plain_score(vlm, head, processor, r) for r in rows])
-    assert (alone - want).abs().max() < 1e-4, (alone, want)
-
-
 def test_ppo_scores_rollouts_with_the_vlm_reward_model_and_their_images(vlm_dir, vlm_rm, colors, tmp_path, monkeypatch):
     caught = []
-    score_rows = ppo.score_rows
+    score_chats = ppo.score_chats
 
-    def catching_score_rows(value_model, rows, *a, **k):
-        out = score_rows(value_model, rows, *a, **k)
-        caught.append((rows, out))
+    def catching_score_chats(value_model, processor, chats, *a, **k):
+        out = score_chats(value_model, processor, chats, *a, **k)
+        caught.append((chats, out))
         return out
 
-    monkeypatch.setattr(ppo, "score_rows", catching_score_rows)
+    monkeypatch.setattr(ppo, "score_chats", catching_score_chats)
     rm_folder = vlm_rm["run"] / "model"
     args = ppo.Args(
         model_path=vlm_dir,
@@ -266,41 +171,22 @@ def test_ppo_scores_rollouts_with_the_vlm_reward_model_and_their_images(vlm_dir,
     vlm, processor = load_vlm(rm_folder)
     head = load_file(rm_folder / "value_head.safetensors")["weight"]
     prompts = {}  # each training prompt's pixels -> its question
-    for messages, _ in ppo.prompt_records(colors["train"]):
+    for messages, _ in prompt_records(colors["train"], processor):
         prompts[load_images(messages)[0].tobytes()] = messages[0]["content"][1]["text"]
-    images = [processor(row["chat"], base_dir=row["base_dir"])["images"] for row in rows]
+    images = [processor(row[0], base_dir=row[1])["images"] for row in rows]
     for k, row in enumerate(rows):  # each rollout was scored with its own prompt's image, which the score depends on
-        user, answer = row["chat"]
+        user, answer = row[0]
         assert answer["role"] == "assistant" and len(images[k]) == 1
-        assert prompts[load_images([user], row["base_dir"])[0].tobytes()] == user["content"][1]["text"]
+        assert prompts[load_images([user], row[1])[0].tobytes()] == user["content"][1]["text"]
         assert plain_score(vlm, head, processor, row) == pytest.approx(float(scores[k]), abs=1e-4)
     other_images = [plain_score(vlm, head, processor, row, images[(k + 1) % len(rows)]) for k, row in enumerate(rows)]
     assert max(abs(o - float(s)) for o, s in zip(other_images, scores)) > 1e-4
 
 
-def test_reward_model_data_errors(tiny_model_dir, vlm_dir, vlm_rm, colors, tmp_path):
-    text_pairs = tmp_path / "text_pairs.jsonl"
-    text_pairs.write_text(json.dumps({"prompt": "2+2?", "chosen": "4", "rejected": "5"}) + "\n")
-    with pytest.raises(SystemExit, match=r"text_pairs\.jsonl:1: the pair holds no image but --model-path is a VLM"):
-        ppo.main(
-            ppo.Args(mode="rm", model_path=vlm_dir, dataset=str(text_pairs), output_dir=str(tmp_path), dry_run=True)
-        )
-    with pytest.raises(SystemExit, match=r"prefs_0\.jsonl:1: the pair holds an image but --model-path is a text"):
-        ppo.main(
-            ppo.Args(
-                mode="rm", model_path=tiny_model_dir, dataset=vlm_rm["pairs"], output_dir=str(tmp_path), dry_run=True
-            )
-        )
+def test_a_vlm_reward_model_needs_a_vlm_policy(tiny_model_dir, vlm_rm, colors, tmp_path):
     with pytest.raises(SystemExit, match="is a VLM reward model.*--model-path is a text model"):
-        ppo.main(
-            ppo.Args(
-                model_path=tiny_model_dir,
-                reward_model=str(vlm_rm["run"] / "model"),
-                output_dir=str(tmp_path),
-                dataset=colors["train"],
-                dry_run=True,
-            )
-        )
+        ppo.main(ppo.Args(model_path=tiny_model_dir, reward_model=str(vlm_rm["run"] / "model"), output_dir=str(tmp_path),
+                          dataset=colors["train"], dry_run=True))  # fmt: skip
 
 
 def test_easy_vqa_pairs_kinds():

@@ -14,23 +14,12 @@ import torch
 from conftest import ROOT, subprocess_env
 
 import pretrain_captioner as pc
-from common.data import DataError, pack_examples
-from common.metrics import RunLogger, cli, read_metrics
-from common.vision import build_vlm, easy_vqa_records, load_vlm
-
-
-@pytest.fixture(scope="module")
-def captions_dir(tmp_path_factory):
-    """train.jsonl (24 records) and test.jsonl (8) of easy-VQA captions, images copied to images/ beside them."""
-    folder = tmp_path_factory.mktemp("captions")
-    (folder / "images").mkdir()
-    for split, kind, n in (("train", "captions-train", 24), ("test", "captions-test", 8)):
-        lines = []
-        for k, r in enumerate(easy_vqa_records(kind)[:n]):
-            shutil.copy(r["image"], folder / "images" / f"{split}{k}.png")
-            lines.append(json.dumps({"image": f"images/{split}{k}.png", "caption": r["caption"]}))
-        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
+from common.chat import pack_examples
+from common.cli import cli
+from common.data import DataError
+from common.models import build_vlm
+from common.run import RunLogger, read_metrics
+from common.vision import load_vlm
 
 
 def tiny_args(tiny_model_dir, captions_dir, out, **overrides):

@@ -13,7 +13,9 @@ from conftest import ROOT, read_jsonl, subprocess_env
 from safetensors.torch import load_file
 
 import sft
-from common.metrics import RunLogger, cli, read_metrics
+from common.checkpoint import checkpoint_dirs
+from common.cli import cli
+from common.run import RunLogger, lr_lambda, read_metrics
 
 
 def tiny_args(tiny_model_dir, arith_small, out, **overrides):
@@ -42,13 +44,13 @@ def losses(out) -> list[float]:
 
 def test_lr_schedule_by_hand():
     # warmup 4 steps to the peak, then cosine from 1 down to 0.1 over the remaining 6 steps
-    assert sft.lr_lambda(0, 4, 10, "cosine", 0.1) == pytest.approx(0.25)
-    assert sft.lr_lambda(3, 4, 10, "cosine", 0.1) == pytest.approx(1.0)
-    assert sft.lr_lambda(4, 4, 10, "cosine", 0.1) == pytest.approx(1.0)
-    assert sft.lr_lambda(7, 4, 10, "cosine", 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert sft.lr_lambda(10, 4, 10, "cosine", 0.1) == pytest.approx(0.1)
-    assert sft.lr_lambda(7, 4, 10, "linear", 0.0) == pytest.approx(0.5)
-    assert sft.lr_lambda(9, 4, 10, "constant", 0.0) == 1.0
+    assert lr_lambda(0, 4, 10, "cosine", 0.1) == pytest.approx(0.25)
+    assert lr_lambda(3, 4, 10, "cosine", 0.1) == pytest.approx(1.0)
+    assert lr_lambda(4, 4, 10, "cosine", 0.1) == pytest.approx(1.0)
+    assert lr_lambda(7, 4, 10, "cosine", 0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_lambda(10, 4, 10, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_lambda(7, 4, 10, "linear", 0.0) == pytest.approx(0.5)
+    assert lr_lambda(9, 4, 10, "constant", 0.0) == 1.0
 
 
 def test_loss_falls_and_metrics_logged(tiny_model_dir, arith_small, tmp_path):
@@ -97,7 +99,7 @@ def test_resume_is_exact(tiny_model_dir, arith_small, tmp_path, monkeypatch):
     monkeypatch.setattr(RunLogger, "log", original_log)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     assert result == {"step": 5, "preempted": True}
-    assert [p.name for p in sft.checkpoint_dirs(tmp_path / "resumed")] == ["step_0000005"]
+    assert [p.name for p in checkpoint_dirs(tmp_path / "resumed")] == ["step_0000005"]
     assert not (tmp_path / "resumed" / "model").exists()
 
     result = sft.main(tiny_args(tiny_model_dir, arith_small, tmp_path / "resumed", export=True, resume=True))
@@ -115,7 +117,7 @@ def test_resume_is_exact(tiny_model_dir, arith_small, tmp_path, monkeypatch):
 def test_export_reloads_generates_and_matches_final_eval(tiny_model_dir, arith_small, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from common.data import build_sft_examples, pack_collate, pack_examples
+    from common.chat import TextProcessor, build_sft_examples, pack_collate, pack_examples
 
     sft.main(tiny_args(tiny_model_dir, arith_small, tmp_path, max_steps=6, export=True))
     final_eval = [r["eval/loss"] for r in read_metrics(tmp_path) if "eval/loss" in r][-1]
@@ -126,7 +128,7 @@ def test_export_reloads_generates_and_matches_final_eval(tiny_model_dir, arith_s
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert model.config.architectures == ["LlamaForCausalLM"]
     # the exported weights are the trained ones: they reproduce the eval loss logged at the last step
-    examples, _ = build_sft_examples(str(arith_small / "test.jsonl"), tokenizer, max_len=256)
+    examples, _ = build_sft_examples(str(arith_small / "test.jsonl"), TextProcessor(tokenizer), max_len=256)
     nll, n = 0.0, 0
     for pack in pack_examples(examples, 256):
         batch = pack_collate([[examples[i] for i in pack]], tokenizer.pad_token_id, 256)
@@ -253,7 +255,7 @@ def test_torchrun_fsdp2_matches_single_process(tiny_model_dir, arith_small, tmp_
     w_a = load_file(tmp_path / "single" / "model" / "model.safetensors")
     w_b = load_file(tmp_path / "fsdp" / "model" / "model.safetensors")
     assert max((w_a[k] - w_b[k]).abs().max().item() for k in w_a) < 1e-4
-    assert [p.name for p in sft.checkpoint_dirs(tmp_path / "fsdp")] == ["step_0000003", "step_0000006"]
+    assert [p.name for p in checkpoint_dirs(tmp_path / "fsdp")] == ["step_0000003", "step_0000006"]
 
 
 @pytest.mark.slow
@@ -295,7 +297,7 @@ def test_sigterm_mid_run_leaves_loadable_checkpoint(tiny_model_dir, arith_small,
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output[-3000:]
     assert "[signal] saved" in output
-    saved = sft.checkpoint_dirs(out)
+    saved = checkpoint_dirs(out)
     assert len(saved) == 1 and 3 <= int(saved[0].name.split("_")[1]) < 400
     assert not list((out / "checkpoints").glob("*.tmp"))
     # loadable: resume picks it up and trains on from there

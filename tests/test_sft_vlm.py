@@ -1,62 +1,25 @@
 """sft.py on a VLM folder (a tiny composed VLM: random-init tiny Llama + siglip-tiny, saved with save_vlm) and on
 dataset mixtures: image records, packing with image tokens, per-module learning rates, export, resume, accuracy."""
 
-import json
 import os
-import random
 import signal
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, subprocess_env
-from PIL import Image
+from conftest import ROOT, subprocess_env, tiny_qwen_vl_folder, write_color_records
 from safetensors.torch import load_file
 
 import sft
-from common.data import IGNORE, load_records, pack_examples, pad_collate, to_messages
+from common.chat import IGNORE, pack_examples, pad_collate
+from common.cli import cli
+from common.data import load_records, to_messages
 from common.logprob import sequence_logprobs
-from common.metrics import RunLogger, cli, exact_match, read_metrics
-from common.vision import ComposedVLM, build_vlm, load_vlm, save_vlm, vlm_generate
-
-COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 210, 30)}
-QUESTIONS = ("what color is the shape?", "what is the color of the shape in this picture?", "which colour?")
-
-
-@pytest.fixture(scope="module")
-def vlm_dir(tiny_model_dir, tmp_path_factory):
-    model, processor = build_vlm(tiny_model_dir, "siglip-tiny", image_size=64, pixel_shuffle=2, seed=0)
-    return str(save_vlm(model, processor, tmp_path_factory.mktemp("tiny-vlm") / "vlm"))
-
-
-def write_color_records(folder, n, seed):
-    """n chats "what color is the shape?" -> colour, over PNGs of a coloured rectangle on white, referenced by paths
-    relative to the .jsonl file (sft.py must resolve them against the file's folder)."""
-    rng = random.Random(seed)
-    (folder / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for k in range(n):
-        color = list(COLORS)[k % len(COLORS)]
-        image = Image.new("RGB", (48, 48), (255, 255, 255))
-        x, y = rng.randrange(0, 24), rng.randrange(0, 24)
-        image.paste(COLORS[color], (x, y, x + 20, y + 20))
-        image.save(folder / "images" / f"{seed}_{k}.png")
-        user = [
-            {"type": "image", "image": f"images/{seed}_{k}.png"},
-            {"type": "text", "text": QUESTIONS[k % len(QUESTIONS)]},
-        ]
-        lines.append(
-            json.dumps(
-                {
-                    "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": color}],
-                    "answer": color,
-                }
-            )
-        )
-    path = folder / f"colors_{seed}.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
+from common.metrics import exact_match
+from common.rollout import answer_accuracy
+from common.run import Run, RunLogger, read_metrics
+from common.vision import ComposedVLM, load_vlm, vlm_generate
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +143,10 @@ def test_answer_accuracy_batches_left_padded_prompts_like_one_at_a_time(vlm_dir,
         saids.append(said)
         assert exact_match(said, record["answer"]) == (k % 2 == 0)
     assert len(set(saids)) == len(saids) and all(saids)
-    accuracy = sft.vlm_answer_accuracy(model, processor, records, "messages", 3, torch.float32, batch_size=4)
+    items = [(r["messages"][:-1], r["answer"]) for r in records]
+    accuracy = answer_accuracy(
+        model, processor, items, Run(0, 1, torch.device("cpu"), torch.float32), max_new_tokens=3, batch_size=4
+    )
     assert accuracy == pytest.approx(0.5)
 
 
@@ -257,8 +223,6 @@ def test_resume_is_exact(vlm_dir, colors, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_native_vlm_trains_unpacked_and_exports(colors, tmp_path, capsys):
-    from test_vision import tiny_qwen_vl_folder
-
     tiny_qwen_vl_folder(tmp_path / "qwen2_vl", "qwen2_vl")
     result = sft.main(
         vlm_args(

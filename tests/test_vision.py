@@ -5,16 +5,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_qwen_vl_folder
 from PIL import Image
 
-from common.data import IGNORE, pack_collate, pad_collate
+from common.chat import IGNORE, pack_collate, pad_collate
+from common.easy_vqa import easy_vqa_records
 from common.logprob import sequence_logprobs
+from common.models import build_vlm
 from common.vision import (
     ComposedVLM,
     NativeVLMProcessor,
     Projector,
-    build_vlm,
-    easy_vqa_records,
     is_vlm,
     load_vlm,
     param_groups,
@@ -263,49 +264,6 @@ def test_generate_returns_new_tokens_equal_to_greedy_decoding(vlm, captions):
     for row, p in enumerate(prompts):
         alone = model.generate(torch.tensor([p["input_ids"]]), **processor.image_inputs([p]), **kw).scores
         assert all(torch.allclose(b[row], a[0], atol=1e-4) for b, a in zip(both, alone))
-
-
-def tiny_qwen_vl_folder(folder, family):
-    from transformers import Qwen2VLImageProcessor
-
-    from common.models import load_tokenizer
-
-    tokenizer = load_tokenizer("smollm2-135m")
-    specials = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-    tokenizer.add_tokens(specials, special_tokens=True)
-    start, end, image, video = tokenizer.convert_tokens_to_ids(specials)
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rope_parameters=dict(rope_type="default", mrope_section=[2, 3, 3], rope_theta=10000.0),
-    )
-    ids = dict(image_token_id=image, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end)
-    if family == "qwen2_vl":
-        from transformers import Qwen2VLConfig as Config
-        from transformers import Qwen2VLForConditionalGeneration as Model
-
-        vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
-    else:
-        from transformers import Qwen2_5_VLConfig as Config
-        from transformers import Qwen2_5_VLForConditionalGeneration as Model
-
-        vision = dict(
-            depth=2,
-            hidden_size=32,
-            out_hidden_size=64,
-            intermediate_size=64,
-            num_heads=2,
-            fullatt_block_indexes=[1],
-            window_size=56,
-        )
-    torch.manual_seed(0)
-    Model(Config(text_config=text, vision_config=vision, **ids)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)  # no AutoProcessor offline: Qwen2-VL's video processor needs torchvision
-    Qwen2VLImageProcessor().save_pretrained(folder)
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])

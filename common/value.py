@@ -1,0 +1,142 @@
+"""Value models: a transformer with one scalar head read at every token. PPO's critic reads it at every response token;
+a Bradley-Terry reward model (reward_model.py) at a chat's last token, which is what ppo.py and grpo.py score
+completions with (`--reward-model`).
+
+A text value model is a Hugging Face AutoModelForSequenceClassification with num_labels=1 (a causal LM's folder gets a
+new `score` head); a VLM's is a VLMCritic: the VLM itself (so values see the image) plus a linear head on its final
+hidden states, saved as a save_vlm folder with value_head.safetensors beside the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import torch
+
+from common.checkpoint import gather_unsharded
+from common.logprob import forward_hidden
+from common.models import load_model, load_processor, pick_attn_implementation, prepare_model, resolve_model_path
+from common.rollout import to_device
+from common.run import Run, replace_dir
+from common.vision import is_vlm, load_vlm, save_vlm
+
+HEAD_FILE = "value_head.safetensors"  # a VLM value model's head ({"weight": [1, H]}) beside its save_vlm weights
+
+
+class VLMCritic(torch.nn.Module):
+    """A VLM's value model: the VLM (so values see the image) and a zero-initialised linear `score` head on its
+    final-norm hidden states (values start at 0, as a new text head's do)."""
+
+    def __init__(self, vlm):
+        super().__init__()
+        self.vlm = vlm
+        self.score = torch.nn.Linear(vlm.config.get_text_config().hidden_size, 1, bias=False)
+        torch.nn.init.zeros_(self.score.weight)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, **image_inputs):
+        hidden = forward_hidden(
+            self.vlm, input_ids, attention_mask=attention_mask, position_ids=position_ids, **image_inputs
+        )  # fmt: skip  [B, L, H]
+        return self.score(hidden)  # [B, L, 1]
+
+
+def load_value_model(path, *, device, zero_new_head=True, gradient_checkpointing=False):
+    """(value model, processor) of a folder: a VLM folder gives a VLMCritic (its value_head.safetensors when it has
+    one: an exported critic or reward model); a causal-LM folder a sequence-classification model with a new head
+    (zeroed with zero_new_head: a critic's values start at 0); a sequence-classification folder keeps its head."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import logging as hf_logging
+
+    processor = load_processor(path)
+    if is_vlm(path):
+        critic = VLMCritic(load_model(path, device=device, gradient_checkpointing=gradient_checkpointing)).to(device)
+        if (Path(str(path)) / HEAD_FILE).exists():
+            critic.score.weight.data.copy_(load_file(str(Path(str(path)) / HEAD_FILE))["weight"])
+        return critic, processor
+    resolved = resolve_model_path(path)
+    architectures = AutoConfig.from_pretrained(resolved).architectures or []
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected here
+    model = AutoModelForSequenceClassification.from_pretrained(
+        resolved, num_labels=1, dtype=torch.float32, attn_implementation=pick_attn_implementation(device))  # fmt: skip
+    hf_logging.set_verbosity(verbosity)
+    model.config.pad_token_id = processor.tokenizer.pad_token_id
+    if zero_new_head and not any(a.endswith("ForSequenceClassification") for a in architectures):
+        torch.nn.init.zeros_(model.score.weight)
+    return prepare_model(model.to(device), gradient_checkpointing), processor
+
+
+def token_values(value_model, mb, image_inputs=None):
+    """[B, L] float32: the value head at every position. The model's own output pools one position per row, so the
+    head's per-token output is caught with a forward hook (calling the whole model keeps FSDP2's root hooks working).
+    image_inputs: a VLMCritic's image inputs for these rows (they may override position_ids)."""
+    captured = []
+    handle = value_model.score.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    try:
+        kwargs = {"attention_mask": mb["attention_mask"], "position_ids": mb["position_ids"], **(image_inputs or {})}
+        value_model(input_ids=mb["input_ids"], use_cache=False, **kwargs)
+    finally:
+        handle.remove()
+    return captured[0].squeeze(-1).float()
+
+
+def chat_scores(value_model, processor, chats, device):
+    """[B]: the value head at the last token of each (messages, image folder) chat, encoded by the processor (a
+    VLM's with the chat's images, loaded per batch, not held for a whole data set); what the exported model's HF
+    forward returns for a text reward model."""
+    examples = [processor(messages, base_dir=base_dir) for messages, base_dir in chats]
+    L = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full(
+        (len(examples), L), processor.tokenizer.pad_token_id, dtype=torch.long
+    )  # [B, L] right-padded
+    attention_mask = torch.zeros((len(examples), L), dtype=torch.long)  # [B, L]
+    for i, e in enumerate(examples):
+        input_ids[i, : len(e["input_ids"])], attention_mask[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"]), 1
+    mb = to_device({"input_ids": input_ids, "attention_mask": attention_mask,
+                    "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0)}, device)  # fmt: skip
+    images = to_device(processor.image_inputs(examples, input_ids), device)  # each row's own images, in row order
+    last = mb["attention_mask"].sum(1) - 1  # [B]
+    return token_values(value_model, mb, images).gather(1, last[:, None]).squeeze(1)
+
+
+@torch.no_grad()
+def score_chats(value_model, processor, chats, run: Run, batch_size: int) -> torch.Tensor:
+    """[len(chats)] float32 last-token scores (chat_scores), batch by batch, on the CPU. Under FSDP2 every rank must
+    score as many batches (the forwards are collective)."""
+    out = []
+    for i in range(0, len(chats), batch_size):
+        with run.autocast(value_model):
+            out.append(chat_scores(value_model, processor, chats[i : i + batch_size], run.device).float().cpu())
+    return torch.cat(out)
+
+
+def export_value_model(model, processor, out, run: Run, *, base_path: str) -> Path | None:
+    """A trained value model as a folder load_value_model reads back (every rank calls it; rank 0 writes and gets the
+    folder): a VLMCritic as a save_vlm folder plus value_head.safetensors, written before the folder is published so
+    there is never a critic folder without its head; a text one as a sequence-classification folder."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoModelForSequenceClassification
+
+    if isinstance(model, VLMCritic):
+        plain = gather_unsharded(model, lambda: VLMCritic(load_vlm(base_path)[0]), run)
+        if plain is None:
+            return None
+        head = {"weight": plain.score.weight.detach().float().cpu().contiguous()}
+        return save_vlm(plain.vlm, processor, out, extra_tensors={HEAD_FILE: head})
+    full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not run.main:
+        return None
+    config = copy.deepcopy(model.config)
+    config.use_cache = True
+    with torch.device("meta"):
+        plain = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    out, tmp = Path(out), Path(f"{out}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.load_state_dict(full_sd, assign=True)
+    plain.tie_weights()
+    plain.save_pretrained(tmp)
+    processor.tokenizer.save_pretrained(tmp)
+    return replace_dir(tmp, out)

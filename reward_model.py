@@ -1,0 +1,247 @@
+"""reward_model.py: a Bradley-Terry reward model on preference pairs, for text models and VLMs, in one file.
+
+For a prompt x with a preferred answer y_w and a dispreferred one y_l, the model's scalar score r (a linear head on the
+last token of the whole chat) is trained so that the preferred chat scores higher:
+
+    loss = - mean over pairs of log sigmoid(r(x, y_w) - r(x, y_l))        (Bradley & Terry 1952; Ouyang et al. 2022)
+
+A text model becomes a sequence-classification model (num_labels=1), exported as a Hugging Face
+AutoModelForSequenceClassification folder; a VLM becomes a VLMCritic (common/value.py) that scores each side with the
+prompt's image, exported as a save_vlm folder plus value_head.safetensors. ppo.py and grpo.py read either with
+--reward-model, and ppo.py's --critic-path starts its critic from one.
+
+Launch:
+    python sft.py && python reward_model.py            # 1 CPU: from sft.py's export, on the bundled arithmetic pairs
+    python reward_model.py --model-path smollm2-135m   # from the instruct model itself
+    python reward_model.py --model-path runs/vqa_sft/model --dataset easy-vqa:pairs-train \\
+        --eval-dataset easy-vqa:pairs-test --output-dir runs/vqa_rm          # a VLM reward model on image pairs
+    python reward_model.py --model-path Qwen/Qwen2.5-0.5B-Instruct --dataset prefs.jsonl   # 1 GPU
+    torchrun --nproc_per_node=8 reward_model.py --model-path Qwen/Qwen2.5-1.5B-Instruct --dataset prefs.jsonl   # N GPUs
+
+Where this departs from TRL's RewardTrainer / OpenRLHF:
+  * Pairs with a side longer than --max-len tokens are skipped, not truncated (a cut answer is not the one judged).
+  * The head reads each right-padded row's last real token (as TRL; OpenRLHF reads the EOS token). No reward-centring
+    or margin term.
+  * The chats are rendered by the reward model's own chat template, so at PPO time it reads the decoded completion,
+    whatever the policy's tokenizer.
+  * A new head starts from transformers' default initialisation (a critic's starts at zero: common/value.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from tqdm import tqdm
+
+from common.checkpoint import resume, save_if_due
+from common.cli import cli
+from common.data import DataError, detect_format, has_images, load_records, preference_messages
+from common.models import describe, fsdp_blocks, load_processor
+from common.run import RunLogger, all_reduce_sums, finish, lr_lambda, optimizer_step, setup
+from common.value import chat_scores, export_value_model, load_value_model, score_chats
+from common.vision import is_vlm
+
+
+@dataclass
+class Args:
+    model_path: str = "runs/sft/model"
+    """the reward model's trunk: `python sft.py`'s export, an alias (smollm2-135m), an HF folder, a VLM folder (image
+    pairs) or a hub id; a sequence-classification folder continues with its head"""
+    dataset: str = "data/arith_pref/train.jsonl"
+    """preference pairs (prompt, chosen, rejected): a .jsonl/.json/.parquet file, a folder of them, easy-vqa:pairs-train
+    or a datasets hub name"""
+    eval_dataset: str | None = "data/arith_pref/test.jsonl"
+    """held-out pairs: pair accuracy (chosen scored above rejected) before and after training"""
+    output_dir: str = "runs/rm"
+    """checkpoints, metrics.jsonl and the exported reward model (`<output-dir>/model`)"""
+    config: str | None = None
+    """a .yaml or .json file of field: value defaults; command-line flags override them"""
+    dry_run: bool = False
+    """validate arguments, read the data and the model config, print the plan and exit"""
+    seed: int = 0
+    """seed for the pair order"""
+    max_steps: int = 40
+    """optimizer steps (40 x 8 pairs: one epoch of the bundled pairs)"""
+    pairs_per_step: int = 8
+    """preference pairs per optimizer step over all processes"""
+    micro_batch_size: int = 8
+    """chats (2 per pair) per forward/backward per process"""
+    max_len: int = 512
+    """pairs with a side longer than this many tokens are skipped"""
+    lr: float = 5e-5
+    """learning rate (AdamW, constant after warmup)"""
+    warmup_steps: int = 0
+    """linear warmup over this many steps"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping threshold (0 disables)"""
+    dtype: str = "auto"
+    """compute dtype: auto (bf16 where the hardware has it), float32 or bfloat16; master weights stay float32"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward to save memory"""
+    eval_samples: int = 100
+    """held-out pairs (the first N) scored before and after training (0 disables)"""
+    eval_every: int = 0
+    """also measure held-out pair accuracy every N steps (0: only before and after)"""
+    save_every: int = 0
+    """save a resumable checkpoint every N steps (0: only on preemption and at the end)"""
+    keep_checkpoints: int = 2
+    """how many recent checkpoints to keep"""
+    resume: bool = False
+    """continue from the newest complete checkpoint in <output-dir>/checkpoints"""
+    export: bool = True
+    """write the reward model to <output-dir>/model at the end"""
+    track: bool = False
+    """log to Weights & Biases (offline mode when no account is configured)"""
+    wandb_project: str = "cleanpost"
+    """wandb project name"""
+    run_name: str | None = None
+    """wandb run name"""
+
+
+def bradley_terry_loss(chosen_scores, rejected_scores):
+    """(loss, accuracy) of a reward model on pairs [N]: mean -log sigmoid(r_chosen - r_rejected) (Bradley & Terry 1952;
+    Ouyang et al. 2022), accuracy = share of pairs with r_chosen > r_rejected."""
+    margin = chosen_scores.float() - rejected_scores.float()
+    return -F.logsigmoid(margin).mean(), (margin > 0).float().mean().detach()
+
+
+def preference_pairs(source, processor, max_len, limit=None):
+    """[((chosen messages, image folder), (rejected messages, image folder))] of a preference file's first `limit`
+    records; pairs with a side over max_len tokens are skipped. Image pairs need a VLM, and a VLM image pairs."""
+    records = load_records(source)[:limit]
+    if detect_format(records) != "preference":
+        raise DataError(f"{source}: reward_model.py needs preference records (prompt, chosen, rejected)")
+    kept = []
+    for r in records:
+        chats = preference_messages(r)
+        if processor.image_token_id is not None and not has_images(chats[0]):
+            raise DataError(f"{r['_where']}: the pair holds no image but --model-path is a VLM (a VLM reward model "
+                            "trains on image pairs)")  # fmt: skip
+        try:  # a side over max_len comes back None (overlong="drop"); a text model refuses image parts
+            sides = [processor(m, base_dir=r["_dir"], max_len=max_len, overlong="drop") for m in chats]
+        except DataError as e:
+            raise DataError(f"{r['_where']}: {e}") from None
+        if None not in sides:
+            kept.append(tuple((m, r["_dir"]) for m in chats))
+    if not kept:
+        raise DataError(f"{source}: every pair is longer than --max-len {max_len}")
+    return kept
+
+
+def pair_accuracy(model, processor, pairs, args, run) -> float:
+    """Held-out pair accuracy; every rank scores every pair (under FSDP2 the forwards are collective)."""
+    model.eval()
+    chosen = score_chats(model, processor, [c for c, _ in pairs], run, args.micro_batch_size)
+    rejected = score_chats(model, processor, [r for _, r in pairs], run, args.micro_batch_size)
+    model.train()
+    return float(bradley_terry_loss(chosen, rejected)[1])
+
+
+def main(args: Args):
+    run = setup(args.seed, args.dtype)
+    if args.pairs_per_step % run.world_size:
+        raise SystemExit(
+            f"error: --pairs-per-step {args.pairs_per_step} must be a multiple of the {run.world_size} processes"
+        )
+    if args.model_path == Args.model_path and not Path(args.model_path).exists():
+        raise SystemExit(f"error: {args.model_path} not found: run `python sft.py` first (its default run exports there), "
+                         "or pass --model-path smollm2-135m")  # fmt: skip
+
+    # ---- pairs, plan ----
+    processor = load_processor(args.model_path)
+    pairs = preference_pairs(args.dataset, processor, args.max_len)
+    eval_pairs = []
+    if args.eval_dataset and args.eval_samples:
+        eval_pairs = preference_pairs(args.eval_dataset, processor, args.max_len, args.eval_samples)
+    run.print(f"[plan] reward model | model {args.model_path}{' (VLM)' if is_vlm(args.model_path) else ''} | "
+              f"{len(pairs)} pairs, {len(eval_pairs)} held-out | {args.max_steps} steps x {args.pairs_per_step} pairs | "
+              f"lr {args.lr} | world size {run.world_size} | {run.device} {run.dtype}")  # fmt: skip
+    if args.dry_run:
+        run.print(f"[plan] {describe(args.model_path)}; dry run, exiting")
+        return None
+
+    # ---- model, FSDP2, optimizer ----
+    model, _ = load_value_model(args.model_path, device=run.device, zero_new_head=False,
+                                gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
+    if run.world_size > 1:
+        mesh = init_device_mesh(run.device.type, (run.world_size,))
+        mp = MixedPrecisionPolicy(param_dtype=run.dtype, reduce_dtype=torch.float32)
+        for block in fsdp_blocks(model):  # decoder layers (and a VLM's vision blocks), then the root
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)  # root: embeddings, final norm, the score head
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.max_steps))
+    step = resume(run, args.output_dir, model, optimizer, scheduler) if args.resume else 0
+    logger = RunLogger(args.output_dir, asdict(args), run, track=args.track, project=args.wandb_project,
+                       run_name=args.run_name, resume_step=step if args.resume else None)  # fmt: skip
+    results = {}
+    if eval_pairs and step == 0:
+        results["pair_accuracy_before"] = pair_accuracy(model, processor, eval_pairs, args, run)
+        run.print(f"[eval] held-out pair accuracy before training: {results['pair_accuracy_before']:.3f}")
+
+    # ---- training loop: the pair stream is one shuffled epoch after another, a step takes the next pairs ----
+    per_rank, chunk = args.pairs_per_step // run.world_size, max(1, args.micro_batch_size // 2)
+    epoch_order = {}
+    model.train()
+    progress = tqdm(total=args.max_steps, initial=step, desc="rm", disable=not run.main, dynamic_ncols=True)
+    while step < args.max_steps:
+        t0 = time.time()
+        mine = []
+        for i in range(
+            step * args.pairs_per_step + run.rank * per_rank, step * args.pairs_per_step + (run.rank + 1) * per_rank
+        ):
+            epoch = i // len(pairs)
+            if epoch not in epoch_order:  # each epoch's order is seeded by the epoch alone: resume replays it
+                epoch_order[epoch] = torch.randperm(
+                    len(pairs), generator=torch.Generator().manual_seed(args.seed + epoch)
+                )
+            mine.append(pairs[epoch_order[epoch][i % len(pairs)]])
+        sums = {"loss": 0.0, "accuracy": 0.0}
+        for i in range(0, per_rank, chunk):
+            part = mine[i : i + chunk]
+            with run.autocast(model):  # [2 * len(part)]: chosen rows, then rejected rows
+                scores = chat_scores(model, processor, [c for c, _ in part] + [r for _, r in part], run.device)
+            loss, accuracy = bradley_terry_loss(scores[: len(part)], scores[len(part) :])
+            (loss * len(part) / per_rank).backward()  # FSDP2 averages over ranks: the global pair mean
+            sums["loss"] += float(loss.detach()) * len(part)
+            sums["accuracy"] += float(accuracy) * len(part)
+        grad_norm = optimizer_step(optimizer, scheduler, params, args.max_grad_norm)
+        step += 1
+        sums = all_reduce_sums(sums, run)
+        metrics = {"train/loss": sums["loss"] / args.pairs_per_step, "train/accuracy": sums["accuracy"] / args.pairs_per_step,
+                   "train/grad_norm": grad_norm, "train/lr": scheduler.get_last_lr()[0],
+                   "train/pairs_per_s": args.pairs_per_step / (time.time() - t0)}  # fmt: skip
+        if eval_pairs and args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
+            metrics["eval/pair_accuracy"] = pair_accuracy(model, processor, eval_pairs, args, run)
+        logger.log(metrics, step)
+        progress.update(1)
+        progress.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/accuracy']:.2f}")
+        if save_if_due(run, args, step, args.max_steps, model, optimizer, scheduler):
+            return finish(run, logger, {"step": step, "preempted": True}, progress)
+    progress.close()
+
+    # ---- pair accuracy after training, export ----
+    if eval_pairs:
+        results["pair_accuracy_after"] = pair_accuracy(model, processor, eval_pairs, args, run)
+        run.print(
+            f"[eval] held-out pair accuracy after training: {results['pair_accuracy_after']:.3f}"
+            + (f" (before: {results['pair_accuracy_before']:.3f})" if "pair_accuracy_before" in results else "")
+        )
+        logger.log({f"eval/{k}": v for k, v in results.items()}, step)
+    if args.export:
+        out = export_value_model(model, processor, Path(args.output_dir) / "model", run, base_path=args.model_path)
+        run.print(f"[export] reward model: {out}")
+    return finish(run, logger, {"step": step, **results})
+
+
+if __name__ == "__main__":
+    main(cli(Args))
