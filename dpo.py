@@ -58,7 +58,7 @@ from tqdm import tqdm
 from common.chat import IGNORE, encode, epoch_batches, pack_collate, pack_examples, pad_collate
 from common.checkpoint import export_model, resume, save_if_due
 from common.cli import cli
-from common.data import DataError, detect_format, load_records, preference_messages
+from common.data import DataError, detect_format, load_mixture, preference_messages
 from common.logprob import sequence_logprobs
 from common.models import cache_dir, describe, fsdp_blocks, load_model, load_processor, resolve_model_path
 from common.rollout import answer_accuracy
@@ -79,7 +79,8 @@ class Args:
     """reference model (same tokenizer as the policy); default: the initial policy (with LoRA: the base model with
     adapters disabled)"""
     dataset: str = "data/arith_pref/train.jsonl"
-    """preference pairs (prompt, chosen, rejected): a .jsonl/.json/.parquet file, a folder of them, or a hub name"""
+    """preference pairs (prompt, chosen, rejected): a .jsonl/.json/.parquet file, a folder of them, or a hub name;
+    a weighted mixture as --dataset a.jsonl:0.7 --dataset b.jsonl:0.3"""
     eval_dataset: str | None = "data/arith_pref/test.jsonl"
     """held-out pairs for preference accuracy (and task accuracy when records carry an `answer` field)"""
     output_dir: str = "runs/dpo"
@@ -253,13 +254,13 @@ def preference_loss(
 
 
 # -------------------------------------------------------------------------------------------------- data
-def build_pairs(source: str, processor, *, max_len: int, overlong: str = "truncate", with_kl: bool = False):
+def build_pairs(source: str, processor, *, max_len: int, overlong: str = "truncate", with_kl=False, seed=0):
     """(pairs, records): each pair {"index", "chosen", "rejected"[, "kl"]} of chats tokenised by the model's processor,
     assistant-only labels (a VLM's sequences also carry their images, "images").
 
     With with_kl (KTO), "kl" is the prompt of pair i with the chosen answer of pair i-1 (a fixed mismatched pairing,
     like TRL's KL dataset), whose log-prob under policy and reference estimates KTO's reference point."""
-    records = load_records(source)
+    records = load_mixture(source, seed=seed)
     fmt = detect_format(records)
     if fmt != "preference":
         raise DataError(f"{source}: dpo.py needs preference records (prompt, chosen, rejected), got format {fmt!r}")
@@ -505,7 +506,9 @@ def main(args: Args):
         )
         args = replace(args, packing=False)
     with_kl = args.loss_type == "kto"
-    pairs, _ = build_pairs(args.dataset, processor, max_len=args.max_len, overlong=args.overlong, with_kl=with_kl)
+    pairs, _ = build_pairs(
+        args.dataset, processor, max_len=args.max_len, overlong=args.overlong, with_kl=with_kl, seed=args.seed
+    )
     eval_pairs, answer_items = [], []
     if args.eval_dataset:
         eval_pairs, records = build_pairs(args.eval_dataset, processor, max_len=args.max_len, with_kl=with_kl)

@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from common.chat import encode
 from common.cli import cli
-from common.data import DataError, content_text, load_records
+from common.data import DataError, content_text, load_mixture
 from common.easy_vqa import EASY_VQA_COLORS, EASY_VQA_SHAPES
 from common.metrics import (
     anls,
@@ -76,7 +76,8 @@ class Args:
     model_path: str = "runs/vqa_sft/model"
     """VLM folder: written by save_vlm (pretrain_captioner.py, sft.py) or a native Hugging Face VLM (Qwen2-VL, ...)"""
     dataset: str = "easy-vqa:test"
-    """questions: easy-vqa:test, or a .jsonl/.json/.parquet file of chat or {image, question, answers} records"""
+    """questions: easy-vqa:test, or a .jsonl/.json/.parquet file of chat or {image, question, answers} records; several
+    sources (--dataset a.jsonl --dataset b.jsonl) are evaluated together"""
     output_dir: str = "runs/eval_vqa"
     """predictions.jsonl and metrics.json go here"""
     config: str | None = None
@@ -301,7 +302,7 @@ def main(args: Args):
 
     # ---- data: an evenly spaced subset, normalised; each rank takes every world_size-th question ----
     model_dir = check_model_path(args.model_path)
-    records = load_records(args.dataset)
+    records = load_mixture(args.dataset)
     if 0 < args.max_samples < len(records):
         records = [records[i * len(records) // args.max_samples] for i in range(args.max_samples)]
     records = [normalise_record(r, args.prompt_suffix) for r in records]

@@ -58,9 +58,11 @@ from common.rollout import (
     micro_batch,
     prompt_records,
     render_prompt,
+    sampler_gap,
+    tis_weights,
     token_logps,
 )
-from common.run import RunLogger, all_gather_cat, all_reduce_sums, finish, lr_lambda, optimizer_step, setup
+from common.run import RunLogger, all_gather_cat, all_reduce_sums, derive_seed, finish, lr_lambda, optimizer_step, setup
 from common.vision import ComposedVLM, param_groups
 
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
@@ -75,7 +77,8 @@ class Args:
     `python sft.py` exports: RL sharpens a policy that already solves some problems, it cannot teach the format from zero"""
     dataset: str = "data/arith/train.jsonl"
     """prompts: messages records (the final assistant turn is dropped) or message+answer records; `answer` is the
-    reference. Messages may hold image parts when --model-path is a VLM (e.g. easy-vqa:train)"""
+    reference. Messages may hold image parts when --model-path is a VLM (e.g. easy-vqa:train). A weighted mixture:
+    --dataset a.jsonl:0.7 --dataset b.jsonl:0.3"""
     eval_dataset: str | None = "data/arith/test.jsonl"
     """held-out prompts answered greedily before and after training (answer accuracy)"""
     output_dir: str = "runs/grpo"
@@ -130,6 +133,9 @@ class Args:
     """dual-clip constant c > 1 for negative advantages (ppo only)"""
     agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
     """loss aggregation over tokens and sequences (see aggregate)"""
+    tis_cap: float | None = None
+    """truncated importance sampling: each token's policy-gradient term weighted by min(pi_old / pi_sampler, C), the
+    sampler/trainer mismatch correction (e.g. 2.0; most useful with --vllm); None: off"""
     kl_coef: float = 0.0
     """weight of the KL penalty to the reference (initial) model; 0 loads no reference model"""
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
@@ -263,8 +269,10 @@ def policy_loss(
     n_tokens=None,
     n_seqs=None,
     norm_len=None,
+    token_weights=None,
 ):
-    """(scalar loss, stats) of the clipped surrogate. logps, old_logps, advantages [B, T] float, response_mask [B, T].
+    """(scalar loss, stats) of the clipped surrogate. logps, old_logps, advantages [B, T] float, response_mask [B, T];
+    token_weights [B, T] (detached, e.g. tis_weights) multiply each token's loss.
 
       ppo:  per token, -min(rho A, clip(rho, 1-clip_low, 1+clip_high) A), rho = pi/pi_old (PPO, Schulman et al. 2017,
             arXiv:1707.06347); clip_high > clip_low is DAPO's clip-higher (Yu et al. 2025, arXiv:2503.14476). With
@@ -310,6 +318,8 @@ def policy_loss(
         ratio_mean = seq_ratio[mask.any(1)].mean() if mask.any() else seq_ratio.new_zeros(())
     else:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if token_weights is not None:
+        token_loss = token_loss * token_weights
     loss = aggregate(token_loss * maskf, mask, agg, n_tokens=n_tokens, n_seqs=n_seqs, norm_len=norm_len)
     with torch.no_grad():
         approx_kl = ((torch.exp(-log_ratio) - 1 + log_ratio) * maskf).sum() / maskf.sum().clamp(min=1)
@@ -351,7 +361,7 @@ def sample_groups(model, processor, items, reward_fns, weights, args, run, step)
     my_prompts = args.prompts_per_step // run.world_size
     kept, dropped, n_generated, failures = [], [], 0, [0] * len(reward_fns)
     for attempt in range(1 + (args.max_resample if args.dynamic_sampling else 0)):
-        picker = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 101 + attempt)
+        picker = torch.Generator().manual_seed(derive_seed(args.seed, step, "prompts", attempt))
         chosen = torch.randperm(len(items), generator=picker)[: args.prompts_per_step].tolist()
         mine = [items[i] for i in chosen[run.rank * my_prompts : (run.rank + 1) * my_prompts]]
         prompt_msgs = [m for m, _ in mine for _ in range(args.group_size)]
@@ -422,7 +432,7 @@ def main(args: Args):
             "first, whose default run exports there, or pass another model, e.g. --model-path smollm2-135m"
         )
     processor = load_processor(args.model_path)
-    train_items = prompt_records(args.dataset, processor, script="grpo.py")
+    train_items = prompt_records(args.dataset, processor, script="grpo.py", seed=args.seed)
     eval_items = []
     if args.eval_dataset and args.eval_samples:
         eval_items = [it for it in prompt_records(args.eval_dataset, processor, script="grpo.py") if it[1] is not None]
@@ -479,8 +489,7 @@ def main(args: Args):
     progress = tqdm(total=args.max_steps, initial=step, desc="grpo", disable=not run.main, dynamic_ncols=True)
     while step < args.max_steps:
         t0 = time.time()
-        # Seed everything from the step number: resume reproduces prompts and samples without replaying earlier steps.
-        torch.manual_seed(args.seed * 1_000_003 + step * 7919 + run.rank)
+        torch.manual_seed(derive_seed(args.seed, step, "sampling", run.rank))  # common/run.py's seeding rule
         verify_before = dict(VERIFY_STATS)
         # -- rollouts: G completions per prompt, scored; DAPO dynamic sampling keeps groups whose rewards differ --
         rollout, counts, failures = sample_groups(model, processor, train_items, reward_fns, weights, args, run, step)
@@ -505,10 +514,20 @@ def main(args: Args):
         # -- old-policy and reference logps (no grad); then mu inner epochs over mini-batches --
         reuse = args.mu > 1 or args.mini_batches > 1
         old_logps, ref_logps = frozen_logps(model, ref_model, batch, rollout["prompt"], processor, args, run, reuse)
-        order_gen = torch.Generator().manual_seed(args.seed + step)
-        sums = dict.fromkeys(("loss", "kl", "entropy", "clip", "approx_kl", "tokens", "engine_tokens",
-                              "engine_abs_diff", "engine_ratio"), 0.0)  # fmt: skip
-        engine_max_diff, grad_norms = 0.0, []
+        order_gen = torch.Generator().manual_seed(derive_seed(args.seed, step, "mini-batches"))
+        keys = (
+            "loss",
+            "kl",
+            "entropy",
+            "clip",
+            "approx_kl",
+            "tokens",
+            "gap_tokens",
+            "gap_abs",
+            "gap_ratio",
+            "tis_capped",
+        )
+        sums, grad_norms = dict.fromkeys(keys, 0.0), []
         for epoch in range(args.mu):
             perm = torch.randperm(rows, generator=order_gen)
             for m in range(args.mini_batches):
@@ -525,16 +544,19 @@ def main(args: Args):
                         logps, entropy = token_logps(model, mb, images, impl=args.logprob_impl,
                                                      temperature=args.temperature, entropy=True)  # fmt: skip
                     old = old_logps[idx, :width].to(run.device) if reuse else logps.detach()
-                    if epoch == 0 and "rollout_logps" in mb:  # the sampler's logps vs the training model's: logged only
-                        diff = (old - mb["rollout_logps"]).float()[mask]
-                        sums["engine_tokens"] += diff.numel()
-                        sums["engine_abs_diff"] += float(diff.abs().sum())
-                        sums["engine_ratio"] += float(diff.exp().sum())
-                        engine_max_diff = max([engine_max_diff, *diff.abs().tolist()])
+                    tis = None  # the sampler's own logps vs the training model's: logged, and TIS weights
+                    if "rollout_logps" in mb:
+                        if epoch == 0:
+                            sums |= {
+                                k: sums[k] + v
+                                for k, v in sampler_gap(old, mb["rollout_logps"], mask, args.tis_cap).items()
+                            }
+                        if args.tis_cap:
+                            tis = tis_weights(old, mb["rollout_logps"], mask, args.tis_cap)
                     loss, stats = policy_loss(logps, old, mb["advantages"], mask, variant=args.variant,
                                               clip_low=args.clip_low, clip_high=args.clip_high, dual_clip=args.dual_clip,
                                               agg=args.agg, n_tokens=n["tok"], n_seqs=n["seq"],
-                                              norm_len=args.max_new_tokens)  # fmt: skip
+                                              norm_len=args.max_new_tokens, token_weights=tis)  # fmt: skip
                     if ref_model is not None:
                         kl_tok = kl_penalty(logps, ref_logps[idx, :width].to(run.device), args.kl_estimator) * mask
                         loss = loss + args.kl_coef * aggregate(kl_tok, mask, args.agg, n_tokens=n["tok"],
@@ -565,8 +587,6 @@ def main(args: Args):
         metrics.update({"train/grad_norm": sum(grad_norms) / len(grad_norms), "train/lr": scheduler.get_last_lr()[0],
                         "time/rollout_share": t_rollout / (t_end - t0), "time/step_s": t_end - t0,
                         "time/completions_per_s": run.world_size * rows / (t_end - t0)})  # fmt: skip
-        if totals["engine_tokens"]:
-            metrics["rollout/train_vs_sampler_abs_logp_diff_max"] = engine_max_diff  # this rank's
         if args.eval_every and step % args.eval_every == 0 and step < args.max_steps and eval_items:
             metrics["eval/accuracy"] = answer_accuracy(model, processor, eval_items, run, max_new_tokens=args.max_new_tokens,
                                                        gather=args.unshard_for_generation)  # fmt: skip
@@ -608,9 +628,11 @@ def step_metrics(totals, reward_names, n, n_updates, args) -> dict:
                "rollout/filtered_group_fraction": totals["filtered_groups"] / max(totals["generated_groups"], 1)}  # fmt: skip
     if args.kl_coef > 0:
         metrics["train/kl"] = totals["kl"] / tok
-    if totals["engine_tokens"]:  # how far the sampler's numerics drift from the training forward's (same weights)
-        metrics["rollout/train_vs_sampler_ratio_mean"] = totals["engine_ratio"] / totals["engine_tokens"]
-        metrics["rollout/train_vs_sampler_abs_logp_diff_mean"] = totals["engine_abs_diff"] / totals["engine_tokens"]
+    if totals["gap_tokens"]:  # how far the sampler's numerics drift from the training forward's (same weights)
+        metrics["rollout/train_vs_sampler_ratio_mean"] = totals["gap_ratio"] / totals["gap_tokens"]
+        metrics["rollout/train_vs_sampler_abs_logp_diff_mean"] = totals["gap_abs"] / totals["gap_tokens"]
+        if args.tis_cap:
+            metrics["rollout/tis_capped_fraction"] = totals["tis_capped"] / totals["gap_tokens"]
     for name in reward_names:
         metrics[f"reward/{name}_mean"] = totals[f"{name}_sum"] / n
         metrics[f"reward/{name}_std"] = std(totals[f"{name}_sum"], totals[f"{name}_sq"])

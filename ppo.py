@@ -63,11 +63,21 @@ from common.checkpoint import export_model, resume, save_if_due
 from common.cli import cli
 from common.models import describe, fsdp_blocks, load_model, load_processor
 from common.rewards import reward_functions, score_completions
-from common.rollout import answer_accuracy, build_batch, generate, micro_batch, prompt_records, token_logps
+from common.rollout import (
+    answer_accuracy,
+    build_batch,
+    generate,
+    micro_batch,
+    prompt_records,
+    sampler_gap,
+    tis_weights,
+    token_logps,
+)
 from common.run import (
     RunLogger,
     all_reduce_sums,
     clip_grad_norm,
+    derive_seed,
     finish,
     lr_lambda,
     optimizer_step,
@@ -89,7 +99,7 @@ class Args:
     image too); its score joins the reward"""
     dataset: str = "data/arith/train.jsonl"
     """prompts: messages or message+answer records (`answer` is the reference of the verifiers); image parts need a VLM
-    --model-path (e.g. easy-vqa:train)"""
+    --model-path (e.g. easy-vqa:train). A weighted mixture: --dataset a.jsonl:0.7 --dataset b.jsonl:0.3"""
     eval_dataset: str | None = "data/arith/test.jsonl"
     """held-out prompts answered greedily before and after training (answer accuracy)"""
     output_dir: str = "runs/ppo"
@@ -144,6 +154,9 @@ class Args:
     """normalise advantages to mean 0 / std 1 over the global batch's response tokens"""
     critic_warmup_steps: int = 0
     """only the critic trains during the first N rollout steps (the policy waits for useful values)"""
+    tis_cap: float | None = None
+    """truncated importance sampling: each token's policy-gradient term weighted by min(pi_old / pi_sampler, C), the
+    sampler/trainer mismatch correction (e.g. 2.0; most useful with --vllm); None: off"""
     kl_coef: float = 0.05
     """beta: weight of the per-token KL penalty in the reward (initial value with --kl-target); 0 loads no reference"""
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
@@ -248,9 +261,11 @@ def value_loss(values, old_values, returns, response_mask, clip, *, n_tokens=Non
     return loss, clip_fraction.detach()
 
 
-def policy_loss(logps, old_logps, advantages, response_mask, *, clip_low=0.2, clip_high=0.2, n_tokens=None):
+def policy_loss(logps, old_logps, advantages, response_mask, *, clip_low=0.2, clip_high=0.2, n_tokens=None,
+                token_weights=None):  # fmt: skip
     """(loss, stats): PPO's clipped surrogate per token, -min(rho A, clip(rho, 1-clip_low, 1+clip_high) A),
-    rho = pi/pi_old (Schulman et al. 2017), token mean over n_tokens (default: this batch's count). Tensors [B, T].
+    rho = pi/pi_old (Schulman et al. 2017), times token_weights when given (TIS), token mean over n_tokens (default:
+    this batch's count). Tensors [B, T].
     stats: clip_fraction (share of tokens where clipping removed the gradient), approx_kl (k3 of pi_old vs pi)."""
     mask = response_mask.bool()
     maskf = mask.to(logps.dtype)
@@ -258,7 +273,8 @@ def policy_loss(logps, old_logps, advantages, response_mask, *, clip_low=0.2, cl
     log_ratio = (logps - old_logps) * maskf  # [B, T]
     ratio = torch.exp(log_ratio)
     unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - clip_low, 1 + clip_high)
-    loss = (torch.maximum(unclipped, clipped) * maskf).sum() / max(float(n_tokens), 1.0)
+    token_loss = torch.maximum(unclipped, clipped) * (1.0 if token_weights is None else token_weights)
+    loss = (token_loss * maskf).sum() / max(float(n_tokens), 1.0)
     with torch.no_grad():
         clip_fraction = ((clipped > unclipped) & mask).sum() / mask.sum().clamp(min=1)
         approx_kl = ((torch.exp(-log_ratio) - 1 + log_ratio) * maskf).sum() / maskf.sum().clamp(min=1)
@@ -323,6 +339,11 @@ def step_metrics(totals, reward_names, n, n_updates, train_actor, kl_coef) -> di
     for name in reward_names:
         metrics[f"reward/{name}_mean"] = totals[f"{name}_sum"] / n
         metrics[f"reward/{name}_failures"] = totals[f"{name}_failures"]
+    if totals["gap_tokens"]:  # how far the sampler's numerics drift from the training forward's (same weights)
+        metrics["rollout/train_vs_sampler_ratio_mean"] = totals["gap_ratio"] / totals["gap_tokens"]
+        metrics["rollout/train_vs_sampler_abs_logp_diff_mean"] = totals["gap_abs"] / totals["gap_tokens"]
+        if "tis_capped" in totals:
+            metrics["rollout/tis_capped_fraction"] = totals["tis_capped"] / totals["gap_tokens"]
     return metrics
 
 
@@ -353,7 +374,7 @@ def main(args: Args):
 
     # ---- prompts, rewards, plan ----
     processor = load_processor(args.model_path)
-    train_items = prompt_records(args.dataset, processor, script="ppo.py")
+    train_items = prompt_records(args.dataset, processor, script="ppo.py", seed=args.seed)
     eval_items = []
     if args.eval_dataset and args.eval_samples:
         eval_items = [it for it in prompt_records(args.eval_dataset, processor, script="ppo.py") if it[1] is not None]
@@ -422,16 +443,15 @@ def main(args: Args):
     progress = tqdm(total=args.max_steps, initial=step, desc="ppo", disable=not run.main, dynamic_ncols=True)
     while step < args.max_steps:
         t0 = time.time()
-        # Seed everything from the step number: resume reproduces prompts and samples without replaying earlier steps.
-        torch.manual_seed(args.seed * 1_000_003 + step * 7919 + run.rank)
+        torch.manual_seed(derive_seed(args.seed, step, "sampling", run.rank))  # common/run.py's seeding rule
         # -- rollouts and their scores --
-        picker = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 101)
+        picker = torch.Generator().manual_seed(derive_seed(args.seed, step, "prompts"))
         chosen = torch.randperm(len(train_items), generator=picker)[: args.prompts_per_step].tolist()
         mine = [train_items[i] for i in chosen[run.rank * rows : (run.rank + 1) * rows]]
         prompt_msgs, answers = [m for m, _ in mine], [a for _, a in mine]
         encoded = [processor(m, add_generation_prompt=True) for m in prompt_msgs]  # token ids (+ a VLM's images)
         with autocast:
-            completions, truncated, _ = generate(model, processor, encoded, max_new_tokens=args.max_new_tokens,
+            completions, truncated, sampler_logps = generate(model, processor, encoded, max_new_tokens=args.max_new_tokens,
                                                  temperature=args.temperature, top_p=args.top_p,
                                                  gather=args.unshard_for_generation)  # fmt: skip
         texts = processor.tokenizer.batch_decode(completions, skip_special_tokens=True)
@@ -443,9 +463,14 @@ def main(args: Args):
         scores = per_fn @ weights  # [rows]: the sequence-level reward
 
         # -- no-grad pass: old logps, reference logps, old values; token rewards (KL + the score at the end), GAE --
-        batch = build_batch([p["input_ids"] for p in encoded], completions, processor.tokenizer.pad_token_id)
+        batch = build_batch(
+            [p["input_ids"] for p in encoded], completions, processor.tokenizer.pad_token_id, sampler_logps
+        )
         mask = batch["response_mask"]  # [rows, L]
         old_logps, ref_logps, old_values = frozen_pass(model, critic, ref_model, batch, encoded, processor, args, run)
+        gap = sampler_gap(old_logps, batch["rollout_logps"], mask, args.tis_cap)  # the sampler's numerics vs training
+        if args.tis_cap:
+            batch["tis"] = tis_weights(old_logps, batch["rollout_logps"], mask, args.tis_cap)
         kl_coef = float(state.kl_coef)
         kl_tok = kl_penalty(old_logps, ref_logps, args.kl_estimator) * mask if ref_model is not None else 0 * old_logps
         token_rewards = -kl_coef * kl_tok  # [rows, L]
@@ -459,7 +484,7 @@ def main(args: Args):
 
         # -- mu epochs over mini-batches; micro-batches accumulate with global-count normalisation --
         train_actor = step >= args.critic_warmup_steps
-        order_gen = torch.Generator().manual_seed(args.seed + step)
+        order_gen = torch.Generator().manual_seed(derive_seed(args.seed, step, "mini-batches"))
         sums = dict.fromkeys(("policy_loss", "value_loss", "entropy", "policy_clip", "value_clip", "approx_kl",
                               "tokens"), 0.0)  # fmt: skip
         n_updates, actor_norms, critic_norms = 0, [], []
@@ -483,7 +508,8 @@ def main(args: Args):
                     n_mb_tok = float(mb_mask.sum())
                     if train_actor:
                         p_loss, stats = policy_loss(logps, mb["old_logps"], mb["advantages"], mb_mask,
-                                                    clip_low=args.clip_low, clip_high=args.clip_high, n_tokens=n_tok)  # fmt: skip
+                                                    clip_low=args.clip_low, clip_high=args.clip_high, n_tokens=n_tok,
+                                                    token_weights=mb.get("tis"))  # fmt: skip
                         loss = loss + p_loss
                         sums["policy_loss"] += float(p_loss.detach())
                         sums["entropy"] += float((entropy.detach() * mb_mask).sum())
@@ -504,7 +530,7 @@ def main(args: Args):
         t_end = time.time()
         residual = (returns - old_values) * mask
         lengths = torch.tensor([len(c) for c in completions], dtype=torch.float64)
-        totals = all_reduce_sums({**sums, "score": scores.sum(), "score_sq": scores.square().sum(),
+        totals = all_reduce_sums({**sums, **gap, "score": scores.sum(), "score_sq": scores.square().sum(),
                                   "length": lengths.sum(), "truncated": sum(truncated), "kl": kl_tok.sum(),
                                   "return": returns.sum(), "return_sq": returns.square().sum(), "residual": residual.sum(),
                                   "residual_sq": residual.square().sum(), "resp": mask.sum(), "value": old_values.sum(),

@@ -41,9 +41,9 @@ from tqdm import tqdm
 
 from common.checkpoint import resume, save_if_due
 from common.cli import cli
-from common.data import DataError, detect_format, has_images, load_records, preference_messages
+from common.data import DataError, detect_format, has_images, load_mixture, preference_messages
 from common.models import describe, fsdp_blocks, load_processor
-from common.run import RunLogger, all_reduce_sums, finish, lr_lambda, optimizer_step, setup
+from common.run import RunLogger, all_reduce_sums, derive_seed, finish, lr_lambda, optimizer_step, setup
 from common.value import chat_scores, export_value_model, load_value_model, score_chats
 from common.vision import is_vlm
 
@@ -55,7 +55,7 @@ class Args:
     pairs) or a hub id; a sequence-classification folder continues with its head"""
     dataset: str = "data/arith_pref/train.jsonl"
     """preference pairs (prompt, chosen, rejected): a .jsonl/.json/.parquet file, a folder of them, easy-vqa:pairs-train
-    or a datasets hub name"""
+    or a datasets hub name; a weighted mixture as --dataset a.jsonl:0.7 --dataset b.jsonl:0.3"""
     eval_dataset: str | None = "data/arith_pref/test.jsonl"
     """held-out pairs: pair accuracy (chosen scored above rejected) before and after training"""
     output_dir: str = "runs/rm"
@@ -113,10 +113,10 @@ def bradley_terry_loss(chosen_scores, rejected_scores):
     return -F.logsigmoid(margin).mean(), (margin > 0).float().mean().detach()
 
 
-def preference_pairs(source, processor, max_len, limit=None):
+def preference_pairs(source, processor, max_len, limit=None, seed=0):
     """[((chosen messages, image folder), (rejected messages, image folder))] of a preference file's first `limit`
     records; pairs with a side over max_len tokens are skipped. Image pairs need a VLM, and a VLM image pairs."""
-    records = load_records(source)[:limit]
+    records = load_mixture(source, seed=seed)[:limit]
     if detect_format(records) != "preference":
         raise DataError(f"{source}: reward_model.py needs preference records (prompt, chosen, rejected)")
     kept = []
@@ -134,6 +134,15 @@ def preference_pairs(source, processor, max_len, limit=None):
     if not kept:
         raise DataError(f"{source}: every pair is longer than --max-len {max_len}")
     return kept
+
+
+def stream_indices(n_items: int, seed: int, start: int, count: int) -> list[int]:
+    """Items start .. start+count-1 of an endless stream of shuffled epochs over n_items; each epoch's order comes
+    from the seeding rule alone, so a resumed run replays the stream exactly."""
+    epochs = range(start // n_items, (start + count - 1) // n_items + 1)
+    orders = {e: torch.randperm(n_items, generator=torch.Generator().manual_seed(derive_seed(seed, e, "order")))
+              for e in epochs}  # fmt: skip
+    return [int(orders[i // n_items][i % n_items]) for i in range(start, start + count)]
 
 
 def pair_accuracy(model, processor, pairs, args, run) -> float:
@@ -157,7 +166,7 @@ def main(args: Args):
 
     # ---- pairs, plan ----
     processor = load_processor(args.model_path)
-    pairs = preference_pairs(args.dataset, processor, args.max_len)
+    pairs = preference_pairs(args.dataset, processor, args.max_len, seed=args.seed)
     eval_pairs = []
     if args.eval_dataset and args.eval_samples:
         eval_pairs = preference_pairs(args.eval_dataset, processor, args.max_len, args.eval_samples)
@@ -188,23 +197,14 @@ def main(args: Args):
         results["pair_accuracy_before"] = pair_accuracy(model, processor, eval_pairs, args, run)
         run.print(f"[eval] held-out pair accuracy before training: {results['pair_accuracy_before']:.3f}")
 
-    # ---- training loop: the pair stream is one shuffled epoch after another, a step takes the next pairs ----
+    # ---- training loop: each step takes the next pairs of the stream of shuffled epochs ----
     per_rank, chunk = args.pairs_per_step // run.world_size, max(1, args.micro_batch_size // 2)
-    epoch_order = {}
     model.train()
     progress = tqdm(total=args.max_steps, initial=step, desc="rm", disable=not run.main, dynamic_ncols=True)
     while step < args.max_steps:
         t0 = time.time()
-        mine = []
-        for i in range(
-            step * args.pairs_per_step + run.rank * per_rank, step * args.pairs_per_step + (run.rank + 1) * per_rank
-        ):
-            epoch = i // len(pairs)
-            if epoch not in epoch_order:  # each epoch's order is seeded by the epoch alone: resume replays it
-                epoch_order[epoch] = torch.randperm(
-                    len(pairs), generator=torch.Generator().manual_seed(args.seed + epoch)
-                )
-            mine.append(pairs[epoch_order[epoch][i % len(pairs)]])
+        start = step * args.pairs_per_step + run.rank * per_rank
+        mine = [pairs[i] for i in stream_indices(len(pairs), args.seed, start, per_rank)]
         sums = {"loss": 0.0, "accuracy": 0.0}
         for i in range(0, per_rank, chunk):
             part = mine[i : i + chunk]

@@ -13,7 +13,7 @@ import torch
 
 from common.data import DataError, content_text, detect_format, has_images, load_records, log, to_messages
 from common.logprob import sequence_logprobs
-from common.run import all_reduce_sums, to_device
+from common.run import all_reduce_sums, derive_seed, to_device
 
 IGNORE = -100  # label value that contributes no loss (torch cross_entropy's default ignore_index)
 
@@ -259,6 +259,6 @@ def heldout_nll(model, items, processor, *, packing: bool, max_len: int, batch_s
 
 def epoch_batches(n_items: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     """Deterministic shuffled batches of indices for one epoch (last partial batch kept); exact resume."""
-    generator = torch.Generator().manual_seed(seed + epoch)
+    generator = torch.Generator().manual_seed(derive_seed(seed, epoch, "order"))
     order = torch.randperm(n_items, generator=generator).tolist()
     return [order[i : i + batch_size] for i in range(0, n_items, batch_size)]

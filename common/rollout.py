@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from common.chat import IGNORE
-from common.data import DataError, detect_format, has_images, load_records, to_messages
+from common.data import DataError, detect_format, has_images, load_mixture, to_messages
 from common.logprob import sequence_logprobs
 from common.metrics import exact_match
 from common.rewards import answer_correct
@@ -28,12 +28,12 @@ from common.run import to_device
 
 
 # ------------------------------------------------------------------------------------------------------ prompts
-def prompt_records(source, processor, *, script: str = "this script") -> list[tuple[list[dict], object]]:
+def prompt_records(source, processor, *, script="this script", seed=0) -> list[tuple[list[dict], object]]:
     """(prompt messages, reference answer or None) per record: the chat minus its final assistant turn(s). Relative
     image paths are resolved against the data file's folder here, so a prompt carries everything it needs. Answers
     stay as given (a VQA answer may be a list of annotators' answers). A text model's processor refuses image prompts
     here, naming the record, rather than at the first rollout."""
-    records = load_records(source)
+    records = load_mixture(source, seed=seed)  # a file, folder, hub name or weighted mixture
     fmt = detect_format(records)
     if fmt == "preference":
         raise DataError(f"{source}: preference data (prompt, chosen, rejected) can't be prompts for {script}; "
@@ -221,6 +221,26 @@ def token_logps(model, mb, images, *, impl="fused", temperature=1.0, entropy=Fal
     kwargs = {"position_ids": mb["position_ids"], "attention_mask": mb["attention_mask"], **images}
     return sequence_logprobs(model, mb["input_ids"], mb["labels"], impl=impl, temperature=temperature,
                              return_entropy=entropy, **kwargs)  # fmt: skip
+
+
+# -------------------------------------------------------------------------------------- sampler vs trainer
+def tis_weights(old_logps, sampler_logps, response_mask, cap: float):
+    """Truncated importance sampling [B, T] for the sampler/trainer mismatch (Yao et al. 2025, "Your Efficient RL
+    Framework Secretly Brings You Off-Policy RL Training"; verl's rollout importance sampling): the sampler (vLLM, or
+    generate with its KV cache and batching) and the training forward disagree slightly about the policy that drew
+    the tokens, so each token's policy-gradient term is weighted by w_t = min(pi_old(y_t) / pi_sampler(y_t), cap),
+    detached; 0 outside the mask."""
+    return (torch.exp(old_logps - sampler_logps).clamp(max=cap) * response_mask).detach()
+
+
+def sampler_gap(old_logps, sampler_logps, response_mask, cap=None) -> dict:
+    """Sums for the logged sampler-vs-trainer gap over the masked tokens: |log pi_old - log pi_sampler|, the ratio
+    pi_old / pi_sampler and, with a TIS cap, the tokens whose weight it cut."""
+    diff = (old_logps - sampler_logps).float()[response_mask.bool()]
+    sums = {"gap_tokens": diff.numel(), "gap_abs": float(diff.abs().sum()), "gap_ratio": float(diff.exp().sum())}
+    if cap is not None:
+        sums["tis_capped"] = float((diff.exp() > cap).sum())
+    return sums
 
 
 # ---------------------------------------------------------------------------------------- held-out accuracy

@@ -126,15 +126,14 @@ def test_tuple_field_from_the_command_line(two_files):
 
 
 # ------------------------------------------------------------------------------------------------ easy-vqa
-def test_easy_vqa_source_calls_vision(monkeypatch, two_files):
+def test_easy_vqa_source_reads_the_easy_vqa_module(monkeypatch, two_files):
     calls = []
 
     def fake_easy_vqa_records(kind):
         calls.append(kind)
         return [{"prompt": f"q{k}", "completion": "circle", "_where": f"easy-vqa:{kind}[{k}]"} for k in range(3)]
 
-    # common/vision.py may not exist yet: a stand-in module answers the lazy import either way
-    monkeypatch.setitem(sys.modules, "common.vision", types.SimpleNamespace(easy_vqa_records=fake_easy_vqa_records))
+    monkeypatch.setitem(sys.modules, "common.easy_vqa", types.SimpleNamespace(easy_vqa_records=fake_easy_vqa_records))
     assert [r["_where"] for r in load_records("easy-vqa:train")] == [f"easy-vqa:train[{k}]" for k in range(3)]
     mixture = load_mixture(["easy-vqa:captions-train:3", f"{two_files[0]}:1"], total=8)
     assert calls == ["train", "captions-train"] and source_counts(mixture) == {"q": 6, "a": 2}
@@ -142,7 +141,6 @@ def test_easy_vqa_source_calls_vision(monkeypatch, two_files):
 
 def test_easy_vqa_source_real():
     pytest.importorskip("easy_vqa")
-    pytest.importorskip("common.vision")
     records = load_records("easy-vqa:test")
     assert len(records) > 1000 and records[0]["_where"] == "easy-vqa:test[0]"
     with pytest.raises(DataError, match="unknown kind 'validation'"):

@@ -4,6 +4,7 @@ once gives the same completions as the per-step gathers (synced_gpus), and held-
 process's."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from conftest import ROOT, subprocess_env
 
 from common.logprob import sequence_logprobs
 from common.models import load_model, load_processor
-from common.rollout import build_batch, generate, is_correct
+from common.rollout import build_batch, generate, is_correct, sampler_gap, tis_weights
 
 
 def test_build_batch_aligns_response_mask_with_logps():
@@ -113,3 +114,17 @@ def test_gathered_generation_equals_per_step_gathers_under_fsdp2(sharper_tiny_mo
     one = answer_accuracy(model, processor, items, Run(0, 1, torch.device("cpu"), torch.float32), max_new_tokens=8)
     assert ranks[0]["accuracy"] == one
     assert os.environ.get("WORLD_SIZE") is None
+
+
+def test_tis_weights_and_sampler_gap_by_hand():
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -4.0, 0.0]])
+    sampler = torch.tensor([[-1.5, -1.0, -0.5], [-0.3, -1.0, 0.0]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    # w = min(pi_old / pi_sampler, cap): e^0.5 = 1.65 is cut to the cap 1.5; 0 outside the mask
+    expected = [[1.5, math.exp(-1.0), 1.0], [1.0, math.exp(-3.0), 0.0]]
+    assert torch.allclose(tis_weights(old, sampler, mask, cap=1.5), torch.tensor(expected))
+    gap = sampler_gap(old, sampler, mask, cap=1.5)
+    diffs = [0.5, -1.0, 0.0, 0.0, -3.0]  # log pi_old - log pi_sampler on the 5 masked tokens
+    assert gap["gap_tokens"] == 5 and gap["tis_capped"] == 1
+    assert gap["gap_abs"] == pytest.approx(sum(abs(d) for d in diffs))
+    assert gap["gap_ratio"] == pytest.approx(sum(math.exp(d) for d in diffs))
