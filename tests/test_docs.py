@@ -5,7 +5,6 @@ training script. README stays under 15 KB."""
 import dataclasses
 import importlib
 import re
-from pathlib import Path
 
 import pytest
 from conftest import ROOT
