@@ -98,10 +98,6 @@ class Args:
     """compute dtype under autocast: auto (bf16 where the hardware has it, CPU included), float32 or bfloat16"""
     track: bool = False
     """log the overall metrics to Weights & Biases (offline mode when no account is configured)"""
-    wandb_project: str = "cleanpost"
-    """wandb project name"""
-    run_name: str | None = None
-    """wandb run name"""
 
 
 def answer_type(answers: list[str]) -> str:
@@ -339,7 +335,7 @@ def main(args: Args):
     # ---- rank 0 writes predictions, metrics and the table ----
     summary = {**summarise(rows, metrics), "model_path": args.model_path, "dataset": args.dataset}
     out = Path(args.output_dir)
-    logger = RunLogger(out, asdict(args), run, track=args.track, project=args.wandb_project, run_name=args.run_name)
+    logger = RunLogger(out, asdict(args), run, track=args.track)
     logger.log({f"eval/{m}": v for m, v in summary["overall"].items() if m != "n"}, step=0)
     if run.main:
         with open(out / "predictions.jsonl", "w") as f:

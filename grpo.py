@@ -188,11 +188,7 @@ class Args:
     vllm: bool = False
     """generate rollouts with a colocated vLLM engine (see README's vLLM tier)"""
     track: bool = False
-    """log to Weights & Biases (offline mode when no account is configured)"""
-    wandb_project: str = "cleanpost"
-    """wandb project name"""
-    run_name: str | None = None
-    """wandb run name"""
+    """log to Weights & Biases (offline mode when no account is configured; WANDB_PROJECT, WANDB_NAME name the run)"""
 
 
 # =============================================================================================== the algorithm
@@ -477,8 +473,8 @@ def main(args: Args):
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.max_steps))
     step = resume(run, args.output_dir, model, optimizer, scheduler) if args.resume else 0
-    logger = RunLogger(args.output_dir, asdict(args), run, track=args.track, project=args.wandb_project,
-                       run_name=args.run_name, resume_step=step if args.resume else None)  # fmt: skip
+    logger = RunLogger(args.output_dir, asdict(args), run, track=args.track,
+                       resume_step=step if args.resume else None)  # fmt: skip
     rollout_file = Path(args.output_dir) / "rollouts.jsonl"
     if args.save_rollouts and run.main and not args.resume:
         rollout_file.unlink(missing_ok=True)

@@ -197,11 +197,7 @@ class Args:
     vllm: bool = False
     """generate rollouts with a colocated vLLM engine (see README's vLLM tier)"""
     track: bool = False
-    """log to Weights & Biases (offline mode when no account is configured)"""
-    wandb_project: str = "cleanpost"
-    """wandb project name"""
-    run_name: str | None = None
-    """wandb run name"""
+    """log to Weights & Biases (offline mode when no account is configured; WANDB_PROJECT, WANDB_NAME name the run)"""
 
 
 # =============================================================================================== the algorithm
@@ -433,8 +429,8 @@ def main(args: Args):
                                   weight_decay=args.weight_decay, betas=(0.9, 0.99))  # fmt: skip
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.max_steps))
     step = resume(run, args.output_dir, state, optimizer, scheduler) if args.resume else 0
-    logger = RunLogger(args.output_dir, asdict(args), run, track=args.track, project=args.wandb_project,
-                       run_name=args.run_name, resume_step=step if args.resume else None)  # fmt: skip
+    logger = RunLogger(args.output_dir, asdict(args), run, track=args.track,
+                       resume_step=step if args.resume else None)  # fmt: skip
     autocast = run.autocast(model)
 
     # ---- training loop ----

@@ -141,11 +141,7 @@ class Args:
     export: bool = True
     """write the trained VLM with save_vlm to <output-dir>/model at the end"""
     track: bool = False
-    """log to Weights & Biases (offline mode when no account is configured)"""
-    wandb_project: str = "cleanpost"
-    """wandb project name"""
-    run_name: str | None = None
-    """wandb run name"""
+    """log to Weights & Biases (offline mode when no account is configured; WANDB_PROJECT, WANDB_NAME name the run)"""
 
 
 def caption_chat(record: dict, with_caption: bool = True) -> list[dict]:
@@ -318,8 +314,8 @@ def main(args: Args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, args.warmup_steps, total_steps, args.schedule, args.min_lr_ratio))  # fmt: skip
     step = resume(run, args.output_dir, model, optimizer, scheduler) if args.resume else 0
-    logger = RunLogger(args.output_dir, asdict(args), run, track=args.track, project=args.wandb_project,
-                       run_name=args.run_name, resume_step=step if args.resume else None)  # fmt: skip
+    logger = RunLogger(args.output_dir, asdict(args), run, track=args.track,
+                       resume_step=step if args.resume else None)  # fmt: skip
     autocast = run.autocast(model)
 
     # ---- training loop ----

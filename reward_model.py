@@ -99,11 +99,7 @@ class Args:
     export: bool = True
     """write the reward model to <output-dir>/model at the end"""
     track: bool = False
-    """log to Weights & Biases (offline mode when no account is configured)"""
-    wandb_project: str = "cleanpost"
-    """wandb project name"""
-    run_name: str | None = None
-    """wandb run name"""
+    """log to Weights & Biases (offline mode when no account is configured; WANDB_PROJECT, WANDB_NAME name the run)"""
 
 
 def bradley_terry_loss(chosen_scores, rejected_scores):
@@ -190,8 +186,8 @@ def main(args: Args):
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.max_steps))
     step = resume(run, args.output_dir, model, optimizer, scheduler) if args.resume else 0
-    logger = RunLogger(args.output_dir, asdict(args), run, track=args.track, project=args.wandb_project,
-                       run_name=args.run_name, resume_step=step if args.resume else None)  # fmt: skip
+    logger = RunLogger(args.output_dir, asdict(args), run, track=args.track,
+                       resume_step=step if args.resume else None)  # fmt: skip
     results = {}
     if eval_pairs and step == 0:
         results["pair_accuracy_before"] = pair_accuracy(model, processor, eval_pairs, args, run)

@@ -211,12 +211,12 @@ def wandb_mode() -> str:
 
 
 class RunLogger:
-    """Appends one JSON line per `log()` to `<output_dir>/metrics.jsonl` and mirrors it to wandb with `track=True`.
+    """Appends one JSON line per `log()` to `<output_dir>/metrics.jsonl` and mirrors it to wandb with `track=True`
+    (project and run name from wandb's own WANDB_PROJECT and WANDB_NAME; project "cleanpost" by default).
 
     Only rank 0 writes. On resume, lines past `resume_step` are dropped first so the file holds one clean curve."""
 
-    def __init__(self, output_dir, config: dict, run: Run | None = None, *, track=False, project="cleanpost",
-                 run_name=None, resume_step: int | None = None):  # fmt: skip
+    def __init__(self, output_dir, config: dict, run: Run | None = None, *, track=False, resume_step=None):
         self.enabled, self.wandb = run is None or run.main, None
         if not self.enabled:
             return
@@ -232,8 +232,9 @@ class RunLogger:
         if track:
             import wandb
 
-            self.wandb = wandb.init(project=project, name=run_name, config=config, dir=str(output_dir),
-                                    mode=wandb_mode(), resume="allow")  # fmt: skip
+            project, name = os.environ.get("WANDB_PROJECT", "cleanpost"), os.environ.get("WANDB_NAME")
+            self.wandb = wandb.init(project=project, name=name, config=config, dir=str(output_dir), mode=wandb_mode(),
+                                    resume="allow")  # fmt: skip
 
     def log(self, metrics: dict, step: int):
         if not self.enabled:

@@ -261,3 +261,26 @@ def vlm_rm(vlm_dir, tmp_path_factory):
             )  # fmt: skip
         )
     return {"pairs": pairs, "run": folder / "run", "result": result, "model": caught["model"]}
+
+
+def plain_greedy_accuracy(model_path, items, max_new_tokens) -> float:
+    """Held-out answer accuracy computed the plain way, one prompt at a time (no batching, no padding, no sharding),
+    to check a script's reported accuracy against. items: (prompt messages, reference answer)."""
+    import torch
+
+    from common.models import load_model, load_processor
+    from common.rollout import is_correct, stop_ids
+    from common.vision import vlm_generate
+
+    processor, model = load_processor(str(model_path)), load_model(str(model_path)).eval()
+    right = 0
+    for messages, answer in items:
+        prompt = processor(messages, add_generation_prompt=True)
+        ids = torch.tensor([prompt["input_ids"]])
+        with torch.no_grad():
+            new = vlm_generate(model, ids, torch.ones_like(ids), **processor.image_inputs([prompt], ids),
+                               max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                               eos_token_id=stop_ids(processor.tokenizer, model),
+                               pad_token_id=processor.tokenizer.pad_token_id)[0].tolist()  # fmt: skip
+        right += is_correct(processor.tokenizer.decode(new, skip_special_tokens=True), answer)
+    return right / len(items)

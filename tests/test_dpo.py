@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, plain_greedy_accuracy, subprocess_env
 from safetensors.torch import load_file
 
 import dpo
 from common.checkpoint import checkpoint_dirs
 from common.cli import cli
+from common.data import load_records
+from common.models import load_model, load_processor
 from common.run import RunLogger, read_metrics
 
 
@@ -194,7 +196,7 @@ def test_packed_and_padded_logps_match(tiny_model_dir, pref_small):
 
 # ------------------------------------------------------------------------------------------ end to end
 def test_reward_accuracy_on_training_pairs_and_metrics(tiny_model_dir, pref_small, tmp_path):
-    result = dpo.main(tiny_args(tiny_model_dir, pref_small, tmp_path, max_steps=6, batch_size=16))
+    result = dpo.main(tiny_args(tiny_model_dir, pref_small, tmp_path, max_steps=6, batch_size=16, export=True))
     rows = train_rows(tmp_path)
     assert len(rows) == 6
     # step 0: the policy is the reference, so every pair's loss is ln 2
@@ -209,7 +211,19 @@ def test_reward_accuracy_on_training_pairs_and_metrics(tiny_model_dir, pref_smal
     for key in ("train/logps/chosen", "train/logps/rejected", "train/lr", "train/grad_norm", "train/pairs_per_s"):
         assert key in rows[-1]
     assert result["preference_accuracy_before"] == 0.0  # margin is exactly 0 before the first update
-    assert 0.0 <= result["preference_accuracy_after"] <= 1.0
+    # held-out reward accuracy, recomputed one sequence at a time: margin = beta ((pi - ref)_chosen - (pi - ref)_rejected)
+    processor = load_processor(tiny_model_dir)
+    pairs, _ = dpo.build_pairs(str(pref_small / "test.jsonl"), processor, max_len=256)
+    policy, reference = load_model(str(tmp_path / "model")), load_model(tiny_model_dir)
+
+    def logp(model, pair, side):
+        with torch.no_grad():
+            batch = dpo.collate_pairs([pair], processor, packing=False, max_len=256, sides=(side,))
+            return dpo.sequence_logps(model, batch)[0].item()
+
+    margins = [(logp(policy, p, "chosen") - logp(reference, p, "chosen"))
+               - (logp(policy, p, "rejected") - logp(reference, p, "rejected")) for p in pairs]  # fmt: skip
+    assert result["preference_accuracy_after"] == sum(m > 0 for m in margins) / len(margins)
 
 
 def test_reference_cache_reused_and_invalidated(tiny_model_dir, pref_small, tmp_path, capsys):
@@ -478,10 +492,13 @@ def test_real_smollm2_default_few_steps(tmp_path):
             max_new_tokens=48,
             save_every=0,
             eval_every=0,
-            export=False,
+            export=True,
         )
     )
     rows = train_rows(tmp_path / "out")
     assert len(rows) == 4 and all(math.isfinite(r["train/loss"]) for r in rows)
     assert rows[0]["train/loss"] == pytest.approx(math.log(2), abs=0.02)  # bf16 autocast: ref and policy agree closely
-    assert 0.0 <= result["accuracy_before"] <= 1.0 and 0.0 <= result["accuracy_after"] <= 1.0
+    # the reported accuracies equal the plain one-prompt-at-a-time computation, before and on the export
+    items = [([{"role": "user", "content": r["prompt"]}], r["answer"]) for r in load_records(str(data / "test.jsonl"))]
+    assert result["accuracy_before"] == plain_greedy_accuracy("smollm2-135m", items[:4], 48)
+    assert result["accuracy_after"] == plain_greedy_accuracy(tmp_path / "out" / "model", items[:4], 48)

@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from conftest import write_pref_records
+from conftest import plain_greedy_accuracy, write_pref_records
 from PIL import Image
 from safetensors.torch import load_file
 
 import dpo
-from common.data import DataError
+from common.data import DataError, load_records
 from common.logprob import sequence_logprobs
 from common.run import read_metrics
 from common.vision import ComposedVLM, load_vlm
@@ -94,7 +94,9 @@ def test_dpo_learns_image_pairs_with_a_frozen_encoder_and_exports(vlm_dir, prefs
     assert len(vision) > 10 and all(torch.equal(before[k], after[k]) for k in vision)
     for part in ("projector.", "language_model."):  # the trained parts did move
         assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(part)), part
-    assert 0.0 <= result["accuracy_before"] <= 1.0 and 0.0 <= result["accuracy_after"] <= 1.0
+    items = [(r["prompt"], r["answer"]) for r in load_records(prefs["test"])[:4]]
+    assert result["accuracy_before"] == plain_greedy_accuracy(vlm_dir, items, 2)
+    assert result["accuracy_after"] == plain_greedy_accuracy(tmp_path / "model", items, 2)
     # the export reloads and reproduces the final held-out eval (mean chosen logp over the 4 test pairs)
     model, processor = load_vlm(tmp_path / "model")
     assert isinstance(model, ComposedVLM)

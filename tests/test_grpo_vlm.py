@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, subprocess_env, tiny_qwen_vl_folder, write_color_records
+from conftest import ROOT, plain_greedy_accuracy, subprocess_env, tiny_qwen_vl_folder, write_color_records
 from safetensors.torch import load_file
 
 import grpo
-from common.data import DataError
+from common.data import DataError, load_records
 from common.rewards import vqa_reward
 from common.rollout import build_batch, generate, prompt_records, token_logps
 from common.run import read_metrics
@@ -81,7 +81,8 @@ def test_grpo_trains_a_vlm_on_image_prompts_with_the_vqa_reward(vlm_dir, colors,
         save_rollouts=True,
     )
     result = grpo.main(args)
-    assert result["step"] == 2 and 0.0 <= result["accuracy_after"] <= 1.0
+    items = [(r["messages"][:-1], r["answer"]) for r in load_records(colors["test"])[:4]]
+    assert result["step"] == 2 and result["accuracy_after"] == plain_greedy_accuracy(out / "model", items, 4)
     rows = [r for r in read_metrics(out) if "reward/vqa_mean" in r]
     assert len(rows) == 2 and all(r["reward/vqa_failures"] == 0 for r in rows)
     before, after = load_file(f"{vlm_dir}/model.safetensors"), load_file(out / "model" / "model.safetensors")

@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, subprocess_env, write_color_records
+from conftest import ROOT, plain_greedy_accuracy, subprocess_env, write_color_records
 from safetensors.torch import load_file
 
 import ppo
-from common.data import DataError
+from common.data import DataError, load_records
 from common.easy_vqa import EASY_VQA_COLORS, EASY_VQA_SHAPES
 from common.logprob import forward_hidden
 from common.rollout import build_batch, generate, prompt_records
@@ -50,7 +50,8 @@ def test_ppo_trains_a_vlm_actor_and_critic_on_image_prompts(vlm_dir, colors, tmp
         dtype="float32",
     )
     result = ppo.main(args)
-    assert result["step"] == 2 and 0.0 <= result["accuracy_after"] <= 1.0
+    items = [(r["messages"][:-1], r["answer"]) for r in load_records(colors["test"])[:4]]
+    assert result["step"] == 2 and result["accuracy_after"] == plain_greedy_accuracy(out / "model", items, 4)
     rows = [r for r in read_metrics(out) if "train/value_loss" in r]
     assert len(rows) == 2 and all(r["reward/vqa_failures"] == 0 for r in rows)
     assert all(math.isfinite(r["train/value_loss"]) and math.isfinite(r["train/explained_variance"]) for r in rows)

@@ -16,10 +16,10 @@ from conftest import ROOT, subprocess_env
 import pretrain_captioner as pc
 from common.chat import pack_examples
 from common.cli import cli
-from common.data import DataError
+from common.data import DataError, load_records
 from common.models import build_vlm
 from common.run import RunLogger, read_metrics
-from common.vision import load_vlm
+from common.vision import load_vlm, vlm_generate
 
 
 def tiny_args(tiny_model_dir, captions_dir, out, **overrides):
@@ -85,6 +85,7 @@ def test_loss_falls_and_evals_are_logged(tiny_model_dir, captions_dir, tmp_path)
             eval_every=6,
             eval_samples=4,
             max_new_tokens=6,
+            export=True,
         )
     )
     curve, rows = losses(tmp_path), read_metrics(tmp_path)
@@ -94,7 +95,21 @@ def test_loss_falls_and_evals_are_logged(tiny_model_dir, captions_dir, tmp_path)
     evals = [r for r in rows if "eval/loss" in r]
     assert [r["step"] for r in evals] == [0, 6, 12]  # before training, every 6 steps
     assert evals[-1]["eval/loss"] < evals[0]["eval/loss"] - 1.0
-    assert all(0.0 <= r["eval/caption_accuracy"] <= 1.0 for r in evals)
+    # the last caption accuracy is the exported model's, captioning the 4 held-out images one at a time
+    model, processor = load_vlm(tmp_path / "model")
+    right = 0
+    for record in load_records(str(captions_dir / "test.jsonl"))[:4]:
+        prompt = processor(
+            pc.caption_chat(record, with_caption=False), base_dir=record["_dir"], add_generation_prompt=True
+        )
+        ids = torch.tensor([prompt["input_ids"]])
+        with torch.no_grad():
+            new = vlm_generate(model, ids, torch.ones_like(ids), **processor.image_inputs([prompt], ids),
+                               max_new_tokens=6, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)  # fmt: skip
+        right += pc.caption_correct(
+            processor.tokenizer.decode(new[0], skip_special_tokens=True).strip(), record["caption"]
+        )
+    assert evals[-1]["eval/caption_accuracy"] == right / 4
     assert result["step"] == 12 and result["loss"] == evals[-1]["eval/loss"]
     assert {"train/lr_projector", "train/lr_vision", "train/lr_lm"} <= set(rows[1])
     assert rows[1]["train/lr_projector"] == pytest.approx(3e-3 / 2) and rows[1]["train/lr_vision"] == pytest.approx(

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, subprocess_env, tiny_qwen_vl_folder, write_color_records
+from conftest import ROOT, plain_greedy_accuracy, subprocess_env, tiny_qwen_vl_folder, write_color_records
 from safetensors.torch import load_file
 
 import sft
@@ -239,7 +239,9 @@ def test_native_vlm_trains_unpacked_and_exports(colors, tmp_path, capsys):
     assert "--no-packing" in printed and "16 examples -> 16 rows (padded" in printed
     curve = losses(tmp_path / "run")
     assert len(curve) == 8 and sum(curve[-3:]) / 3 < curve[0] - 1.0, curve
-    assert 0.0 <= result["accuracy_before"] <= 1.0 and 0.0 <= result["accuracy_after"] <= 1.0
+    items = [(r["messages"][:-1], r["answer"]) for r in load_records(colors["test"])[:2]]
+    assert result["accuracy_before"] == plain_greedy_accuracy(tmp_path / "qwen2_vl", items, 2)
+    assert result["accuracy_after"] == plain_greedy_accuracy(tmp_path / "run" / "model", items, 2)
     model, _ = load_vlm(tmp_path / "run" / "model")
     assert not isinstance(model, ComposedVLM)
 
