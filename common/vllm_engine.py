@@ -84,7 +84,7 @@ def start_engine(
     * GPU (UNTESTED): sleep mode is enabled, so sleep_engine() can free the engine's memory during training steps.
     * max_images: images allowed per prompt (a VLM), None for vLLM's default.
     The engine's start-up changes process-wide state, undone here: it re-seeds the global RNGs (python, numpy, torch;
-    restored), sets torch to 1 thread and replaces torch.set_num_threads with a no-op (both restored), and freezes
+    restored), may set torch to 1 thread and replaces torch.set_num_threads with a no-op (both restored), and freezes
     the garbage collector's view of every live object (unfrozen, so the trainer's garbage is still collected).
     """
     vllm = _vllm()
@@ -106,14 +106,12 @@ def start_engine(
     if cpu:
         kwargs["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * 2**30)  # VLLM_CPU_KVCACHE_SPACE, if set, wins
         if rank == 0:
-            print(
-                "[vllm] sleep mode is not supported on CPU: the engine's weights and KV cache stay in RAM", flush=True
-            )
+            print("[vllm] no sleep mode on CPU: the engine's weights and KV cache stay in RAM", flush=True)
     else:  # pragma: no cover - GPU only, untested
         kwargs["enable_sleep_mode"] = True
     threads, set_threads = torch.get_num_threads(), torch.set_num_threads
     python_rng = random.getstate()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
         numpy_rng = _numpy_rng()
         llm = vllm.LLM(**kwargs)
         _numpy_rng(numpy_rng)

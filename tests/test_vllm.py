@@ -109,6 +109,9 @@ def test_generate_well_formed(engine, prompts):
     assert any(truncated) and not all(truncated)  # both endings occur, so both branches above were checked
     groups = [completions[i : i + n] for i in range(0, len(completions), n)]
     assert all(len({tuple(c) for c in g}) > 1 for g in groups)  # n samples per prompt, not n copies
+    torch.manual_seed(0)  # the same seed reproduces the rollouts (what a resumed run relies on)
+    again, _, _ = generate(engine, short, temperature=1.0, max_tokens=max_tokens, stop_token_ids=sorted(stops), n=n)
+    assert again == completions
 
 
 def perturb(model, only=None, seed=1):
