@@ -508,7 +508,9 @@ def main(args: Args):
     eval_pairs, answer_items = [], []
     if args.eval_dataset:
         eval_pairs, records = build_pairs(args.eval_dataset, processor, max_len=args.max_len, with_kl=with_kl)
-        answer_items = [(preference_messages(r)[0][: _n_prompt(r)], r["answer"]) for r in records if "answer" in r]
+        answer_items = [
+            (preference_messages(r)[0][: _n_prompt(r)], r["answer"], r["_dir"]) for r in records if "answer" in r
+        ]
         answer_items = answer_items[: args.eval_samples]
     global_pairs = args.batch_size * args.grad_accum * run.world_size
     steps_per_epoch = len(pairs) // global_pairs

@@ -54,16 +54,18 @@ from common.rewards import VERIFY_STATS, reward_functions, score_completions
 from common.rollout import (
     answer_accuracy,
     build_batch,
-    generate,
     micro_batch,
     prompt_records,
     render_prompt,
+    sample_completions,
     sampler_gap,
+    start_vllm,
     tis_weights,
     token_logps,
 )
 from common.run import RunLogger, all_gather_cat, all_reduce_sums, derive_seed, finish, lr_lambda, optimizer_step, setup
 from common.vision import ComposedVLM, param_groups
+from common.vllm_engine import fsdp_named_tensors, sleep_engine, sync_weights
 
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 VARIANTS = ("ppo", "gspo", "gmpo")
@@ -186,7 +188,14 @@ class Args:
     """under FSDP2, gather the full weights once per generate call (one unsharded copy per rank); off: gather layer by
     layer at every decoding step (synced_gpus), for models too large to unshard"""
     vllm: bool = False
-    """generate rollouts with a colocated vLLM engine (see README's vLLM tier)"""
+    """sample rollouts with a colocated vLLM engine, one per process, fed the policy's weights before every rollout
+    phase (README's vLLM tier); held-out evaluation still uses Hugging Face generate"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """--vllm: the share of GPU memory the engine takes (weights + KV cache); on CPU the KV cache is 2 GiB of RAM
+    (VLLM_CPU_KVCACHE_SPACE, in GiB, overrides it)"""
+    vllm_enforce_eager: bool = True
+    """--vllm: skip compilation and CUDA graphs (start-up in seconds instead of minutes; on a GPU, --no-vllm-enforce-eager
+    decodes faster once started)"""
     track: bool = False
     """log to Weights & Biases (offline mode when no account is configured; WANDB_PROJECT, WANDB_NAME name the run)"""
 
@@ -349,11 +358,14 @@ def overlong_penalty(lengths, max_len, buffer, penalty):
 
 
 # ====================================================================================================== rollouts
-def sample_groups(model, processor, items, reward_fns, weights, args, run, step):
+def sample_groups(model, processor, items, reward_fns, weights, args, run, step, engine=None):
     """One step's rollouts on this rank: its share of --prompts-per-step prompts, --group-size completions each, scored.
     DAPO dynamic sampling: a group whose rewards are all equal carries no gradient, so up to --max-resample more rounds
     of fresh prompts replace such groups; any still missing are filled with dropped ones (zero advantage). Returns flat
-    per-completion lists (rows in groups of G) and the step's counts."""
+    per-completion lists (rows in groups of G) and the step's counts. With --vllm the engine first gets the policy's
+    current weights (streamed one parameter at a time from the FSDP2 shards) and, on a GPU, sleeps after."""
+    if engine is not None:
+        sync_weights(engine, fsdp_named_tensors(model))
     my_prompts = args.prompts_per_step // run.world_size
     kept, dropped, n_generated, failures = [], [], 0, [0] * len(reward_fns)
     for attempt in range(1 + (args.max_resample if args.dynamic_sampling else 0)):
@@ -362,11 +374,13 @@ def sample_groups(model, processor, items, reward_fns, weights, args, run, step)
         mine = [items[i] for i in chosen[run.rank * my_prompts : (run.rank + 1) * my_prompts]]
         prompt_msgs = [m for m, _ in mine for _ in range(args.group_size)]
         answers = [a for _, a in mine for _ in range(args.group_size)]
-        encoded = [processor(m, add_generation_prompt=True) for m in prompt_msgs]  # token ids (+ a VLM's images)
+        encoded = [processor(m, add_generation_prompt=True) for m, _ in mine]  # token ids (+ a VLM's images)
         with run.autocast(model):
-            completions, truncated, sampler_logps = generate(
-                model, processor, encoded, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                top_p=args.top_p, fire_temperature=args.fire_temperature, gather=args.unshard_for_generation)  # fmt: skip
+            completions, truncated, sampler_logps = sample_completions(
+                model, processor, encoded, [m for m, _ in mine], n=args.group_size, engine=engine,
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                fire_temperature=args.fire_temperature, gather=args.unshard_for_generation)  # fmt: skip
+        encoded = [p for p in encoded for _ in range(args.group_size)]  # one per completion
         texts = processor.tokenizer.batch_decode(completions, skip_special_tokens=True)
         per_fn, failed = score_completions(reward_fns, texts, prompt_msgs, answers)  # [rows, n_fns]
         failures = [a + b for a, b in zip(failures, failed)]
@@ -385,6 +399,8 @@ def sample_groups(model, processor, items, reward_fns, weights, args, run, step)
         if all_reduce_sums({"missing": max(0, my_prompts - len(kept))}, run)["missing"] == 0:
             break
     groups = (kept + dropped)[:my_prompts]  # short of informative groups: fill with dropped ones (zero advantage)
+    if engine is not None:
+        sleep_engine(engine)  # GPU: the engine's memory goes back to training until the next rollout phase
     rows = [r for g in groups for r in g]
     counts = {"generated_groups": n_generated, "filtered_groups": n_generated - len(kept)}
     return {k: [r[k] for r in rows] for k in rows[0]}, counts, failures
@@ -479,6 +495,7 @@ def main(args: Args):
     if args.save_rollouts and run.main and not args.resume:
         rollout_file.unlink(missing_ok=True)
     autocast = run.autocast(model)
+    engine = start_vllm(model, args, run)  # --vllm: a colocated engine per process
 
     # ---- training loop ----
     model.train()
@@ -488,7 +505,8 @@ def main(args: Args):
         torch.manual_seed(derive_seed(args.seed, step, "sampling", run.rank))  # common/run.py's seeding rule
         verify_before = dict(VERIFY_STATS)
         # -- rollouts: G completions per prompt, scored; DAPO dynamic sampling keeps groups whose rewards differ --
-        rollout, counts, failures = sample_groups(model, processor, train_items, reward_fns, weights, args, run, step)
+        rollout, counts, failures = sample_groups(model, processor, train_items, reward_fns, weights, args, run, step,
+                                                  engine)  # fmt: skip
         t_rollout = time.time() - t0
 
         # -- advantages over the whole global batch (reinforce_pp whitens over all of it) --
@@ -592,7 +610,7 @@ def main(args: Args):
         progress.update(1)
         progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", len=f"{metrics['completion/length_mean']:.0f}")
         if save_if_due(run, args, step, args.max_steps, model, optimizer, scheduler):
-            return finish(run, logger, {"step": step, "preempted": True}, progress)
+            return finish(run, logger, {"step": step, "preempted": True}, progress, engine)
     progress.close()
 
     # ---- export and answer accuracy after training ----
@@ -607,7 +625,7 @@ def main(args: Args):
             + (f" (before: {results['accuracy_before']:.3f})" if "accuracy_before" in results else "")
         )
         logger.log({f"eval/{k}": v for k, v in results.items()}, step)
-    return finish(run, logger, {"step": step, **results})
+    return finish(run, logger, {"step": step, **results}, engine=engine)
 
 
 def step_metrics(totals, reward_names, n, n_updates, args) -> dict:

@@ -66,10 +66,11 @@ from common.rewards import reward_functions, score_completions
 from common.rollout import (
     answer_accuracy,
     build_batch,
-    generate,
     micro_batch,
     prompt_records,
+    sample_completions,
     sampler_gap,
+    start_vllm,
     tis_weights,
     token_logps,
 )
@@ -85,6 +86,7 @@ from common.run import (
 )
 from common.value import export_value_model, load_value_model, score_chats, token_values
 from common.vision import ComposedVLM, is_vlm, param_groups
+from common.vllm_engine import fsdp_named_tensors, sleep_engine, sync_weights
 
 
 @dataclass
@@ -195,7 +197,14 @@ class Args:
     """under FSDP2, gather the full weights once per generate call (one unsharded copy per rank); off: gather layer by
     layer at every decoding step (synced_gpus), for models too large to unshard"""
     vllm: bool = False
-    """generate rollouts with a colocated vLLM engine (see README's vLLM tier)"""
+    """sample rollouts with a colocated vLLM engine, one per process, fed the policy's weights before every rollout
+    phase (README's vLLM tier); held-out evaluation still uses Hugging Face generate"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """--vllm: the share of GPU memory the engine takes (weights + KV cache); on CPU the KV cache is 2 GiB of RAM
+    (VLLM_CPU_KVCACHE_SPACE, in GiB, overrides it)"""
+    vllm_enforce_eager: bool = True
+    """--vllm: skip compilation and CUDA graphs (start-up in seconds instead of minutes; on a GPU, --no-vllm-enforce-eager
+    decodes faster once started)"""
     track: bool = False
     """log to Weights & Biases (offline mode when no account is configured; WANDB_PROJECT, WANDB_NAME name the run)"""
 
@@ -432,6 +441,7 @@ def main(args: Args):
     logger = RunLogger(args.output_dir, asdict(args), run, track=args.track,
                        resume_step=step if args.resume else None)  # fmt: skip
     autocast = run.autocast(model)
+    engine = start_vllm(model, args, run)  # --vllm: a colocated engine per process
 
     # ---- training loop ----
     model.train()
@@ -446,10 +456,14 @@ def main(args: Args):
         mine = [train_items[i] for i in chosen[run.rank * rows : (run.rank + 1) * rows]]
         prompt_msgs, answers = [m for m, _ in mine], [a for _, a in mine]
         encoded = [processor(m, add_generation_prompt=True) for m in prompt_msgs]  # token ids (+ a VLM's images)
+        if engine is not None:  # the policy's current weights, streamed one parameter at a time from the FSDP2 shards
+            sync_weights(engine, fsdp_named_tensors(model))
         with autocast:
-            completions, truncated, sampler_logps = generate(model, processor, encoded, max_new_tokens=args.max_new_tokens,
-                                                 temperature=args.temperature, top_p=args.top_p,
-                                                 gather=args.unshard_for_generation)  # fmt: skip
+            completions, truncated, sampler_logps = sample_completions(
+                model, processor, encoded, prompt_msgs, engine=engine, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_p=args.top_p, gather=args.unshard_for_generation)  # fmt: skip
+        if engine is not None:
+            sleep_engine(engine)  # GPU: the engine's memory goes back to training until the next rollout phase
         texts = processor.tokenizer.batch_decode(completions, skip_special_tokens=True)
         per_fn, failures = score_completions(reward_fns, texts, prompt_msgs, answers)  # [rows, n_fns]
         if reward_model is not None:  # it reads the whole chat through its own template (and the prompt's images)
@@ -545,7 +559,7 @@ def main(args: Args):
         progress.update(1)
         progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['train/kl']:.3f}")
         if save_if_due(run, args, step, args.max_steps, state, optimizer, scheduler):
-            return finish(run, logger, {"step": step, "preempted": True}, progress)
+            return finish(run, logger, {"step": step, "preempted": True}, progress, engine)
     progress.close()
 
     # ---- export and answer accuracy after training ----
@@ -562,7 +576,7 @@ def main(args: Args):
             + (f" (before: {results['accuracy_before']:.3f})" if "accuracy_before" in results else "")
         )
         logger.log({f"eval/{k}": v for k, v in results.items()}, step)
-    return finish(run, logger, {"step": step, **results})
+    return finish(run, logger, {"step": step, **results}, engine=engine)
 
 
 if __name__ == "__main__":

@@ -173,7 +173,9 @@ def main(args: Args):
         records = load_mixture(args.eval_dataset, seed=args.seed, total=args.eval_dataset_records or None)
         eval_examples, eval_stats = build_sft_examples(records, processor, max_len=args.max_len, name=args.eval_dataset)
         eval_items = rows_of(eval_examples)
-        answer_items = [(to_messages(r, eval_stats["format"])[:-1], r["answer"]) for r in records if "answer" in r]
+        answer_items = [
+            (to_messages(r, eval_stats["format"])[:-1], r["answer"], r["_dir"]) for r in records if "answer" in r
+        ]
         answer_items = answer_items[: args.eval_samples]
     global_rows = args.batch_size * args.grad_accum * run.world_size
     steps_per_epoch = len(items) // global_rows

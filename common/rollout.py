@@ -178,6 +178,41 @@ def generate(model, processor, prompts, *, max_new_tokens, temperature=1.0, top_
     return completions, truncated, rollout_logps
 
 
+def sample_completions(model, processor, prompts, messages, *, n=1, engine=None, max_new_tokens, temperature=1.0,
+                       top_p=1.0, fire_temperature=None, gather=True):  # fmt: skip
+    """n completions per encoded prompt, prompt-major (prompt i's j-th at i * n + j): (completions, truncated, sampler
+    logps), from the colocated vLLM engine when given (common/vllm_engine.py; its weights synced by the caller), else
+    from Hugging Face `generate` on the training model. `messages`: the prompts' chats, whose image files a native VLM's
+    engine reads itself (vLLM preprocesses images its own way)."""
+    if engine is None:
+        return generate(model, processor, [p for p in prompts for _ in range(n)], max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_p=top_p, fire_temperature=fire_temperature, gather=gather)  # fmt: skip
+    from common.vision import load_images
+    from common.vllm_engine import generate as vllm_generate
+
+    images = [load_images(m) for m in messages] if processor.image_token_id is not None else None
+    return vllm_generate(engine, [p["input_ids"] for p in prompts], images=images, temperature=temperature, top_p=top_p,
+                         max_tokens=max_new_tokens, stop_token_ids=stop_ids(processor.tokenizer, model), n=n)  # fmt: skip
+
+
+def start_vllm(model, args, run):
+    """The colocated vLLM engine of --vllm (one per process, started after FSDP2 sharding: under torchrun it joins the
+    process group), or None. vLLM samples text models and native VLMs; a composed VLM and FIRE stay with `generate`."""
+    from common.models import model_config, resolve_model_path
+    from common.vision import ComposedVLM, is_vlm
+    from common.vllm_engine import start_engine
+
+    if not args.vllm:
+        return None
+    if isinstance(model, ComposedVLM) or getattr(args, "fire_temperature", None):
+        raise SystemExit("error: --vllm samples text models and native Hugging Face VLMs without --fire-temperature; "
+                         "a composed VLM (pretrain_captioner.py's) or FIRE sampling needs Hugging Face generate: drop --vllm")  # fmt: skip
+    path = args.model_path if is_vlm(args.model_path) else resolve_model_path(args.model_path)
+    return start_engine(path, max_model_len=model_config(args.model_path).max_position_embeddings,
+                        gpu_memory_utilization=args.vllm_gpu_memory_utilization, enforce_eager=args.vllm_enforce_eager,
+                        seed=args.seed, dtype=run.dtype, world_size=run.world_size, rank=run.rank)  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------ training rows
 def build_batch(prompt_ids, completions, pad_id, rollout_logps=None) -> dict:
     """Right-padded training rows prompt + completion: input_ids, labels, attention_mask, position_ids [B, L] and
@@ -257,7 +292,8 @@ def is_correct(text: str, answer) -> bool:
 
 @torch.no_grad()
 def answer_accuracy(model, processor, items, run, *, max_new_tokens, gather=True, batch_size=25) -> float:
-    """Fraction of held-out (prompt messages, answer) items whose greedy answer is_correct. Every rank answers every
+    """Fraction of held-out (prompt messages, answer[, image folder]) items whose greedy answer is_correct (image paths
+    resolve against the folder, default "."). Every rank answers every
     world_size-th item and the counts are summed, so it runs under torchrun as in one process; with gather=False
     (synced_gpus decoding) ranks run as many batches each, padded with a repeat of the first item."""
     mine = items[run.rank :: run.world_size]
@@ -266,11 +302,13 @@ def answer_accuracy(model, processor, items, run, *, max_new_tokens, gather=True
     with run.autocast(model):
         for b in range(n_batches):
             chunk = mine[b * batch_size : (b + 1) * batch_size]
-            prompts = [processor(m, add_generation_prompt=True) for m, _ in chunk or items[:1]]
+            prompts = [
+                processor(m, base_dir=d[0] if d else ".", add_generation_prompt=True) for m, _, *d in chunk or items[:1]
+            ]
             completions, _, _ = generate(model, processor, prompts, max_new_tokens=max_new_tokens, greedy=True,
                                          gather=gather)  # fmt: skip
             texts = processor.tokenizer.batch_decode(completions, skip_special_tokens=True)
-            correct += sum(is_correct(t, a) for t, (_, a) in zip(texts, chunk))
+            correct += sum(is_correct(t, item[1]) for t, item in zip(texts, chunk))
     if dist.is_initialized():
         total = torch.tensor(float(correct), device=run.device)
         dist.all_reduce(total)

@@ -118,13 +118,19 @@ def barrier():
         dist.barrier()
 
 
-def finish(run: Run, logger, results: dict, progress=None) -> dict:
+def finish(run: Run, logger, results: dict, progress=None, engine=None) -> dict:
     """Closes the progress bar and the logger, then leaves the process group (after a barrier: gloo aborts a rank
-    whose peer tears down while it is still in a collective)."""
+    whose peer tears down while it is still in a collective). A vLLM engine is shut down last: its shutdown destroys
+    the process group itself."""
     if progress is not None:
         progress.close()
     barrier()
     logger.close()
+    if engine is not None:
+        from common.vllm_engine import stop_engine
+
+        barrier()
+        stop_engine(engine)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

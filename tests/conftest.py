@@ -265,7 +265,7 @@ def vlm_rm(vlm_dir, tmp_path_factory):
 
 def plain_greedy_accuracy(model_path, items, max_new_tokens) -> float:
     """Held-out answer accuracy computed the plain way, one prompt at a time (no batching, no padding, no sharding),
-    to check a script's reported accuracy against. items: (prompt messages, reference answer)."""
+    to check a script's reported accuracy against. items: (prompt messages, reference answer[, image folder])."""
     import torch
 
     from common.models import load_model, load_processor
@@ -274,8 +274,8 @@ def plain_greedy_accuracy(model_path, items, max_new_tokens) -> float:
 
     processor, model = load_processor(str(model_path)), load_model(str(model_path)).eval()
     right = 0
-    for messages, answer in items:
-        prompt = processor(messages, add_generation_prompt=True)
+    for messages, answer, *folder in items:
+        prompt = processor(messages, base_dir=folder[0] if folder else ".", add_generation_prompt=True)
         ids = torch.tensor([prompt["input_ids"]])
         with torch.no_grad():
             new = vlm_generate(model, ids, torch.ones_like(ids), **processor.image_inputs([prompt], ids),

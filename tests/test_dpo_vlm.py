@@ -94,7 +94,7 @@ def test_dpo_learns_image_pairs_with_a_frozen_encoder_and_exports(vlm_dir, prefs
     assert len(vision) > 10 and all(torch.equal(before[k], after[k]) for k in vision)
     for part in ("projector.", "language_model."):  # the trained parts did move
         assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith(part)), part
-    items = [(r["prompt"], r["answer"]) for r in load_records(prefs["test"])[:4]]
+    items = [(r["prompt"], r["answer"], r["_dir"]) for r in load_records(prefs["test"])[:4]]
     assert result["accuracy_before"] == plain_greedy_accuracy(vlm_dir, items, 2)
     assert result["accuracy_after"] == plain_greedy_accuracy(tmp_path / "model", items, 2)
     # the export reloads and reproduces the final held-out eval (mean chosen logp over the 4 test pairs)

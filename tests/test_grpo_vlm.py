@@ -81,7 +81,7 @@ def test_grpo_trains_a_vlm_on_image_prompts_with_the_vqa_reward(vlm_dir, colors,
         save_rollouts=True,
     )
     result = grpo.main(args)
-    items = [(r["messages"][:-1], r["answer"]) for r in load_records(colors["test"])[:4]]
+    items = [(r["messages"][:-1], r["answer"], r["_dir"]) for r in load_records(colors["test"])[:4]]
     assert result["step"] == 2 and result["accuracy_after"] == plain_greedy_accuracy(out / "model", items, 4)
     rows = [r for r in read_metrics(out) if "reward/vqa_mean" in r]
     assert len(rows) == 2 and all(r["reward/vqa_failures"] == 0 for r in rows)

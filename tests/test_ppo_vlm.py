@@ -50,7 +50,7 @@ def test_ppo_trains_a_vlm_actor_and_critic_on_image_prompts(vlm_dir, colors, tmp
         dtype="float32",
     )
     result = ppo.main(args)
-    items = [(r["messages"][:-1], r["answer"]) for r in load_records(colors["test"])[:4]]
+    items = [(r["messages"][:-1], r["answer"], r["_dir"]) for r in load_records(colors["test"])[:4]]
     assert result["step"] == 2 and result["accuracy_after"] == plain_greedy_accuracy(out / "model", items, 4)
     rows = [r for r in read_metrics(out) if "train/value_loss" in r]
     assert len(rows) == 2 and all(r["reward/vqa_failures"] == 0 for r in rows)

@@ -239,7 +239,7 @@ def test_native_vlm_trains_unpacked_and_exports(colors, tmp_path, capsys):
     assert "--no-packing" in printed and "16 examples -> 16 rows (padded" in printed
     curve = losses(tmp_path / "run")
     assert len(curve) == 8 and sum(curve[-3:]) / 3 < curve[0] - 1.0, curve
-    items = [(r["messages"][:-1], r["answer"]) for r in load_records(colors["test"])[:2]]
+    items = [(r["messages"][:-1], r["answer"], r["_dir"]) for r in load_records(colors["test"])[:2]]
     assert result["accuracy_before"] == plain_greedy_accuracy(tmp_path / "qwen2_vl", items, 2)
     assert result["accuracy_after"] == plain_greedy_accuracy(tmp_path / "run" / "model", items, 2)
     model, _ = load_vlm(tmp_path / "run" / "model")
