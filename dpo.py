@@ -10,19 +10,19 @@ Launch:
     python dpo.py                                          # one CPU: SmolLM2-135M-Instruct on the bundled arithmetic pairs
     python dpo.py --model-path runs/sft/model              # start from sft.py's default run (better: it knows the format)
     python dpo.py --loss-type ipo --beta 0.5 --lora-r 16 --merge
+    python dpo.py --model-path Qwen/Qwen2.5-0.5B-Instruct --dataset prefs.jsonl   # one GPU (picked up automatically)
     torchrun --nproc_per_node=8 dpo.py --dataset prefs.jsonl   # N GPUs, FSDP2
     python dpo.py --config run.yaml --dry-run
     python dpo.py --model-path runs/vqa_sft/model --dataset prefs.jsonl --lr-vision 0   # a VLM on image pairs
 
-Data: records {"prompt", "chosen", "rejected"}, each a string or a list of chat messages (common/data.py validates them);
-loss only on the answer tokens (assistant-only labels from the chat template). With a VLM (--model-path a common/vision.py
-folder or a native HF VLM) prompts may hold image parts ({"type": "image", "image": path}); projector, vision encoder and
-LM get their own learning rates (--lr-projector/--lr-vision/--lr-lm; 0 freezes), as in sft.py.
+Data: records {"prompt", "chosen", "rejected"} (strings or chat messages; loss only on the answer tokens). With a VLM,
+prompts may hold images; projector, encoder and LM get their own learning rates (--lr-projector/--lr-vision/--lr-lm).
 
 Where this departs from the textbook / from TRL's DPOTrainer:
   * The reference log-probs are computed once, before training, in a no-grad pass over the data, and cached on disk under
-    a key of (reference model identity, tokenised data, max_len, dtype). No reference model sits in memory while training,
-    and a second run with the same model and data skips the pass. TRL by default runs the reference every step.
+    a key of (reference model identity, tokenised data and a VLM's preprocessed pixels, max_len, dtype). No reference
+    model sits in memory while training, and a second run with the same model and data skips the pass. TRL by default
+    runs the reference every step.
   * One forward per micro-batch: the chosen rows, then the rejected rows, in one batch (padded, or packed with
     `--packing`, where sequences are told apart by restarting position_ids and a per-token sequence index).
   * The loss is averaged over the pairs of the whole accumulated global batch across ranks, so gradient accumulation and the
@@ -31,18 +31,14 @@ Where this departs from the textbook / from TRL's DPOTrainer:
   * ORPO's NLL term is the per-pair mean token NLL of the chosen answer (the paper's eq. 6); TRL averages over all chosen
     tokens of the batch instead.
   * With LoRA the reference is the base model with the adapters disabled (`model.disable_adapter()`).
-
-Batch layout for images: a pair's two rows share the prompt, so its images appear once for the chosen row and again for
-the rejected row (rows 0..B-1, then B..2B-1), in the order their tokens appear row by row. The reference-logps cache key
-also hashes the preprocessed pixels: an image file replaced under the same name is new data.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -56,14 +52,14 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 from common.chat import IGNORE, encode, epoch_batches, pack_collate, pack_examples, pad_collate
-from common.checkpoint import export_model, resume, save_if_due
+from common.checkpoint import export_model, load_or_compute, resume, save_if_due, weights_identity
 from common.cli import cli
 from common.data import DataError, detect_format, load_mixture, preference_messages
 from common.logprob import sequence_logprobs
-from common.models import cache_dir, describe, fsdp_blocks, load_model, load_processor, resolve_model_path
+from common.models import cache_dir, describe, fsdp_blocks, load_model, load_processor
 from common.rollout import answer_accuracy
 from common.run import RunLogger, finish, lr_lambda, optimizer_step, setup
-from common.vision import is_vlm, param_groups
+from common.vision import param_groups
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "simpo", "orpo", "kto")
 REFERENCE_FREE = ("simpo", "orpo")
@@ -325,31 +321,12 @@ def sequence_logps(model, batch, impl: str = "fused") -> tuple[torch.Tensor, tor
 
 
 # ----------------------------------------------------------------------------------------- reference pass
-def model_identity(path: str) -> dict:
-    """What identifies a model's weights without reading them: config (a composed VLM's vlm_config.json) + weight
-    files' names, sizes and mtimes."""
-    resolved = str(path) if is_vlm(path) else resolve_model_path(path)
-    folder = Path(resolved)
-    if not folder.is_dir():
-        return {"hub_id": resolved}
-    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
-    config = b"".join((folder / n).read_bytes() for n in ("config.json", "vlm_config.json") if (folder / n).exists())
-    return {
-        "path": str(folder.resolve()),
-        "config_sha1": hashlib.sha1(config).hexdigest(),
-        "weights": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files],
-    }
-
-
 def reference_cache_key(ref_path: str, pairs: list[dict], sides, max_len: int, dtype: torch.dtype) -> str:
     """Hash of the reference model's identity and the exact tokens scored (which covers data, template and max_len),
     and of a VLM's preprocessed images (an image token says nothing about the pixels behind it)."""
-    h = hashlib.sha1(
-        json.dumps(
-            {"model": model_identity(ref_path), "max_len": max_len, "dtype": str(dtype), "sides": list(sides)},
-            sort_keys=True,
-        ).encode()
-    )
+    model = weights_identity(ref_path)
+    h = hashlib.sha1(json.dumps({"model": model, "max_len": max_len, "dtype": str(dtype), "sides": list(sides)},
+                                sort_keys=True).encode())  # fmt: skip
     for p in pairs:
         for side in sides:
             h.update(json.dumps([p[side]["input_ids"], p[side]["labels"]]).encode())
@@ -382,33 +359,24 @@ def compute_logps(model, pairs, sides, args, processor, run) -> dict:
 
 
 def reference_logps(args, name, pairs, sides, policy, processor, run):
-    """Cached reference logps of `pairs` ({side: [N]}), and whether the cache was hit."""
-    ref_path = args.ref_model or args.model_path
-    key = reference_cache_key(ref_path, pairs, sides, args.max_len, run.dtype)
+    """Reference logps of `pairs` ({side: [N]}), from the disk cache when the same reference already scored the same
+    tokens, and whether it did. The reference: --ref-model, the base model with LoRA's adapters off, or the initial
+    policy (called before any update)."""
+
+    @torch.no_grad()
+    def compute():
+        if args.ref_model:
+            return compute_logps(load_model(args.ref_model, device=run.device), pairs, sides, args, processor, run)
+        with policy.disable_adapter() if args.lora_r > 0 else contextlib.nullcontext():  # LoRA: no second model
+            return compute_logps(policy, pairs, sides, args, processor, run)
+
+    key = reference_cache_key(args.ref_model or args.model_path, pairs, sides, args.max_len, run.dtype)
     path = Path(args.ref_cache_dir or cache_dir() / "dpo_ref") / f"{key}.pt"
-    hit = torch.tensor(float(path.exists()))
-    if dist.is_initialized():
-        dist.all_reduce(hit, op=dist.ReduceOp.MIN)  # every rank must take the same branch (the pass has collectives)
-    if hit.item():
-        run.print(f"[ref] {name}: cached reference logps {path}")
-        return torch.load(path), True
     t0 = time.time()
-    if args.ref_model:
-        ref = load_model(args.ref_model, device=run.device)
-        logps = compute_logps(ref, pairs, sides, args, processor, run)
-        del ref
-    elif args.lora_r > 0:
-        with policy.disable_adapter():  # the base model is the reference: no second copy of the weights
-            logps = compute_logps(policy, pairs, sides, args, processor, run)
-    else:
-        logps = compute_logps(policy, pairs, sides, args, processor, run)  # the initial policy (before any update)
-    if run.main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        torch.save(logps, tmp)
-        os.replace(tmp, path)  # atomic: a reader never sees half a file
-        run.print(f"[ref] {name}: computed reference logps of {len(pairs)} pairs in {time.time() - t0:.1f}s -> {path}")
-    return logps, False
+    logps, hit = load_or_compute(path, compute, run)
+    run.print(f"[ref] {name}: {'cached' if hit else 'computed'} reference logps of {len(pairs)} pairs in "
+              f"{time.time() - t0:.1f} s: {path}")  # fmt: skip
+    return logps, hit
 
 
 # ----------------------------------------------------------------------------------------------- one step
@@ -565,10 +533,8 @@ def main(args: Args):
         before = run_eval(model, eval_pairs, ref_eval, args, processor, run)
         results.update(preference_accuracy_before=before["eval/rewards/accuracies"],
                        logps_accuracy_before=before["eval/logps_accuracy"])  # fmt: skip
-        run.print(
-            f"[eval] held-out before training: reward accuracy {before['eval/rewards/accuracies']:.3f} (margin > 0;"
-            f" 0 when the policy is the reference), policy prefers chosen {before['eval/logps_accuracy']:.3f}"
-        )
+        run.print(f"[eval] held-out before training: reward accuracy {results['preference_accuracy_before']:.3f} "
+                  f"(margin > 0), policy prefers chosen {results['logps_accuracy_before']:.3f}")  # fmt: skip
         logger.log(before, 0)
 
     # ---- training loop ----
@@ -612,10 +578,8 @@ def main(args: Args):
     if eval_pairs and "eval/loss" in metrics:
         results.update(preference_accuracy_after=metrics["eval/rewards/accuracies"],
                        logps_accuracy_after=metrics["eval/logps_accuracy"])  # fmt: skip
-        run.print(
-            f"[eval] held-out after training: reward accuracy {results['preference_accuracy_after']:.3f}, "
-            f"policy prefers chosen {results['logps_accuracy_after']:.3f}"
-        )
+        run.print(f"[eval] held-out after training: reward accuracy {results['preference_accuracy_after']:.3f}, "
+                  f"policy prefers chosen {results['logps_accuracy_after']:.3f}")  # fmt: skip
 
     # ---- export and answer accuracy after training ----
     if args.export:
@@ -626,10 +590,8 @@ def main(args: Args):
         results["accuracy_after"] = answer_accuracy(
             model, processor, answer_items, run, max_new_tokens=args.max_new_tokens
         )
-        run.print(
-            f"[eval] held-out answer accuracy after training: {results['accuracy_after']:.3f}"
-            + (f" (before: {results['accuracy_before']:.3f})" if "accuracy_before" in results else "")
-        )
+        run.print(f"[eval] held-out answer accuracy after training: {results['accuracy_after']:.3f}"
+                  + (f" (before: {results['accuracy_before']:.3f})" if "accuracy_before" in results else ""))  # fmt: skip
     logger.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, float)}, step)
     return finish(run, logger, {"step": step, **results})
 

@@ -186,7 +186,8 @@ def main(args: Args):
         )
     total_steps = args.max_steps if args.max_steps > 0 else args.epochs * steps_per_epoch
     run.print(
-        f"[plan] model {args.model_path} | {stats['n_examples']} examples -> {len(items)} rows "
+        f"[plan] model {args.model_path}{' (VLM)' if processor.image_token_id is not None else ''} | "
+        f"{stats['n_examples']} examples -> {len(items)} rows "
         f"({'packed' if packing else 'padded'}, max {args.max_len} tokens) | eval {len(eval_items)} rows, "
         f"{len(answer_items)} answer prompts | {total_steps} steps x {global_rows} rows "
         f"({total_steps / steps_per_epoch:.2f} epochs) | world size {run.world_size} | {run.device} {run.dtype}"

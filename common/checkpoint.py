@@ -9,6 +9,8 @@ preemption mid-write never leaves a folder that resume or a later script would t
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
 import random
 import shutil
 from pathlib import Path
@@ -18,7 +20,7 @@ import torch.distributed as dist
 
 from common.models import model_config, resolve_model_path
 from common.run import Run, barrier, replace_dir
-from common.vision import VLMProcessor, load_vlm, save_vlm
+from common.vision import VLMProcessor, is_vlm, load_vlm, save_vlm
 
 
 def checkpoint_dirs(output_dir) -> list[Path]:
@@ -99,6 +101,39 @@ def save_if_due(run: Run, args, step: int, total_steps: int, model, optimizer, s
         if preempted:
             run.print(f"\n[signal] saved {path} at step {step}; exiting. Continue with --resume.")
     return preempted
+
+
+# ------------------------------------------------------------------------------------------------ disk caches
+def weights_identity(path: str) -> dict:
+    """What identifies a model's weights without reading them, for cache keys: its config (a composed VLM's
+    vlm_config.json too) and its weight files' names, sizes and modification times."""
+    resolved = str(path) if is_vlm(path) else resolve_model_path(path)
+    folder = Path(resolved)
+    if not folder.is_dir():
+        return {"hub_id": resolved}
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    config = b"".join((folder / n).read_bytes() for n in ("config.json", "vlm_config.json") if (folder / n).exists())
+    return {"path": str(folder.resolve()), "config_sha1": hashlib.sha1(config).hexdigest(),
+            "weights": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]}  # fmt: skip
+
+
+def load_or_compute(path, compute, run: Run):
+    """(value, hit): the torch.save file at `path` when every rank finds it, else compute() (on every rank: it may hold
+    collectives, so all ranks take the same branch) written by rank 0 to a temporary name and renamed (a reader never
+    sees half a file)."""
+    path = Path(path)
+    hit = torch.tensor(float(path.exists()))
+    if dist.is_initialized():
+        dist.all_reduce(hit, op=dist.ReduceOp.MIN)
+    if hit.item():
+        return torch.load(path), True
+    value = compute()
+    if run.main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        torch.save(value, tmp)
+        os.replace(tmp, path)
+    return value, False
 
 
 # ------------------------------------------------------------------------------------------------------ export

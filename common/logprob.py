@@ -1,32 +1,29 @@
 """Per-token log-probabilities without materialising the [tokens, vocab] logits.
 
-Every training script needs log p(target | prefix) for each token, and the naive way
-(`log_softmax(hidden @ W.T)` then gather) builds several N x V float32 tensors: at 16k tokens
-and a 49k vocab that is 3 GiB each. `fused_linear_logprobs` walks over chunks of tokens (and of
-the vocab) with an online log-sum-exp instead, keeping only [N] float32 statistics. Its backward
-recomputes each chunk's logits from the saved hidden states and per-token logsumexp, so memory
-stays flat in N at the cost of one extra matmul. No gradient work happens in forward, so a
-no-grad call (reference model, rollouts) costs no more than the naive one.
+Every training script needs log p(target | prefix) for each token, and the naive way (`log_softmax(hidden @ W.T)`
+then gather) builds several N x V float32 tensors: at 16k tokens and a 49k vocab that is 3 GiB each.
+`fused_linear_logprobs` walks over chunks of tokens (and of the vocab) with an online log-sum-exp instead, keeping only
+[N] float32 statistics. Its backward recomputes each chunk's logits from the saved hidden states and per-token
+logsumexp, so memory stays flat in N at the cost of one extra matmul. No gradient work happens in forward, so a no-grad
+call (reference model, rollouts) costs no more than the naive one.
 
     logits = (hidden @ weight.T + bias) / temperature            # never built in full
     logprob[i] = logits[i, targets[i]] - logsumexp(logits[i])    # 0 where targets == ignore_index
     entropy[i] = logsumexp(logits[i]) - sum_v p[i, v] * logits[i, v]
 
-Model helpers: `forward_hidden` runs a HF causal LM (plain, PEFT-wrapped or FSDP2-wrapped) up to
-its final norm, `lm_head_params` returns the output-embedding weight/bias, `sequence_logprobs`
-puts them together with the usual one-token shift.
+Model helpers: `forward_hidden` runs a HF causal LM (plain, PEFT-wrapped or FSDP2-wrapped) up to its final norm,
+`lm_head_params` returns the output-embedding weight/bias, `sequence_logprobs` puts them together with the usual
+one-token shift.
 
-How scripts arrange that the LM-head weight is unsharded under FSDP2 (`fully_shard` on each
-decoder layer, then on the root model): `forward_hidden` calls the *whole* model, so FSDP2's
-root pre-forward hook all-gathers the root's own parameters (embeddings, final norm, lm_head).
-FSDP2 never reshards the root after forward (torch 2.13 `FSDPState._lazy_init` sets the root's
-`post_forward_mesh_info = None` unless `reshard_after_forward` was passed explicitly to the
-root's `fully_shard`), so right after `forward_hidden`, `lm_head_params(model)` is the full
-unsharded tensor. Autograd writes its gradient into the unsharded parameter and FSDP2's
-post-backward reduce-scatters it like any other. So: do not pass `reshard_after_forward=True`
-to the root's `fully_shard`, and call `lm_head_params` after `forward_hidden`, in the same step
-(`lm_head_params` raises if it sees a sharded DTensor). tests/dist_logprob.py checks values and the
-reduced LM-head gradient against a single-process run.
+How scripts arrange that the LM-head weight is unsharded under FSDP2 (`fully_shard` on each decoder layer, then on the
+root model): `forward_hidden` calls the *whole* model, so FSDP2's root pre-forward hook all-gathers the root's own
+parameters (embeddings, final norm, lm_head). FSDP2 never reshards the root after forward (torch 2.13
+`FSDPState._lazy_init` sets the root's `post_forward_mesh_info = None` unless `reshard_after_forward` was passed
+explicitly to the root's `fully_shard`), so right after `forward_hidden`, `lm_head_params(model)` is the full unsharded
+tensor. Autograd writes its gradient into the unsharded parameter and FSDP2's post-backward reduce-scatters it like any
+other. So: do not pass `reshard_after_forward=True` to the root's `fully_shard`, and call `lm_head_params` after
+`forward_hidden`, in the same step (`lm_head_params` raises if it sees a sharded DTensor). tests/dist_logprob.py checks
+values and the reduced LM-head gradient against a single-process run.
 """
 
 import torch

@@ -1,10 +1,13 @@
 """VQA answer metrics of the vision scripts: VQA accuracy, ANLS, relaxed accuracy, multiple choice, exact match,
-counting.
+counting; a question's metrics by name (score), and their means by answer and question type (summarise, format_table).
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
+
+from common.easy_vqa import EASY_VQA_COLORS, EASY_VQA_SHAPES
 
 # --------------------------------------------------------------------------------------------- VQA metrics
 # Answer normalisation of the official VQA evaluation (vqaEval.py of github.com/GT-Vision-Lab/VQA, with the punctuation
@@ -161,3 +164,68 @@ def counting_accuracy(prediction: str, answer) -> float:
     TallyQA-style counting accuracy)."""
     target = _first_number(str(answer))
     return float(target is not None and _first_number(prediction) == target)
+
+
+# ------------------------------------------------------------------------------------------ summaries
+def answer_type(answers: list[str]) -> str:
+    """VQA v2's answer types: yes/no, number or other, from the most common normalised reference answer."""
+    top = Counter(vqa_normalize(a) for a in answers).most_common(1)[0][0]
+    return "yes/no" if top in ("yes", "no") else "number" if re.fullmatch(r"-?\d+(\.\d+)?", top) else "other"
+
+
+def easy_vqa_question_type(answer: str) -> str:
+    """easy-vqa asks three kinds of question, told apart by their answer: yes/no, a colour, or a shape."""
+    return (
+        "yes/no"
+        if answer in ("yes", "no")
+        else "color"
+        if answer in EASY_VQA_COLORS
+        else "shape"
+        if answer in EASY_VQA_SHAPES
+        else "other"
+    )
+
+
+def score(metric: str, prediction: str, record: dict) -> float:
+    """One question's score under one metric of common/metrics.py."""
+    if metric == "mc_accuracy":
+        return mc_accuracy(prediction, record["options"], record["answer_index"])
+    if metric == "counting_accuracy":
+        return counting_accuracy(prediction, Counter(record["answers"]).most_common(1)[0][0])
+    return {
+        "vqa_score": vqa_score,
+        "exact_match": exact_match,
+        "anls": anls,
+        "relaxed_correctness": relaxed_correctness,
+    }[metric](prediction, record["answers"])
+
+
+def summarise(rows: list[dict], metrics: list[str]) -> dict:
+    """Means of the per-question scores: overall, per answer type and (where rows have one) per question type."""
+
+    def means(group):
+        return {"n": len(group), **{m: sum(r["scores"][m] for r in group) / max(1, len(group)) for m in metrics}}
+
+    out = {"overall": means(rows)}
+    for key in ("answer_type", "question_type"):
+        types = sorted({r[key] for r in rows if key in r})
+        if types:
+            out[f"by_{key}"] = {t: means([r for r in rows if r.get(key) == t]) for t in types}
+    return out
+
+
+def format_table(summary: dict, metrics: list[str]) -> str:
+    """Rows = metrics; columns = all questions, then each answer type and each question type (n in the header)."""
+    columns = [("all", summary["overall"])] + [
+        (f"{'A' if key == 'by_answer_type' else 'Q'}:{t}", group)
+        for key in ("by_answer_type", "by_question_type")
+        for t, group in summary.get(key, {}).items()
+    ]
+    width = max(12, *(len(name) + 2 for name in metrics))
+    header = "metric".ljust(width) + "".join(
+        f"{name} (n={g['n']})".rjust(max(10, len(name) + 10)) for name, g in columns
+    )
+    lines = [header, "-" * len(header)]
+    for m in metrics:
+        lines.append(m.ljust(width) + "".join(f"{g[m]:.4f}".rjust(max(10, len(name) + 10)) for name, g in columns))
+    return "\n".join(lines) + "\n(A: answer type, Q: question type)"

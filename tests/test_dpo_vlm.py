@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import plain_greedy_accuracy, write_pref_records
+from conftest import plain_greedy_accuracy, tiny_qwen_vl_folder, write_pref_records
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -142,7 +142,7 @@ def test_reference_cache_reused_and_keyed_on_pixels(vlm_dir, tmp_path, capsys):
 
 
 def test_text_model_refuses_image_pairs(tiny_model_dir, prefs, tmp_path):
-    with pytest.raises(DataError, match=r"prefs_0\.jsonl:1: the pair holds an image but --model-path is a text model"):
+    with pytest.raises(DataError, match=r"prefs_0\.jsonl:1: the chat holds an image but --model-path is a text model"):
         dpo.main(
             dpo.Args(
                 model_path=tiny_model_dir,
@@ -158,8 +158,6 @@ def test_text_model_refuses_image_pairs(tiny_model_dir, prefs, tmp_path):
 def test_native_vlm_trains_unpacked_on_image_pairs(prefs, tmp_path, capsys):
     """Qwen2-VL computes its own M-RoPE positions (image_inputs sets position_ids=None): --packing falls back to padding,
     and the policy still equals the cached reference at step 0."""
-    from test_vision import tiny_qwen_vl_folder
-
     tiny_qwen_vl_folder(tmp_path / "qwen2_vl", "qwen2_vl")
     result = dpo.main(
         vlm_args(

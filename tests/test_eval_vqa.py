@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, read_jsonl, subprocess_env
+from conftest import ROOT, read_jsonl, subprocess_env, tiny_qwen_vl_folder
 
 import eval_vqa
 from common.data import DataError, load_records
@@ -193,8 +193,6 @@ def test_right_answers_score_one(yes_vlm, tmp_path):
 
 
 def test_native_qwen2_vl_batched_matches_single(tmp_path):
-    from test_vision import tiny_qwen_vl_folder
-
     tiny_qwen_vl_folder(tmp_path / "qwen", "qwen2_vl")
     _, one, _ = run(str(tmp_path / "qwen"), tmp_path / "b1", max_samples=6, batch_size=1)
     _, three, saved = run(str(tmp_path / "qwen"), tmp_path / "b3", max_samples=6, batch_size=3)

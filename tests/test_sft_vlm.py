@@ -143,7 +143,7 @@ def test_answer_accuracy_batches_left_padded_prompts_like_one_at_a_time(vlm_dir,
         saids.append(said)
         assert exact_match(said, record["answer"]) == (k % 2 == 0)
     assert len(set(saids)) == len(saids) and all(saids)
-    items = [(r["messages"][:-1], r["answer"]) for r in records]
+    items = [(r["messages"][:-1], r["answer"], r["_dir"]) for r in records]
     accuracy = answer_accuracy(
         model, processor, items, Run(0, 1, torch.device("cpu"), torch.float32), max_new_tokens=3, batch_size=4
     )
