@@ -54,7 +54,7 @@ from common.rewards import VERIFY_STATS, reward_functions, score_completions
 from common.rollout import (
     answer_accuracy,
     build_batch,
-    micro_batch,
+    micro_batches,
     prompt_records,
     render_prompt,
     sample_completions,
@@ -123,6 +123,9 @@ class Args:
     """optimizer steps per inner epoch: the rollout batch is split into this many mini-batches"""
     micro_batch_size: int = 16
     """completions per forward/backward per process (gradient accumulation inside a mini-batch)"""
+    max_tokens_per_micro_batch: int = 0
+    """token-budget micro-batches: completions (sorted by length) packed into one row of at most this many tokens per
+    forward/backward, instead of --micro-batch-size rows padded to the longest; 0: off"""
     estimator: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = "grpo"
     """advantage estimator (see group_advantages)"""
     variant: Literal["ppo", "gspo", "gmpo"] = "ppo"
@@ -411,9 +414,9 @@ def frozen_logps(model, ref_model, batch, prompts, processor, args, run, reuse):
     """No-grad passes over the rollout batch: the old policy's logps (only when a batch is reused for several optimizer
     steps: with one, they equal the current logps) and the reference's (only with --kl-coef > 0), [rows, L] each."""
     old_logps, ref_logps = torch.zeros(batch["input_ids"].shape), torch.zeros(batch["input_ids"].shape)
-    for i in range(0, len(prompts), args.micro_batch_size):
-        idx = torch.arange(i, min(i + args.micro_batch_size, len(prompts)))
-        mb, images = micro_batch(batch, idx, prompts, processor, run.device)
+    by_length = torch.argsort(batch["attention_mask"].sum(1))
+    for idx, mb, images in micro_batches(batch, by_length, prompts, processor, run, size=args.micro_batch_size,
+                                         max_tokens=args.max_tokens_per_micro_batch):  # fmt: skip
         width = mb["input_ids"].shape[1]
         for target, net in ((old_logps, model if reuse else None), (ref_logps, ref_model)):
             if net is not None:
@@ -550,9 +553,8 @@ def main(args: Args):
                 # losses are normalised by the token (or sequence) counts of the whole global mini-batch
                 n = all_reduce_sums({"tok": batch["response_mask"][mini].sum(),
                                      "seq": batch["response_mask"][mini].any(1).sum()}, run)  # fmt: skip
-                for i in range(0, len(mini), args.micro_batch_size):
-                    idx = mini[i : i + args.micro_batch_size]
-                    mb, images = micro_batch(batch, idx, rollout["prompt"], processor, run.device)
+                for idx, mb, images in micro_batches(batch, mini, rollout["prompt"], processor, run,
+                                                     size=args.micro_batch_size, max_tokens=args.max_tokens_per_micro_batch):  # fmt: skip
                     width, mask = mb["input_ids"].shape[1], mb["response_mask"]
                     with autocast:
                         logps, entropy = token_logps(model, mb, images, impl=args.logprob_impl,
@@ -561,10 +563,8 @@ def main(args: Args):
                     tis = None  # the sampler's own logps vs the training model's: logged, and TIS weights
                     if "rollout_logps" in mb:
                         if epoch == 0:
-                            sums |= {
-                                k: sums[k] + v
-                                for k, v in sampler_gap(old, mb["rollout_logps"], mask, args.tis_cap).items()
-                            }
+                            gap = sampler_gap(old, mb["rollout_logps"], mask, args.tis_cap)
+                            sums |= {k: sums[k] + v for k, v in gap.items()}
                         if args.tis_cap:
                             tis = tis_weights(old, mb["rollout_logps"], mask, args.tis_cap)
                     loss, stats = policy_loss(logps, old, mb["advantages"], mask, variant=args.variant,

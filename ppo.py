@@ -66,7 +66,7 @@ from common.rewards import reward_functions, score_completions
 from common.rollout import (
     answer_accuracy,
     build_batch,
-    micro_batch,
+    micro_batches,
     prompt_records,
     sample_completions,
     sampler_gap,
@@ -142,6 +142,9 @@ class Args:
     """optimizer steps per epoch: the rollout batch is split into this many mini-batches"""
     micro_batch_size: int = 8
     """sequences per forward/backward per process (gradient accumulation inside a mini-batch)"""
+    max_tokens_per_micro_batch: int = 0
+    """token-budget micro-batches: completions (sorted by length) packed into one row of at most this many tokens per
+    forward/backward, instead of --micro-batch-size rows padded to the longest; 0: off"""
     clip_low: float = 0.2
     """policy ratio clip below 1 (1 - clip_low)"""
     clip_high: float = 0.2
@@ -313,9 +316,9 @@ def frozen_pass(model, critic, ref_model, batch, prompts, processor, args, run):
     """No-grad pass over the rollout batch: the old policy's logps, the reference's (with --kl-coef > 0) and the
     critic's old values at every position, [rows, L] each (values zeroed outside the response)."""
     old_logps, ref_logps, old_values = (torch.zeros(batch["input_ids"].shape) for _ in range(3))
-    for i in range(0, len(prompts), args.micro_batch_size):
-        idx = torch.arange(i, min(i + args.micro_batch_size, len(prompts)))
-        mb, images = micro_batch(batch, idx, prompts, processor, run.device)
+    by_length = torch.argsort(batch["attention_mask"].sum(1))
+    for idx, mb, images in micro_batches(batch, by_length, prompts, processor, run, size=args.micro_batch_size,
+                                         max_tokens=args.max_tokens_per_micro_batch):  # fmt: skip
         width, kw = mb["input_ids"].shape[1], dict(impl=args.logprob_impl, temperature=args.temperature)
         with run.autocast(model):
             old_logps[idx, :width] = token_logps(model, mb, images, **kw).float().cpu()
@@ -504,8 +507,8 @@ def main(args: Args):
                 mini = perm[m * rows // args.mini_batches : (m + 1) * rows // args.mini_batches]
                 mini = mini[torch.argsort(batch["attention_mask"][mini].sum(1))]  # similar lengths share micro-batches
                 n_tok = all_reduce_sums({"tok": mask[mini].sum()}, run)["tok"]
-                for i in range(0, len(mini), args.micro_batch_size):
-                    mb, images = micro_batch(batch, mini[i : i + args.micro_batch_size], encoded, processor, run.device)
+                for _, mb, images in micro_batches(batch, mini, encoded, processor, run, size=args.micro_batch_size,
+                                                   max_tokens=args.max_tokens_per_micro_batch):  # fmt: skip
                     mb_mask = mb["response_mask"]
                     with autocast:
                         values = token_values(critic, mb, images)

@@ -24,7 +24,7 @@ from common.data import DataError, detect_format, has_images, load_mixture, to_m
 from common.logprob import sequence_logprobs
 from common.metrics import exact_match
 from common.rewards import answer_correct
-from common.run import to_device
+from common.run import all_reduce_sums, to_device
 
 
 # ------------------------------------------------------------------------------------------------------ prompts
@@ -250,12 +250,56 @@ def micro_batch(batch, rows, prompts, processor, device):
     return mb, to_device(images, device)
 
 
+def micro_batches(batch, rows, prompts, processor, run, *, size, max_tokens=0):
+    """(row indices, micro-batch, image inputs) for consecutive groups of `rows` (a mini-batch sorted by length, so
+    neighbours are alike): `size` rows padded to their longest; or, with max_tokens > 0, groups of at most max_tokens
+    real tokens, each run as one packed row (position_ids restarting per row, as SFT packs: no padding is computed;
+    mb["packed"], which token_logps and common.value.token_values read). The loss still sees the padded layout, so
+    its normalisation is unchanged. Every rank gets as many groups (FSDP2's forwards are collective): the greedy
+    packing's largest count over ranks, reached by halving a rank's largest groups. A native VLM (M-RoPE) pads."""
+    if not (max_tokens and processor.packable):
+        groups = [rows[i : i + size] for i in range(0, len(rows), size)]
+    else:
+        lengths, groups, used = batch["attention_mask"][rows].sum(1).tolist(), [[]], 0
+        for row, n in zip(rows.tolist(), lengths):
+            if groups[-1] and used + n > max_tokens:
+                groups.append([])
+                used = 0
+            groups[-1].append(row)
+            used += n
+        target = all_reduce_sums({"n": len(groups)}, run, op="max")["n"]
+        while len(groups) < target:
+            k = max(range(len(groups)), key=lambda i: len(groups[i]))
+            groups[k : k + 1] = [groups[k][: len(groups[k]) // 2], groups[k][len(groups[k]) // 2 :]]
+        groups = [torch.tensor(g) for g in groups]
+    for idx in groups:
+        mb, images = micro_batch(batch, idx, prompts, processor, run.device)
+        if max_tokens and processor.packable:
+            real = mb["attention_mask"].flatten().nonzero().squeeze(1)  # [N] positions of real tokens, row-major
+            mb["packed"] = {
+                "index": real,
+                **{k: mb[k].flatten()[real][None] for k in ("input_ids", "labels", "position_ids")},
+            }
+        yield idx, mb, images
+
+
+def unpack(values, mb):
+    """Per-token values of the packed row [1, N] back into the micro-batch's padded layout [B, W] (0 at padding)."""
+    out = values.new_zeros(mb["input_ids"].numel())
+    return out.index_copy(0, mb["packed"]["index"], values[0]).view(mb["input_ids"].shape)
+
+
 def token_logps(model, mb, images, *, impl="fused", temperature=1.0, entropy=False):
-    """log pi(completion tokens) [B, L] at the sampling temperature (and entropy [B, L]), via common/logprob.py.
-    images: the rows' image inputs (they may override position_ids, as Qwen-VL's do)."""
-    kwargs = {"position_ids": mb["position_ids"], "attention_mask": mb["attention_mask"], **images}
-    return sequence_logprobs(model, mb["input_ids"], mb["labels"], impl=impl, temperature=temperature,
-                             return_entropy=entropy, **kwargs)  # fmt: skip
+    """log pi(completion tokens) [B, L] at the sampling temperature (and entropy [B, L]), via common/logprob.py; from
+    one packed row when the micro-batch has one (micro_batches). images: the rows' image inputs (they may override
+    position_ids, as Qwen-VL's do)."""
+    rows = mb.get("packed", mb)
+    kwargs = {"position_ids": rows["position_ids"], "attention_mask": rows.get("attention_mask"), **images}
+    out = sequence_logprobs(model, rows["input_ids"], rows["labels"], impl=impl, temperature=temperature,
+                            return_entropy=entropy, **kwargs)  # fmt: skip
+    if "packed" not in mb:
+        return out
+    return tuple(unpack(x, mb) for x in out) if entropy else unpack(out, mb)
 
 
 # -------------------------------------------------------------------------------------- sampler vs trainer

@@ -143,12 +143,12 @@ def to_device(inputs: dict, device) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ metrics across ranks
-def all_reduce_sums(values: dict, run: Run) -> dict:
-    """{name: sum over ranks} of per-rank float sums (float64, one collective)."""
+def all_reduce_sums(values: dict, run: Run, op: str = "sum") -> dict:
+    """{name: sum (or op="max": maximum) over ranks} of per-rank floats (float64, one collective)."""
     if not dist.is_initialized():
         return {k: float(v) for k, v in values.items()}
     t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=run.device)
-    dist.all_reduce(t)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return dict(zip(values, t.tolist()))
 
 

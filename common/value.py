@@ -18,7 +18,7 @@ import torch
 from common.checkpoint import gather_unsharded
 from common.logprob import forward_hidden
 from common.models import load_model, load_processor, pick_attn_implementation, prepare_model, resolve_model_path
-from common.rollout import to_device
+from common.rollout import to_device, unpack
 from common.run import Run, replace_dir
 from common.vision import is_vlm, load_vlm, save_vlm
 
@@ -70,17 +70,23 @@ def load_value_model(path, *, device, zero_new_head=True, gradient_checkpointing
 
 
 def token_values(value_model, mb, image_inputs=None):
-    """[B, L] float32: the value head at every position. The model's own output pools one position per row, so the
-    head's per-token output is caught with a forward hook (calling the whole model keeps FSDP2's root hooks working).
-    image_inputs: a VLMCritic's image inputs for these rows (they may override position_ids)."""
-    captured = []
+    """[B, L] float32: the value head at every position (from one packed row when the micro-batch has one:
+    common/rollout.micro_batches). The model's own output pools one position per row, so the head's per-token output
+    is caught with a forward hook (calling the whole model keeps FSDP2's root hooks working). image_inputs: a
+    VLMCritic's image inputs for these rows (they may override position_ids)."""
+    captured, rows = [], mb.get("packed", mb)
     handle = value_model.score.register_forward_hook(lambda module, inputs, output: captured.append(output))
     try:
-        kwargs = {"attention_mask": mb["attention_mask"], "position_ids": mb["position_ids"], **(image_inputs or {})}
-        value_model(input_ids=mb["input_ids"], use_cache=False, **kwargs)
+        kwargs = {
+            "attention_mask": rows.get("attention_mask"),
+            "position_ids": rows["position_ids"],
+            **(image_inputs or {}),
+        }
+        value_model(input_ids=rows["input_ids"], use_cache=False, **kwargs)
     finally:
         handle.remove()
-    return captured[0].squeeze(-1).float()
+    values = captured[0].squeeze(-1).float()
+    return unpack(values, mb) if "packed" in mb else values
 
 
 def chat_scores(value_model, processor, chats, device):

@@ -440,3 +440,16 @@ def test_tis_cap_weights_the_loss_by_the_capped_sampler_ratio(tiny_model_dir, ar
     assert first["half"]["train/loss"] == pytest.approx(0.5 * first["off"]["train/loss"], rel=1e-4, abs=1e-7)
     assert first["half"]["rollout/tis_capped_fraction"] == 1.0
     assert first["off"]["train/loss"] != 0.0
+
+
+def test_token_budget_micro_batches_change_no_number(tiny_model_dir, arith_small, tmp_path):
+    """--max-tokens-per-micro-batch packs completions into rows of at most that many tokens; the losses (mu 2 x 2
+    mini-batches, so the old-logp pass and the reference pass are packed too) equal the padded micro-batches'."""
+    curves = {}
+    for name, budget in (("padded", 0), ("packed", 300)):
+        grpo.main(tiny_args(tiny_model_dir, arith_small, tmp_path / name, max_steps=2, mu=2, mini_batches=2,
+                            kl_coef=0.1, max_tokens_per_micro_batch=budget))  # fmt: skip
+        curves[name] = [(r["train/loss"], r["train/kl"], r["reward/mean"]) for r in read_metrics(tmp_path / name)]
+    assert len(curves["packed"]) == 2
+    for a, b in zip(curves["padded"], curves["packed"]):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)

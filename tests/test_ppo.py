@@ -323,3 +323,17 @@ def test_resume_is_exact(tiny_model_dir, arith_small, tmp_path, monkeypatch):
     for folder in ("model", "critic"):
         wa, wb = (load_file(tmp_path / run / folder / "model.safetensors") for run in ("straight", "resumed"))
         assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6, folder
+
+
+def test_token_budget_micro_batches_change_no_number(tiny_model_dir, arith_small, tmp_path):
+    """ppo.py --max-tokens-per-micro-batch: the actor's and the critic's losses equal the padded micro-batches'."""
+    curves = {}
+    for name, budget in (("padded", 0), ("packed", 300)):
+        ppo.main(
+            tiny_args(tiny_model_dir, arith_small, tmp_path / name, max_steps=2, max_tokens_per_micro_batch=budget)
+        )
+        rows = read_metrics(tmp_path / name)
+        curves[name] = [(r["train/policy_loss"], r["train/value_loss"], r["reward/mean"]) for r in rows]
+    assert len(curves["packed"]) == 2
+    for a, b in zip(curves["padded"], curves["packed"]):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)

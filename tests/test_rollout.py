@@ -15,7 +15,7 @@ from conftest import ROOT, subprocess_env
 
 from common.logprob import sequence_logprobs
 from common.models import load_model, load_processor
-from common.rollout import build_batch, generate, is_correct, sampler_gap, tis_weights
+from common.rollout import build_batch, generate, is_correct, micro_batches, sampler_gap, tis_weights, token_logps
 
 
 def test_build_batch_aligns_response_mask_with_logps():
@@ -128,3 +128,43 @@ def test_tis_weights_and_sampler_gap_by_hand():
     assert gap["gap_tokens"] == 5 and gap["tis_capped"] == 1
     assert gap["gap_abs"] == pytest.approx(sum(abs(d) for d in diffs))
     assert gap["gap_ratio"] == pytest.approx(sum(math.exp(d) for d in diffs))
+
+
+def test_token_budget_micro_batches_give_the_padded_loss_and_gradients(tiny_model_dir):
+    """Completions of skewed lengths: packing them into rows of at most 200 tokens (position_ids restarting per
+    completion) gives the loss, the gradients and the critic's values of 2-row padded micro-batches."""
+    from common.run import Run
+    from common.value import load_value_model, token_values
+
+    processor, model = load_processor(tiny_model_dir), load_model(tiny_model_dir)
+    critic, _ = load_value_model(tiny_model_dir, device="cpu")
+    torch.nn.init.normal_(critic.score.weight)  # a non-zero value head
+    prompts = [
+        processor([{"role": "user", "content": f"What is {k} + {k}?"}], add_generation_prompt=True) for k in range(6)
+    ]
+    completions = [list(range(100, 100 + n)) for n in (2, 30, 5, 60, 3, 12)]
+    batch = build_batch([p["input_ids"] for p in prompts], completions, processor.tokenizer.pad_token_id)
+    advantages = torch.randn(6, generator=torch.Generator().manual_seed(0))[:, None] * batch["response_mask"]
+    by_length = torch.argsort(batch["attention_mask"].sum(1))
+    run = Run(0, 1, torch.device("cpu"), torch.float32)
+
+    def loss_grads_values(max_tokens):
+        model.zero_grad()
+        total, values, n_groups = 0.0, torch.zeros(batch["input_ids"].shape), 0
+        for idx, mb, images in micro_batches(batch, by_length, prompts, processor, run, size=2, max_tokens=max_tokens):
+            width, n_groups = mb["input_ids"].shape[1], n_groups + 1
+            assert ("packed" in mb) == (max_tokens > 0)
+            assert not max_tokens or mb["packed"]["input_ids"].numel() == mb["attention_mask"].sum() <= max_tokens
+            logps = token_logps(model, mb, images)
+            loss = -(logps * advantages[idx, :width] * mb["response_mask"]).sum() / batch["response_mask"].sum()
+            loss.backward()
+            total += loss.item()
+            with torch.no_grad():
+                values[idx, :width] = token_values(critic, mb, images)
+        return total, [p.grad.clone() for p in model.parameters()], values * batch["response_mask"], n_groups
+
+    padded, packed = loss_grads_values(0), loss_grads_values(200)
+    assert padded[3] == 3 and packed[3] == 2  # 6 rows of 40-100 tokens (prompt + completion): in twos, or 2 packed
+    assert packed[0] == pytest.approx(padded[0], rel=1e-5, abs=1e-7) and padded[0] != 0.0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(packed[1], padded[1]))
+    assert torch.allclose(packed[2], padded[2], atol=1e-5) and packed[2].abs().sum() > 0
