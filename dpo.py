@@ -47,8 +47,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import fully_shard
 from tqdm import tqdm
 
 from common.chat import IGNORE, encode, epoch_batches, pack_collate, pack_examples, pad_collate
@@ -58,7 +57,17 @@ from common.data import DataError, detect_format, load_mixture, preference_messa
 from common.logprob import sequence_logprobs
 from common.models import cache_dir, describe, fsdp_blocks, load_model, load_processor
 from common.rollout import answer_accuracy
-from common.run import RunLogger, finish, lr_lambda, optimizer_step, setup
+from common.run import (
+    RunLogger,
+    fill_shards,
+    finish,
+    fsdp_options,
+    full_weights,
+    lr_lambda,
+    optimizer_step,
+    reshard,
+    setup,
+)
 from common.vision import param_groups
 
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "simpo", "orpo", "kto")
@@ -131,6 +140,9 @@ class Args:
     """compute dtype: auto (bf16 where the hardware has it), float32 or bfloat16; master weights stay float32"""
     gradient_checkpointing: bool = False
     """recompute activations in backward to save memory"""
+    cpu_offload: bool = False
+    """FSDP2's CPU offload: parameters, gradients and optimizer state stay on the CPU between uses (launch with torchrun;
+    --nproc_per_node=1 for one device)"""
     lora_r: int = 0
     """LoRA rank; 0 trains all weights"""
     lora_alpha: int = 16
@@ -338,22 +350,24 @@ def reference_cache_key(ref_path: str, pairs: list[dict], sides, max_len: int, d
 
 @torch.no_grad()
 def compute_logps(model, pairs, sides, args, processor, run) -> dict:
-    """{side: summed answer log-probs [N]} of every pair, no grad; ranks share the work and all-reduce (no FSDP2 yet:
-    the reference pass runs before sharding)."""
+    """{side: summed answer log-probs [N]} of every pair, no grad; ranks share the work and all-reduce. Every rank
+    runs as many forwards (FSDP2's are collective): one with nothing left scores a pair and drops it."""
     was_training = model.training
     model.eval()
     out = torch.zeros(len(sides), len(pairs), dtype=torch.float32, device=run.device)  # [sides, N]
     mine = list(range(run.rank, len(pairs), run.world_size))
-    for lo in tqdm(range(0, len(mine), args.batch_size), desc="reference logps", disable=not run.main, leave=False):
-        idx = mine[lo : lo + args.batch_size]
-        batch = collate_pairs(
-            [pairs[i] for i in idx], processor, packing=args.packing, max_len=args.max_len, sides=sides
-        )
+    n_batches = math.ceil(math.ceil(len(pairs) / run.world_size) / args.batch_size)
+    for b in tqdm(range(n_batches), desc="reference logps", disable=not run.main, leave=False):
+        idx = mine[b * args.batch_size : (b + 1) * args.batch_size]
+        batch = collate_pairs([pairs[i] for i in idx or [0]], processor, packing=args.packing, max_len=args.max_len,
+                              sides=sides)  # fmt: skip
         with run.autocast(model):
             sums, _ = sequence_logps(model, batch, args.logprob_impl)
-        out[:, idx] = sums.float().view(len(sides), len(idx))
+        if idx:
+            out[:, idx] = sums.float().view(len(sides), len(idx))
     if dist.is_initialized():
         dist.all_reduce(out)
+    reshard(model)
     model.train(was_training)
     return {side: out[k].cpu() for k, side in enumerate(sides)}
 
@@ -365,8 +379,15 @@ def reference_logps(args, name, pairs, sides, policy, processor, run):
 
     @torch.no_grad()
     def compute():
-        if args.ref_model:
-            return compute_logps(load_model(args.ref_model, device=run.device), pairs, sides, args, processor, run)
+        if args.ref_model:  # loaded, sharded like the policy, used once and dropped
+            ref = load_model(args.ref_model, device=run.device, dtype=run.dtype, meta=run.sharded and not run.main)
+            if run.sharded:
+                full, fsdp = full_weights(ref, run), fsdp_options(run, args.cpu_offload)
+                for block in fsdp_blocks(ref):
+                    fully_shard(block, **fsdp)
+                fully_shard(ref, **fsdp)
+                fill_shards(ref, full, run)
+            return compute_logps(ref, pairs, sides, args, processor, run)
         with policy.disable_adapter() if args.lora_r > 0 else contextlib.nullcontext():  # LoRA: no second model
             return compute_logps(policy, pairs, sides, args, processor, run)
 
@@ -458,7 +479,7 @@ TRAIN_KEYS = ("train/loss", "train/rewards/chosen", "train/rewards/rejected", "t
 def main(args: Args):
     if not 0.0 <= args.label_smoothing < 0.5:
         raise SystemExit(f"error: --label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
-    run = setup(args.seed, args.dtype)
+    run = setup(args.seed, args.dtype, args.cpu_offload)
     needs_ref = args.loss_type not in REFERENCE_FREE
     sides = ("chosen", "rejected", "kl") if args.loss_type == "kto" else ("chosen", "rejected")
 
@@ -501,10 +522,17 @@ def main(args: Args):
 
     # ---- model, reference logps (before any update and before FSDP2), answer accuracy before ----
     model = load_model(args.model_path, device=run.device, gradient_checkpointing=args.gradient_checkpointing,
-                       lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets)  # fmt: skip
+                       lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
+                       meta=run.sharded and not run.main)  # fmt: skip
+    if run.sharded:  # FSDP2: rank 0 read the weights, the other ranks built their model on the meta device
+        full, fsdp = full_weights(model, run), fsdp_options(run, args.cpu_offload)
+        for block in fsdp_blocks(model):  # decoder layers (and a VLM's vision blocks), then the root
+            fully_shard(block, **fsdp)
+        fully_shard(model, **fsdp)  # root: embeddings, final norm, LM head (a VLM's projector too)
+        fill_shards(model, full, run)  # rank 0's weights into every rank's shards
     results: dict = {"ref_cache_hit": {}}
     ref, ref_eval = {}, {}
-    if needs_ref:
+    if needs_ref:  # the reference pass: before any update
         ref, results["ref_cache_hit"]["train"] = reference_logps(args, "train", pairs, sides, model, processor, run)
         if eval_pairs:
             ref_eval, results["ref_cache_hit"]["eval"] = reference_logps(args, "eval", eval_pairs, sides, model,
@@ -514,12 +542,6 @@ def main(args: Args):
             model, processor, answer_items, run, max_new_tokens=args.max_new_tokens
         )
         run.print(f"[eval] held-out answer accuracy before training: {results['accuracy_before']:.3f}")
-    if run.world_size > 1:
-        mesh = init_device_mesh(run.device.type, (run.world_size,))
-        mp = MixedPrecisionPolicy(param_dtype=run.dtype, reduce_dtype=torch.float32)
-        for block in fsdp_blocks(model):  # decoder layers (and a VLM's vision blocks), then the root
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)  # root: embeddings, final norm, LM head (a VLM's projector too)
     # one lr per part of a VLM (projector, vision, LM; lr 0 freezes a part); a text model is all LM
     groups = param_groups(model, args.lr, args.lr_projector, args.lr_vision, args.lr_lm, args.weight_decay)
     trainable = [p for p in model.parameters() if p.requires_grad]

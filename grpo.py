@@ -13,7 +13,7 @@ Launch:
     python grpo.py --estimator dr_grpo --agg seq-mean-token-sum-norm --no-dynamic-sampling  # Dr.GRPO
     python grpo.py --clip-high 0.28 --overlong-buffer 32 --mask-truncated --max-resample 3   # DAPO
     python grpo.py --variant gspo --clip-low 3e-4 --clip-high 4e-4 --agg seq-mean-token-mean  # GSPO
-    python grpo.py --reward-fn my_rewards.py:score --reward-url http://host:8000/score      # your own rewards
+    python grpo.py --rewards math my_rewards.py:score --reward-url http://host:8000/score  # your own rewards
     python grpo.py --model-path Qwen/Qwen2.5-0.5B-Instruct --dataset my.jsonl --vllm    # 1 GPU (bf16 picked automatically)
     torchrun --nproc_per_node=8 grpo.py --model-path Qwen/Qwen2.5-1.5B-Instruct --dataset my.jsonl   # N GPUs, FSDP2
 
@@ -23,18 +23,21 @@ Where this departs from TRL's GRPOTrainer / the papers:
   * Old-policy logps are recomputed with the training model (no grad) when a rollout batch is used for more than one
     optimizer step; with a single step (mu=1, one mini-batch) they equal the current logps, so the detached current
     logps are used and the extra forward is skipped (ratio = 1 exactly, as in TRL and verl).
-  * KL is off by default (as in DAPO and Dr.GRPO); the reference model is loaded only when --kl-coef > 0.
+  * KL is off by default (as in DAPO and Dr.GRPO); the reference model is loaded only when --kl-coef > 0, kept in the
+    compute dtype, and with LoRA it is no second model: the policy with its adapters disabled (as dpo.py does).
   * DAPO's dynamic sampling is on by default: groups whose G rewards are all equal carry no gradient, and on a task the
     SFT model half solves a third to a half of them are. With few prompts per step, Adam turns the noise of a small
     batch into steps as large as signal ones: 8 prompts x G=8 at lr 2e-5 lowered held-out accuracy, 16 x 8 at 1e-5
     raised it (README).
-  * Rollouts use Hugging Face `generate` on the training model itself. Under FSDP2 every rank runs it with
-    `synced_gpus=True`, so all ranks make the same number of forward calls (each one all-gathers the sharded layers)
-    until every rank has finished; no unsharded copy is made. --vllm is an optional, untested-without-GPU path.
+  * Rollouts use Hugging Face `generate` on the training model itself. Under FSDP2 every rank all-gathers the
+    sharded layers once and decodes with the full weights (--no-unshard-for-generation: `synced_gpus=True`, all ranks
+    make the same number of forward calls, no unsharded copy). --vllm samples with a colocated vLLM engine instead
+    (docs/vllm.md), synced with the policy's weights (LoRA merged) before every rollout phase.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -43,8 +46,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from tqdm import tqdm
 
 from common.checkpoint import export_model, resume, save_if_due
@@ -63,7 +65,19 @@ from common.rollout import (
     tis_weights,
     token_logps,
 )
-from common.run import RunLogger, all_gather_cat, all_reduce_sums, derive_seed, finish, lr_lambda, optimizer_step, setup
+from common.run import (
+    RunLogger,
+    all_gather_cat,
+    all_reduce_sums,
+    derive_seed,
+    fill_shards,
+    finish,
+    fsdp_options,
+    full_weights,
+    lr_lambda,
+    optimizer_step,
+    setup,
+)
 from common.vision import ComposedVLM, param_groups
 from common.vllm_engine import fsdp_named_tensors, sleep_engine, sync_weights
 
@@ -171,6 +185,17 @@ class Args:
     """compute dtype: auto (bf16 where the hardware has it), float32 or bfloat16; master weights stay float32"""
     gradient_checkpointing: bool = False
     """recompute activations in backward to save memory"""
+    cpu_offload: bool = False
+    """FSDP2's CPU offload: parameters, gradients and optimizer state stay on the CPU between uses (launch with torchrun;
+    --nproc_per_node=1 for one device)"""
+    lora_r: int = 0
+    """LoRA rank; 0 trains all weights. With LoRA the reference is the policy with its adapters off (no second model)"""
+    lora_alpha: int = 16
+    """LoRA scaling numerator"""
+    lora_targets: tuple[str, ...] | None = None
+    """module names LoRA wraps; default depends on the architecture (all attention and MLP projections for Llama)"""
+    merge: bool = True
+    """with LoRA: also export the merged model to <output-dir>/model (the adapter always goes to <output-dir>/model/adapter)"""
     logprob_impl: Literal["fused", "naive"] = "fused"
     """fused: chunked kernel that never builds the logits; naive: log_softmax over full logits"""
     eval_samples: int = 200
@@ -412,15 +437,18 @@ def sample_groups(model, processor, items, reward_fns, weights, args, run, step,
 @torch.no_grad()
 def frozen_logps(model, ref_model, batch, prompts, processor, args, run, reuse):
     """No-grad passes over the rollout batch: the old policy's logps (only when a batch is reused for several optimizer
-    steps: with one, they equal the current logps) and the reference's (only with --kl-coef > 0), [rows, L] each."""
+    steps: with one, they equal the current logps) and the reference's (only with --kl-coef > 0; with LoRA the
+    reference is the policy with its adapters disabled), [rows, L] each."""
     old_logps, ref_logps = torch.zeros(batch["input_ids"].shape), torch.zeros(batch["input_ids"].shape)
     by_length = torch.argsort(batch["attention_mask"].sum(1))
+    lora_ref = args.kl_coef > 0 and args.lora_r > 0
     for idx, mb, images in micro_batches(batch, by_length, prompts, processor, run, size=args.micro_batch_size,
                                          max_tokens=args.max_tokens_per_micro_batch):  # fmt: skip
         width = mb["input_ids"].shape[1]
-        for target, net in ((old_logps, model if reuse else None), (ref_logps, ref_model)):
+        for target, net, adapters_off in ((old_logps, model if reuse else None, False),
+                                          (ref_logps, model if lora_ref else ref_model, lora_ref)):  # fmt: skip
             if net is not None:
-                with run.autocast(net):
+                with run.autocast(net), net.disable_adapter() if adapters_off else contextlib.nullcontext():
                     logps = token_logps(net, mb, images, impl=args.logprob_impl, temperature=args.temperature)
                 target[idx, :width] = logps.float().cpu()
     return old_logps, ref_logps
@@ -428,7 +456,7 @@ def frozen_logps(model, ref_model, batch, prompts, processor, args, run, reuse):
 
 # ======================================================================================================== main
 def main(args: Args):
-    run = setup(args.seed, args.dtype)
+    run = setup(args.seed, args.dtype, args.cpu_offload)
 
     # ---- prompts, reward functions, plan ----
     if args.prompts_per_step % run.world_size:
@@ -466,26 +494,31 @@ def main(args: Args):
         run.print(f"[plan] {describe(args.model_path)}; dry run, exiting")
         return None
 
-    # ---- models: policy (and reference when KL is on), accuracy before, FSDP2, optimizer ----
-    model = load_model(args.model_path, device=run.device, gradient_checkpointing=args.gradient_checkpointing)
-    ref_model = None
-    if args.kl_coef > 0:
-        ref_model = load_model(args.model_path, device=run.device).eval().requires_grad_(False)
+    # ---- models: policy (and reference when KL is on), FSDP2, accuracy before, optimizer ----
+    meta = run.sharded and not run.main  # FSDP2: rank 0 reads the weights, the other ranks build on the meta device
+    model = load_model(args.model_path, device=run.device, gradient_checkpointing=args.gradient_checkpointing, meta=meta,
+                       lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets)  # fmt: skip
+    ref_model = None  # never trained: kept in the compute dtype; with LoRA, the policy with its adapters off
+    if args.kl_coef > 0 and args.lora_r == 0:
+        ref_model = (
+            load_model(args.model_path, device=run.device, dtype=run.dtype, meta=meta).eval().requires_grad_(False)
+        )
+    if run.sharded:
+        fsdp = fsdp_options(run, args.cpu_offload)
+        for m in [model] + ([ref_model] if ref_model is not None else []):
+            full = full_weights(m, run)
+            for block in fsdp_blocks(m):  # decoder layers (and a VLM's vision blocks), then the root
+                fully_shard(block, **fsdp)
+            fully_shard(m, **fsdp)  # root: embeddings, final norm, LM head (a VLM's projector too)
+            fill_shards(m, full, run)  # rank 0's weights into every rank's shards
+            if isinstance(m, ComposedVLM) or hasattr(m, "peft_config"):  # generate bypasses the root's forward: make
+                register_fsdp_forward_method(m, "generate")  # it gather the root's weights (embeddings, head) too
+        del full
     results = {}
     if eval_items and not args.resume:
-        results["accuracy_before"] = answer_accuracy(
-            model, processor, eval_items, run, max_new_tokens=args.max_new_tokens
-        )
+        results["accuracy_before"] = answer_accuracy(model, processor, eval_items, run, max_new_tokens=args.max_new_tokens,
+                                                     gather=args.unshard_for_generation)  # fmt: skip
         run.print(f"[eval] held-out answer accuracy before training: {results['accuracy_before']:.3f}")
-    if run.world_size > 1:
-        mesh = init_device_mesh(run.device.type, (run.world_size,))
-        mp = MixedPrecisionPolicy(param_dtype=run.dtype, reduce_dtype=torch.float32)
-        for m in [model] + ([ref_model] if ref_model is not None else []):
-            for block in fsdp_blocks(m):  # decoder layers (and a VLM's vision blocks), then the root
-                fully_shard(block, mesh=mesh, mp_policy=mp)
-            fully_shard(m, mesh=mesh, mp_policy=mp)  # root: embeddings, final norm, LM head (a VLM's projector too)
-            if isinstance(m, ComposedVLM):  # its generate bypasses forward: make it gather the root's weights too
-                register_fsdp_forward_method(m, "generate")
     # one lr per part of a VLM (projector, vision, LM; lr 0 freezes a part); a text model is all LM
     groups = param_groups(model, args.lr, args.lr_projector, args.lr_vision, None, args.weight_decay)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -571,7 +604,7 @@ def main(args: Args):
                                               clip_low=args.clip_low, clip_high=args.clip_high, dual_clip=args.dual_clip,
                                               agg=args.agg, n_tokens=n["tok"], n_seqs=n["seq"],
                                               norm_len=args.max_new_tokens, token_weights=tis)  # fmt: skip
-                    if ref_model is not None:
+                    if args.kl_coef > 0:
                         kl_tok = kl_penalty(logps, ref_logps[idx, :width].to(run.device), args.kl_estimator) * mask
                         loss = loss + args.kl_coef * aggregate(kl_tok, mask, args.agg, n_tokens=n["tok"],
                                                                n_seqs=n["seq"], norm_len=args.max_new_tokens)  # fmt: skip
@@ -615,7 +648,8 @@ def main(args: Args):
 
     # ---- export and answer accuracy after training ----
     if args.export:
-        out = export_model(model, processor, Path(args.output_dir) / "model", run, base_path=args.model_path)
+        out = export_model(model, processor, Path(args.output_dir) / "model", run, base_path=args.model_path,
+                           merge=args.merge)  # fmt: skip
         run.print(f"[export] {out}")
     if eval_items:
         results["accuracy_after"] = answer_accuracy(model, processor, eval_items, run, max_new_tokens=args.max_new_tokens,

@@ -41,6 +41,8 @@ Where this departs from the textbook / TRL's PPOTrainer / OpenRLHF:
   * A VLM's critic is a second copy of the VLM plus a zero linear head on its final hidden states (common/value.py's
     VLMCritic), so values see the image; it trains at --critic-lr throughout (--lr-projector/--lr-vision set the
     actor's lrs only).
+  * The reference and the reward model never train: they are kept in the compute dtype. With --lora-r the actor and
+    the critic train adapters (the critic's value head fully) and the reference is the actor with its adapters off.
   * Rollouts come from common/rollout.py (Hugging Face `generate`, the full weights gathered once per call under
     FSDP2) or, with --vllm, a colocated vLLM engine.
 """
@@ -55,8 +57,7 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from tqdm import tqdm
 
 from common.checkpoint import export_model, resume, save_if_due
@@ -79,7 +80,10 @@ from common.run import (
     all_reduce_sums,
     clip_grad_norm,
     derive_seed,
+    fill_shards,
     finish,
+    fsdp_options,
+    full_weights,
     lr_lambda,
     optimizer_step,
     setup,
@@ -184,6 +188,18 @@ class Args:
     """compute dtype: auto (bf16 where the hardware has it), float32 or bfloat16; master weights stay float32"""
     gradient_checkpointing: bool = False
     """recompute activations in backward to save memory (actor and critic)"""
+    cpu_offload: bool = False
+    """FSDP2's CPU offload: parameters, gradients and optimizer state stay on the CPU between uses (launch with torchrun;
+    --nproc_per_node=1 for one device)"""
+    lora_r: int = 0
+    """LoRA rank of the actor and the critic (the critic's value head trains fully); 0 trains all weights. With LoRA the
+    reference is the actor with its adapters off (no second model)"""
+    lora_alpha: int = 16
+    """LoRA scaling numerator"""
+    lora_targets: tuple[str, ...] | None = None
+    """module names LoRA wraps; default depends on the architecture (all attention and MLP projections for Llama)"""
+    merge: bool = True
+    """with LoRA: also export the merged actor to <output-dir>/model (the adapter always goes to <output-dir>/model/adapter)"""
     logprob_impl: Literal["fused", "naive"] = "fused"
     """fused: chunked kernel that never builds the logits; naive: log_softmax over full logits"""
     eval_samples: int = 100
@@ -313,8 +329,9 @@ def adaptive_kl_coef(coef, kl, target, n_samples, horizon):
 # ======================================================================================================= one step
 @torch.no_grad()
 def frozen_pass(model, critic, ref_model, batch, prompts, processor, args, run):
-    """No-grad pass over the rollout batch: the old policy's logps, the reference's (with --kl-coef > 0) and the
-    critic's old values at every position, [rows, L] each (values zeroed outside the response)."""
+    """No-grad pass over the rollout batch: the old policy's logps, the reference's (with --kl-coef > 0; with LoRA the
+    actor with its adapters disabled) and the critic's old values at every position, [rows, L] each (values zeroed
+    outside the response)."""
     old_logps, ref_logps, old_values = (torch.zeros(batch["input_ids"].shape) for _ in range(3))
     by_length = torch.argsort(batch["attention_mask"].sum(1))
     for idx, mb, images in micro_batches(batch, by_length, prompts, processor, run, size=args.micro_batch_size,
@@ -325,6 +342,9 @@ def frozen_pass(model, critic, ref_model, batch, prompts, processor, args, run):
             old_values[idx, :width] = token_values(critic, mb, images).cpu()
             if ref_model is not None:
                 ref_logps[idx, :width] = token_logps(ref_model, mb, images, **kw).float().cpu()
+            elif args.kl_coef > 0:  # LoRA
+                with model.disable_adapter():
+                    ref_logps[idx, :width] = token_logps(model, mb, images, **kw).float().cpu()
     return old_logps, ref_logps, old_values * batch["response_mask"]
 
 
@@ -377,7 +397,7 @@ def check_args(args: Args, world_size: int) -> int:
 
 
 def main(args: Args):
-    run = setup(args.seed, args.dtype)
+    run = setup(args.seed, args.dtype, args.cpu_offload)
     rows = check_args(args, run.world_size)  # completions per process per step
 
     # ---- prompts, rewards, plan ----
@@ -403,32 +423,39 @@ def main(args: Args):
         run.print(f"[plan] {describe(args.model_path)}; dry run, exiting")
         return None
 
-    # ---- models: actor, critic, reference, reward model; accuracy before; FSDP2 ----
-    model = load_model(args.model_path, device=run.device, gradient_checkpointing=args.gradient_checkpointing)
+    # ---- models: actor, critic, reference, reward model; FSDP2; accuracy before ----
+    meta = run.sharded and not run.main  # FSDP2: rank 0 reads the weights, the other ranks build on the meta device
+    lora = dict(lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets)
+    model = load_model(args.model_path, device=run.device, gradient_checkpointing=args.gradient_checkpointing, meta=meta,
+                       **lora)  # fmt: skip
     critic, _ = load_value_model(args.critic_path or args.model_path, device=run.device,
-                                 gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
-    ref_model = None
-    if args.kl_coef > 0:
-        ref_model = load_model(args.model_path, device=run.device).eval().requires_grad_(False)
+                                 gradient_checkpointing=args.gradient_checkpointing, meta=meta, **lora)  # fmt: skip
+    ref_model = None  # never trained: kept in the compute dtype; with LoRA, the actor with its adapters off
+    if args.kl_coef > 0 and args.lora_r == 0:
+        ref_model = (
+            load_model(args.model_path, device=run.device, dtype=run.dtype, meta=meta).eval().requires_grad_(False)
+        )
     reward_model = rm_processor = None
     if args.reward_model:
-        reward_model, rm_processor = load_value_model(args.reward_model, device=run.device, zero_new_head=False)
+        reward_model, rm_processor = load_value_model(args.reward_model, device=run.device, zero_new_head=False,
+                                                      dtype=run.dtype, meta=meta)  # fmt: skip
         reward_model.eval().requires_grad_(False)
+    if run.sharded:
+        fsdp = fsdp_options(run, args.cpu_offload)
+        for m in [m for m in (model, critic, ref_model, reward_model) if m is not None]:
+            full = full_weights(m, run)
+            for block in fsdp_blocks(m):  # decoder layers (and a VLM's vision blocks), then the root
+                fully_shard(block, **fsdp)
+            fully_shard(m, **fsdp)  # root: embeddings, final norm, heads (a VLM's projector too)
+            fill_shards(m, full, run)  # rank 0's weights into every rank's shards
+            if isinstance(m, ComposedVLM) or hasattr(m, "peft_config"):  # generate bypasses the root's forward: make
+                register_fsdp_forward_method(m, "generate")  # it gather the root's weights (embeddings, head) too
+        del full
     results = {}
     if eval_items and not args.resume:
-        results["accuracy_before"] = answer_accuracy(
-            model, processor, eval_items, run, max_new_tokens=args.max_new_tokens
-        )
+        results["accuracy_before"] = answer_accuracy(model, processor, eval_items, run, max_new_tokens=args.max_new_tokens,
+                                                     gather=args.unshard_for_generation)  # fmt: skip
         run.print(f"[eval] held-out answer accuracy before training: {results['accuracy_before']:.3f}")
-    if run.world_size > 1:
-        mesh = init_device_mesh(run.device.type, (run.world_size,))
-        mp = MixedPrecisionPolicy(param_dtype=run.dtype, reduce_dtype=torch.float32)
-        for m in [m for m in (model, critic, ref_model, reward_model) if m is not None]:
-            for block in fsdp_blocks(m):  # decoder layers (and a VLM's vision blocks), then the root
-                fully_shard(block, mesh=mesh, mp_policy=mp)
-            fully_shard(m, mesh=mesh, mp_policy=mp)  # root: embeddings, final norm, heads (a VLM's projector too)
-            if isinstance(m, ComposedVLM):  # its generate bypasses forward: make it gather the root's weights too
-                register_fsdp_forward_method(m, "generate")
     # One module, one optimizer (a parameter group per model), so save_checkpoint/resume cover both exactly; the KL
     # coefficient rides along as a buffer (the adaptive controller changes it).
     state = torch.nn.ModuleDict({"actor": model, "critic": critic})
@@ -485,7 +512,7 @@ def main(args: Args):
         if args.tis_cap:
             batch["tis"] = tis_weights(old_logps, batch["rollout_logps"], mask, args.tis_cap)
         kl_coef = float(state.kl_coef)
-        kl_tok = kl_penalty(old_logps, ref_logps, args.kl_estimator) * mask if ref_model is not None else 0 * old_logps
+        kl_tok = kl_penalty(old_logps, ref_logps, args.kl_estimator) * mask if args.kl_coef > 0 else 0 * old_logps
         token_rewards = -kl_coef * kl_tok  # [rows, L]
         last = (mask * torch.arange(mask.shape[1])).argmax(1)  # [rows]: each row's last response position
         token_rewards[torch.arange(rows), last] += scores
@@ -555,7 +582,7 @@ def main(args: Args):
                         "time/step_s": t_end - t0})  # fmt: skip
         if train_actor:
             metrics["train/actor_grad_norm"] = sum(actor_norms) / len(actor_norms)
-        if args.kl_target is not None and ref_model is not None:
+        if args.kl_target is not None and args.kl_coef > 0:
             n = float(args.prompts_per_step)
             state.kl_coef.fill_(adaptive_kl_coef(kl_coef, totals["kl"] / n, args.kl_target, n, args.kl_horizon))
         logger.log(metrics, step)
@@ -568,7 +595,7 @@ def main(args: Args):
     # ---- export and answer accuracy after training ----
     if args.export:
         out = Path(args.output_dir)
-        export_model(model, processor, out / "model", run, base_path=args.model_path)
+        export_model(model, processor, out / "model", run, base_path=args.model_path, merge=args.merge)
         export_value_model(critic, processor, out / "critic", run, base_path=args.critic_path or args.model_path)
         run.print(f"[export] {out / 'model'} (policy), {out / 'critic'} (critic)")
     if eval_items:

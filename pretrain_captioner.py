@@ -47,8 +47,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from tqdm import tqdm
 
 from common.chat import IGNORE, collate, epoch_batches, heldout_nll, pack_examples
@@ -60,7 +59,18 @@ from common.logprob import sequence_logprobs
 from common.metrics import exact_match, vqa_normalize
 from common.models import build_vlm, fsdp_blocks
 from common.rollout import generate
-from common.run import RunLogger, all_reduce_sums, finish, lr_lambda, optimizer_step, setup, to_device
+from common.run import (
+    RunLogger,
+    all_reduce_sums,
+    fill_shards,
+    finish,
+    fsdp_options,
+    full_weights,
+    lr_lambda,
+    optimizer_step,
+    setup,
+    to_device,
+)
 from common.vision import ComposedVLM, is_vlm, load_vlm, param_groups
 
 
@@ -128,6 +138,9 @@ class Args:
     """gradient clipping threshold (0 disables)"""
     dtype: str = "auto"
     """compute dtype: auto (bf16 where the hardware has it), float32 or bfloat16; master weights stay float32"""
+    cpu_offload: bool = False
+    """FSDP2's CPU offload: parameters, gradients and optimizer state stay on the CPU between uses (launch with torchrun;
+    --nproc_per_node=1 for one device)"""
     logprob_impl: Literal["fused", "naive"] = "fused"
     """fused: chunked kernel that never builds the logits; naive: log_softmax over full logits, for comparison"""
     eval_every: int = 100
@@ -213,12 +226,13 @@ def caption_accuracy(model, processor, prompts, references, max_new_tokens, run,
             "samples": list(zip(texts[:3], refs[:3]))}  # fmt: skip
 
 
-def build_model(args, device):
-    """(model, processor): the VLM folder in --model-path, or --model-path's LM composed with --vision-encoder."""
+def build_model(args, device, meta=False):
+    """(model, processor): the VLM folder in --model-path, or --model-path's LM composed with --vision-encoder (on the
+    meta device with meta=True: FSDP2's sharded loading)."""
     if is_vlm(args.model_path):
-        return load_vlm(args.model_path, dtype=torch.float32, device=device)
+        return load_vlm(args.model_path, dtype=torch.float32, device=device, meta=meta)
     return build_vlm(args.model_path, args.vision_encoder, image_size=args.image_size, projector=args.projector,
-                     pixel_shuffle=args.pixel_shuffle, dtype=torch.float32, device=device, seed=args.seed)  # fmt: skip
+                     pixel_shuffle=args.pixel_shuffle, dtype=torch.float32, device=device, seed=args.seed, meta=meta)  # fmt: skip
 
 
 def freeze_unused_vision_params(model) -> list[str]:
@@ -257,12 +271,12 @@ def evaluate(model, eval_items, captions, processor, packing, args, run) -> dict
 
 
 def main(args: Args):
-    run = setup(args.seed, args.dtype)
+    run = setup(args.seed, args.dtype, args.cpu_offload)
 
     # ---- data and model: read and check the records first, then preprocess every image and caption once, pack ----
     records = load_caption_records(args.dataset, args.seed)
     eval_records = load_caption_records(args.eval_dataset, args.seed) if args.eval_dataset else []
-    model, processor = build_model(args, run.device)
+    model, processor = build_model(args, run.device, meta=run.sharded and not run.main)
     packing = args.packing and processor.packable
     examples = caption_examples(records, processor, args.max_len, args.overlong)
     eval_examples = caption_examples(eval_records[: args.eval_size], processor, args.max_len, "truncate")
@@ -297,12 +311,12 @@ def main(args: Args):
         return None
 
     # ---- FSDP2: each encoder and LM block, then the root (embeddings, projector, norms, LM head); optimizer ----
-    if run.world_size > 1:
-        mesh = init_device_mesh(run.device.type, (run.world_size,))
-        mp = MixedPrecisionPolicy(param_dtype=run.dtype, reduce_dtype=torch.float32)
-        for block in fsdp_blocks(model):
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
+    if run.sharded:  # FSDP2: rank 0 built the weights, the other ranks their model on the meta device
+        full, fsdp = full_weights(model, run), fsdp_options(run, args.cpu_offload)
+        for block in fsdp_blocks(model):  # the encoder's and the LM's blocks, then the root
+            fully_shard(block, **fsdp)
+        fully_shard(model, **fsdp)  # root: embeddings, projector, norms, LM head
+        fill_shards(model, full, run)  # rank 0's weights into every rank's shards
         if isinstance(model, ComposedVLM):  # its generate bypasses forward: make it gather the root's weights too
             register_fsdp_forward_method(model, "generate")
         # sharding replaced the parameters; frozen parts stay frozen (requires_grad was set before)

@@ -35,15 +35,25 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import fully_shard
 from tqdm import tqdm
 
 from common.checkpoint import resume, save_if_due
 from common.cli import cli
 from common.data import DataError, detect_format, has_images, load_mixture, preference_messages
 from common.models import describe, fsdp_blocks, load_processor
-from common.run import RunLogger, all_reduce_sums, derive_seed, finish, lr_lambda, optimizer_step, setup
+from common.run import (
+    RunLogger,
+    all_reduce_sums,
+    derive_seed,
+    fill_shards,
+    finish,
+    fsdp_options,
+    full_weights,
+    lr_lambda,
+    optimizer_step,
+    setup,
+)
 from common.value import chat_scores, export_value_model, load_value_model, score_chats
 from common.vision import is_vlm
 
@@ -86,6 +96,9 @@ class Args:
     """compute dtype: auto (bf16 where the hardware has it), float32 or bfloat16; master weights stay float32"""
     gradient_checkpointing: bool = False
     """recompute activations in backward to save memory"""
+    cpu_offload: bool = False
+    """FSDP2's CPU offload: parameters, gradients and optimizer state stay on the CPU between uses (launch with torchrun;
+    --nproc_per_node=1 for one device)"""
     eval_samples: int = 100
     """held-out pairs (the first N) scored before and after training (0 disables)"""
     eval_every: int = 0
@@ -151,7 +164,7 @@ def pair_accuracy(model, processor, pairs, args, run) -> float:
 
 
 def main(args: Args):
-    run = setup(args.seed, args.dtype)
+    run = setup(args.seed, args.dtype, args.cpu_offload)
     if args.pairs_per_step % run.world_size:
         raise SystemExit(
             f"error: --pairs-per-step {args.pairs_per_step} must be a multiple of the {run.world_size} processes"
@@ -175,13 +188,13 @@ def main(args: Args):
 
     # ---- model, FSDP2, optimizer ----
     model, _ = load_value_model(args.model_path, device=run.device, zero_new_head=False,
-                                gradient_checkpointing=args.gradient_checkpointing)  # fmt: skip
-    if run.world_size > 1:
-        mesh = init_device_mesh(run.device.type, (run.world_size,))
-        mp = MixedPrecisionPolicy(param_dtype=run.dtype, reduce_dtype=torch.float32)
+                                gradient_checkpointing=args.gradient_checkpointing, meta=run.sharded and not run.main)  # fmt: skip
+    if run.sharded:  # FSDP2: rank 0 read the weights, the other ranks built their model on the meta device
+        full, fsdp = full_weights(model, run), fsdp_options(run, args.cpu_offload)
         for block in fsdp_blocks(model):  # decoder layers (and a VLM's vision blocks), then the root
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)  # root: embeddings, final norm, the score head
+            fully_shard(block, **fsdp)
+        fully_shard(model, **fsdp)  # root: embeddings, final norm, the score head
+        fill_shards(model, full, run)  # rank 0's weights into every rank's shards
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, args.warmup_steps, args.max_steps))

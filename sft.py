@@ -39,8 +39,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import fully_shard
 from tqdm import tqdm
 
 from common.chat import IGNORE, build_sft_examples, collate, epoch_batches, heldout_nll, pack_examples
@@ -50,7 +49,18 @@ from common.data import load_mixture, to_messages
 from common.logprob import sequence_logprobs
 from common.models import describe, fsdp_blocks, load_model, load_processor
 from common.rollout import answer_accuracy
-from common.run import RunLogger, all_reduce_sums, finish, lr_lambda, optimizer_step, setup, to_device
+from common.run import (
+    RunLogger,
+    all_reduce_sums,
+    fill_shards,
+    finish,
+    fsdp_options,
+    full_weights,
+    lr_lambda,
+    optimizer_step,
+    setup,
+    to_device,
+)
 from common.vision import param_groups
 
 
@@ -112,6 +122,9 @@ class Args:
     """compute dtype: auto (bf16 where the hardware has it), float32 or bfloat16; master weights stay float32"""
     gradient_checkpointing: bool = False
     """recompute activations in backward to save memory"""
+    cpu_offload: bool = False
+    """FSDP2's CPU offload: parameters, gradients and optimizer state stay on the CPU between uses (launch with torchrun;
+    --nproc_per_node=1 for one device)"""
     lora_r: int = 0
     """LoRA rank; 0 trains all weights"""
     lora_alpha: int = 16
@@ -152,7 +165,7 @@ def n_real_tokens(item) -> int:
 
 
 def main(args: Args):
-    run = setup(args.seed, args.dtype)
+    run = setup(args.seed, args.dtype, args.cpu_offload)
 
     # ---- data: the processor tokenises (a VLM's also reads the images), then rows are packed (or padded) ----
     processor = load_processor(args.model_path)
@@ -198,19 +211,20 @@ def main(args: Args):
 
     # ---- model, answer accuracy before training, FSDP2, optimizer ----
     model = load_model(args.model_path, device=run.device, gradient_checkpointing=args.gradient_checkpointing,
-                       lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets)  # fmt: skip
+                       lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
+                       meta=run.sharded and not run.main)  # fmt: skip
+    if run.sharded:  # FSDP2: rank 0 read the weights, the other ranks built their model on the meta device
+        full, fsdp = full_weights(model, run), fsdp_options(run, args.cpu_offload)
+        for block in fsdp_blocks(model):  # decoder layers (and a VLM's vision blocks), then the root
+            fully_shard(block, **fsdp)
+        fully_shard(model, **fsdp)  # root: embeddings, final norm, LM head (a VLM's projector too)
+        fill_shards(model, full, run)  # rank 0's weights into every rank's shards
     results = {}
     if answer_items and not args.resume:
         results["accuracy_before"] = answer_accuracy(
             model, processor, answer_items, run, max_new_tokens=args.max_new_tokens
         )
         run.print(f"[eval] held-out answer accuracy before training: {results['accuracy_before']:.3f}")
-    if run.world_size > 1:
-        mesh = init_device_mesh(run.device.type, (run.world_size,))
-        mp = MixedPrecisionPolicy(param_dtype=run.dtype, reduce_dtype=torch.float32)
-        for block in fsdp_blocks(model):  # decoder layers (and a VLM's vision blocks), then the root
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)  # root: embeddings, final norm, LM head (a VLM's projector too)
     # one lr per part of a VLM (projector, vision, LM; lr 0 freezes a part); a text model is all LM
     groups = param_groups(model, args.lr, args.lr_projector, args.lr_vision, args.lr_lm, args.weight_decay)
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from common.models import model_config, resolve_model_path
-from common.run import Run, barrier, replace_dir
+from common.run import Run, barrier, replace_dir, reshard
 from common.vision import VLMProcessor, is_vlm, load_vlm, save_vlm
 
 
@@ -38,6 +38,7 @@ def save_checkpoint(output_dir, step, model, optimizer, scheduler, rank, keep) -
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     barrier()
+    reshard(model)  # an eval just before may have left the root gathered
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))  # each rank writes its shards
     rng = {

@@ -17,6 +17,7 @@ holds its quantizer reference, so the conversion detaches it first.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -192,18 +193,20 @@ def load_model(
     lora_dropout: float = 0.0,
     lora_targets: list[str] | None = None,
     gguf_file: str | None = None,
+    meta: bool = False,
 ):
     """The model to train or score, a causal LM or a VLM folder. Parameters are kept in `dtype` (float32 master weights
     by default; the scripts compute in bf16 through autocast or FSDP2's mixed precision). Gradient checkpointing covers
     a composed VLM's LM layers (its small encoder's activations are cheap to keep) or the model's own layers; `lora_r > 0`
-    wraps a text LM in a PEFT LoRA model."""
-    from transformers import AutoModelForCausalLM
+    wraps a text LM in a PEFT LoRA model. meta=True builds it on the meta device without reading the weights (FSDP2's
+    sharded loading: every rank but 0 does; common/run.fill_shards then fills each rank's shards from rank 0's)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if is_vlm(path):
         if lora_r > 0:
             raise SystemExit("error: --lora-r is for text models; a VLM trains full weights (per-module lrs: "
                              "--lr-projector, --lr-vision, --lr-lm)")  # fmt: skip
-        model, _ = load_vlm(path, dtype=dtype, device=device)
+        model, _ = load_vlm(path, dtype=dtype, device=device, meta=meta)
         if gradient_checkpointing:
             prepare_model(
                 model.language_model if isinstance(model, ComposedVLM) else model, gradient_checkpointing=True
@@ -211,6 +214,12 @@ def load_model(
         return model
     resolved = resolve_model_path(path, gguf_file)
     attn = attn_implementation or pick_attn_implementation(device)
+    if meta:
+        with torch.device("meta"):  # LoRA's adapters too: rank 0's initialisation reaches every rank
+            model = AutoModelForCausalLM.from_config(
+                AutoConfig.from_pretrained(resolved), dtype=dtype, attn_implementation=attn
+            )
+            return prepare_model(model, gradient_checkpointing, lora_r, lora_alpha, lora_dropout, lora_targets)
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, attn_implementation=attn)
     except OSError as e:
@@ -241,6 +250,7 @@ def fsdp_blocks(model) -> list[torch.nn.Module]:
     a VLM's vision-encoder blocks (the first ModuleList under a vision/visual module: SigLIP/CLIP encoder.layers,
     DINOv2 encoder.layer, Qwen-VL visual.blocks), looking through a VLM critic's `vlm` and a value model's trunk."""
     inner = getattr(model, "vlm", model)
+    inner = inner.get_base_model() if hasattr(inner, "peft_config") else inner  # LoRA: the wrapped model
     trunk = getattr(inner, "base_model", None)  # a sequence-classification model's transformer
     decoder = trunk if hasattr(trunk, "layers") else inner.get_decoder()
     vision = [
@@ -249,7 +259,8 @@ def fsdp_blocks(model) -> list[torch.nn.Module]:
     return [*decoder.layers, *(vision[0] if vision else [])]
 
 
-def prepare_model(model, gradient_checkpointing=False, lora_r=0, lora_alpha=16, lora_dropout=0.0, lora_targets=None):
+def prepare_model(model, gradient_checkpointing=False, lora_r=0, lora_alpha=16, lora_dropout=0.0, lora_targets=None,
+                  task="CAUSAL_LM"):  # fmt: skip
     model.config.use_cache = False  # training forwards: a KV cache would break packed-sequence isolation
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -258,7 +269,7 @@ def prepare_model(model, gradient_checkpointing=False, lora_r=0, lora_alpha=16, 
 
         targets = list(lora_targets) if lora_targets else LORA_TARGETS.get(model.config.model_type, "all-linear")
         config = LoraConfig(
-            r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets, task_type="CAUSAL_LM"
+            r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets, task_type=task
         )
         model = get_peft_model(model, config)
         if gradient_checkpointing:
@@ -326,13 +337,14 @@ def build_vlm(
     dtype=torch.float32,
     device="cpu",
     seed=0,
+    meta=False,
 ):
     """(ComposedVLM, VLMProcessor) from a causal LM (anything load_model loads) and a vision encoder: a preset in
     common/vision.py's ENCODER_PRESETS (random init) or a local SigLIP / CLIP / DINOv2 folder (pretrained; its own
-    image size); the tokenizer gains the <image> placeholder token."""
+    image size); the tokenizer gains the <image> placeholder token. meta=True: on the meta device, no weights read."""
     from transformers import AutoConfig, AutoModel, CLIPVisionModel, Dinov2Model, SiglipVisionModel
 
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), torch.device("meta") if meta else contextlib.nullcontext():
         torch.manual_seed(seed)
         if encoder in ENCODER_PRESETS:
             model_type, sizes = ENCODER_PRESETS[encoder]
@@ -343,7 +355,8 @@ def build_vlm(
             classes = {"siglip": SiglipVisionModel, "clip": CLIPVisionModel, "dinov2": Dinov2Model}
             if family not in classes:
                 raise ValueError(f"encoder {encoder}: model type {family!r} is not one of {', '.join(classes)}")
-            vision = classes[family].from_pretrained(encoder)
+            vision = classes[family].from_config(AutoConfig.from_pretrained(encoder)) if meta else \
+                classes[family].from_pretrained(encoder)  # fmt: skip
             pre = Path(encoder, "preprocessor_config.json")
             pre = json.loads(pre.read_text()) if pre.exists() else {}
             mean, std = pre.get("image_mean", MEAN_STD[family][0]), pre.get("image_std", MEAN_STD[family][1])
@@ -351,7 +364,7 @@ def build_vlm(
             raise ValueError(
                 f"encoder must be one of {', '.join(ENCODER_PRESETS)} or a local encoder folder, got {encoder!r}"
             )
-        lm = load_model(lm_path, dtype=dtype, device=device)
+        lm = load_model(lm_path, dtype=dtype, device=device, meta=meta)
         tokenizer = load_tokenizer(lm_path)
         tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
         lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -360,4 +373,4 @@ def build_vlm(
     tokens_per_image = (grid // (pool * pixel_shuffle)) ** 2
     model = ComposedVLM(vision, proj, lm, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), tokens_per_image)
     processor = VLMProcessor(tokenizer, vision.config.image_size, mean, std, tokens_per_image)
-    return model.to(device=device, dtype=dtype), processor
+    return model.to(dtype=dtype) if meta else model.to(device=device, dtype=dtype), processor

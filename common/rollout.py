@@ -24,7 +24,7 @@ from common.data import DataError, detect_format, has_images, load_mixture, to_m
 from common.logprob import sequence_logprobs
 from common.metrics import exact_match
 from common.rewards import answer_correct
-from common.run import all_reduce_sums, to_device
+from common.run import all_reduce_sums, reshard, to_device
 
 
 # ------------------------------------------------------------------------------------------------------ prompts
@@ -357,4 +357,5 @@ def answer_accuracy(model, processor, items, run, *, max_new_tokens, gather=True
         total = torch.tensor(float(correct), device=run.device)
         dist.all_reduce(total)
         correct = total.item()
+    reshard(model)
     return correct / max(1, len(items))

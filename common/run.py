@@ -45,6 +45,7 @@ class Run:
     device: torch.device
     dtype: torch.dtype
     signals: list = field(default_factory=list)
+    sharded: bool = False  # launched by torchrun: the models are FSDP2-sharded (with one process too)
 
     @property
     def main(self) -> bool:
@@ -86,20 +87,24 @@ def pick_dtype(name: str, device: str | torch.device) -> torch.dtype:
     return dtypes[name]
 
 
-def setup(seed: int, dtype: str) -> Run:
-    """Joins the torchrun process group (gloo on CPU, NCCL on GPU), picks the device and compute dtype, seeds Python
-    and torch, and installs the preemption handler: SIGTERM/SIGUSR1 (what clusters send before they kill a job) only
-    set a flag, and the loop saves a checkpoint at the end of the step and exits (save_if_due)."""
+def setup(seed: int, dtype: str, cpu_offload: bool = False) -> Run:
+    """Joins the torchrun process group (gloo on CPU, NCCL on GPU; under torchrun the models are FSDP2-sharded, with
+    one process too), picks the device and compute dtype, seeds Python and torch, and installs the preemption handler:
+    SIGTERM/SIGUSR1 (what clusters send before they kill a job) only set a flag, and the loop saves a checkpoint at
+    the end of the step and exits (save_if_due)."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
+    sharded = world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+    if cpu_offload and not sharded:
+        raise SystemExit("error: --cpu-offload is FSDP2's: launch with torchrun (--nproc_per_node=1 for one device)")
+    if sharded and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     random.seed(seed)
     torch.manual_seed(seed)
-    run = Run(rank, world_size, device, pick_dtype(dtype, device))
+    run = Run(rank, world_size, device, pick_dtype(dtype, device), sharded=sharded)
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, lambda signum, frame: run.signals.append(signum))
     return run
@@ -142,7 +147,50 @@ def to_device(inputs: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
 
+# --------------------------------------------------------------------------------------------------- FSDP2
+def fsdp_options(run: Run, cpu_offload: bool = False) -> dict:
+    """fully_shard's keyword arguments, the same in every script: a 1-D mesh over the processes, mixed precision
+    (parameters gathered in the compute dtype, gradients reduced in float32) and, with cpu_offload, parameters,
+    gradients and optimizer state kept on the CPU between uses (FSDP2's CPUOffloadPolicy)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
+
+    offload = CPUOffloadPolicy(pin_memory=run.device.type == "cuda") if cpu_offload else OffloadPolicy()
+    return dict(mesh=init_device_mesh(run.device.type, (run.world_size,)), offload_policy=offload,
+                mp_policy=MixedPrecisionPolicy(param_dtype=run.dtype, reduce_dtype=torch.float32))  # fmt: skip
+
+
+def full_weights(model, run: Run):
+    """Rank 0's full state dict, taken before sharding (it keeps the full tensors alive until fill_shards has put them
+    in every rank's shards); None elsewhere: the other ranks built their model on the meta device (no weights read)."""
+    return model.state_dict() if run.main else None
+
+
+def fill_shards(model, full_state, run: Run):
+    """After fully_shard: the ranks whose model was built on the meta device allocate their shards, and every rank's
+    shards are filled from rank 0's full state dict (set_model_state_dict with broadcast_from_rank0), so no rank but
+    rank 0 ever holds the full model; buffers (a rotary embedding's inverse frequencies, not in the state dict) too."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if any((p.to_local() if hasattr(p, "to_local") else p).is_meta for p in model.parameters()):
+        model.to_empty(device=run.device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    set_model_state_dict(model, full_state if run.main else {}, options=options)
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
 # ------------------------------------------------------------------------------------------ metrics across ranks
+def reshard(model):
+    """FSDP2 keeps the root's parameters (embeddings, final norm, LM head) gathered after a forward without a
+    backward (an eval, a generate, a reference pass): a state dict or an optimizer built then would see the gathered
+    tensors instead of the shards. Every no-grad pass over a sharded model ends here."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.reshard()
+
+
 def all_reduce_sums(values: dict, run: Run, op: str = "sum") -> dict:
     """{name: sum (or op="max": maximum) over ranks} of per-rank floats (float64, one collective)."""
     if not dist.is_initialized():

@@ -9,6 +9,7 @@ hidden states, saved as a save_vlm folder with value_head.safetensors beside the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
 from pathlib import Path
@@ -42,31 +43,44 @@ class VLMCritic(torch.nn.Module):
         return self.score(hidden)  # [B, L, 1]
 
 
-def load_value_model(path, *, device, zero_new_head=True, gradient_checkpointing=False):
+def load_value_model(path, *, device, zero_new_head=True, gradient_checkpointing=False, dtype=torch.float32, meta=False,
+                     lora_r=0, lora_alpha=16, lora_targets=None):  # fmt: skip
     """(value model, processor) of a folder: a VLM folder gives a VLMCritic (its value_head.safetensors when it has
     one: an exported critic or reward model); a causal-LM folder a sequence-classification model with a new head
-    (zeroed with zero_new_head: a critic's values start at 0); a sequence-classification folder keeps its head."""
+    (zeroed with zero_new_head: a critic's values start at 0); a sequence-classification folder keeps its head.
+    meta=True: on the meta device, no weights read (FSDP2's sharded loading, common/run.fill_shards). lora_r > 0: a
+    text value model trains LoRA adapters and its whole value head."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers import logging as hf_logging
 
     processor = load_processor(path)
     if is_vlm(path):
-        critic = VLMCritic(load_model(path, device=device, gradient_checkpointing=gradient_checkpointing)).to(device)
-        if (Path(str(path)) / HEAD_FILE).exists():
+        vlm = load_model(path, device=device, dtype=dtype, gradient_checkpointing=gradient_checkpointing, meta=meta,
+                         lora_r=lora_r)  # fmt: skip
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            critic = VLMCritic(vlm).to(dtype=dtype)
+        if not meta and (Path(str(path)) / HEAD_FILE).exists():
             critic.score.weight.data.copy_(load_file(str(Path(str(path)) / HEAD_FILE))["weight"])
-        return critic, processor
+        return critic if meta else critic.to(device), processor
     resolved = resolve_model_path(path)
-    architectures = AutoConfig.from_pretrained(resolved).architectures or []
+    config = AutoConfig.from_pretrained(resolved, num_labels=1)
+    new_head = not any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected here
-    model = AutoModelForSequenceClassification.from_pretrained(
-        resolved, num_labels=1, dtype=torch.float32, attn_implementation=pick_attn_implementation(device))  # fmt: skip
-    hf_logging.set_verbosity(verbosity)
-    model.config.pad_token_id = processor.tokenizer.pad_token_id
-    if zero_new_head and not any(a.endswith("ForSequenceClassification") for a in architectures):
-        torch.nn.init.zeros_(model.score.weight)
-    return prepare_model(model.to(device), gradient_checkpointing), processor
+    attn = pick_attn_implementation(device)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        if meta:
+            model = AutoModelForSequenceClassification.from_config(config, dtype=dtype, attn_implementation=attn)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(resolved, config=config, dtype=dtype,
+                                                                       attn_implementation=attn).to(device)  # fmt: skip
+        hf_logging.set_verbosity(verbosity)
+        model.config.pad_token_id = processor.tokenizer.pad_token_id
+        if not meta and zero_new_head and new_head:
+            torch.nn.init.zeros_(model.score.weight)
+        model = prepare_model(model, gradient_checkpointing, lora_r, lora_alpha, 0.0, lora_targets, task="SEQ_CLS")
+    return model, processor
 
 
 def token_values(value_model, mb, image_inputs=None):
@@ -141,7 +155,15 @@ def export_value_model(model, processor, out, run: Run, *, base_path: str) -> Pa
         plain = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
     out, tmp = Path(out), Path(f"{out}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    plain.load_state_dict(full_sd, assign=True)
+    lora = getattr(model, "peft_config", {}).get("default")
+    if lora is not None:  # LoRA: saved merged (the value head is a full copy PEFT trained beside the original)
+        from peft import get_peft_model
+
+        plain = get_peft_model(plain, copy.deepcopy(lora))
+        plain.load_state_dict(full_sd, assign=True)
+        plain = plain.merge_and_unload()
+    else:
+        plain.load_state_dict(full_sd, assign=True)
     plain.tie_weights()
     plain.save_pretrained(tmp)
     processor.tokenizer.save_pretrained(tmp)

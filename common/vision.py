@@ -16,6 +16,7 @@ common.data.pad_collate / pack_collate and add `processor.image_inputs(examples,
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import math
@@ -398,22 +399,32 @@ def load_vlm_processor(path):
                         cfg["image_token"])  # fmt: skip
 
 
-def load_vlm(path, *, dtype=torch.float32, device="cpu"):
-    """(model, processor) from a save_vlm folder or a native HF VLM folder; processors share one call signature."""
+def load_vlm(path, *, dtype=torch.float32, device="cpu", meta=False):
+    """(model, processor) from a save_vlm folder or a native HF VLM folder; processors share one call signature.
+    meta=True builds the model on the meta device without reading its weights (FSDP2's sharded loading: rank 0 reads
+    them, common/run.fill_shards hands each rank its shards)."""
     from safetensors.torch import load_model as load_safetensors
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     processor = load_vlm_processor(path)
     path = Path(str(path)).expanduser()
     if not (path / CONFIG_FILE).exists():
+        if meta:
+            with torch.device("meta"):
+                return AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path), dtype=dtype), processor
         return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device), processor
     cfg = json.loads((path / CONFIG_FILE).read_text())
-    vision = AutoModel.from_config(CONFIG_MAPPING[cfg["encoder"]["model_type"]].from_dict(cfg["encoder"]))
-    lm_config = CONFIG_MAPPING[cfg["language_model"]["model_type"]].from_dict(cfg["language_model"])
-    lm = AutoModelForCausalLM.from_config(lm_config, attn_implementation="sdpa")
-    lm.config.use_cache = False
-    model = ComposedVLM(vision, Projector(**cfg["projector"]), lm, processor.image_token_id, cfg["tokens_per_image"])
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        vision = AutoModel.from_config(CONFIG_MAPPING[cfg["encoder"]["model_type"]].from_dict(cfg["encoder"]))
+        lm_config = CONFIG_MAPPING[cfg["language_model"]["model_type"]].from_dict(cfg["language_model"])
+        lm = AutoModelForCausalLM.from_config(lm_config, attn_implementation="sdpa")
+        lm.config.use_cache = False
+        model = ComposedVLM(
+            vision, Projector(**cfg["projector"]), lm, processor.image_token_id, cfg["tokens_per_image"]
+        )
+    if meta:
+        return model.to(dtype=dtype), processor
     load_safetensors(model, str(path / "model.safetensors"))
     return model.to(device=device, dtype=dtype), processor
 
