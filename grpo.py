@@ -52,7 +52,7 @@ from tqdm import tqdm
 from common.checkpoint import export_model, resume, save_if_due
 from common.cli import cli
 from common.models import describe, fsdp_blocks, load_model, load_processor
-from common.rewards import VERIFY_STATS, reward_functions, score_completions
+from common.rewards import VERIFY_OUTCOMES, VERIFY_STATS, reward_functions, score_completions
 from common.rollout import (
     answer_accuracy,
     build_batch,
@@ -628,8 +628,8 @@ def main(args: Args):
                                   **{f"{name}_sum": v for name, v in zip(reward_names, per_fn.sum(0).tolist())},
                                   **{f"{name}_sq": v for name, v in zip(reward_names, per_fn.square().sum(0).tolist())},
                                   **{f"{name}_failures": v for name, v in zip(reward_names, failures)},
-                                  **{f"verify_{k}": VERIFY_STATS[k] - verify_before.get(k, 0) for k in VERIFY_STATS
-                                     if k != "verified"}}, run)  # fmt: skip
+                                  **{f"verify_{k}": VERIFY_STATS[k] - verify_before.get(k, 0)
+                                     for k in VERIFY_OUTCOMES[1:]}}, run)  # fmt: skip
         metrics = step_metrics(totals, reward_names, run.world_size * rows, len(grad_norms), args)
         metrics.update({"train/grad_norm": sum(grad_norms) / len(grad_norms), "train/lr": scheduler.get_last_lr()[0],
                         "time/rollout_share": t_rollout / (t_end - t0), "time/step_s": t_end - t0,
@@ -687,7 +687,7 @@ def step_metrics(totals, reward_names, n, n_updates, args) -> dict:
         metrics[f"reward/{name}_failures"] = totals[f"{name}_failures"]
     if "math" in reward_names:
         metrics["train/accuracy"] = metrics["reward/math_mean"]
-    metrics |= {f"reward/math_verify_{k[7:]}": v for k, v in totals.items() if k.startswith("verify_")}
+    metrics |= {f"reward/math_verify_{k[7:]}": v for k, v in totals.items() if k.startswith("verify_") and v}
     return metrics
 
 

@@ -91,9 +91,8 @@ def accuracy(completions: list[str], answers: list[str]) -> float:
 # Every reward function takes (completions, prompts, answers) lists of equal length (prompts are chat message lists or
 # strings, answers may be None) plus keyword extras, and returns one float per completion. `safe_rewards` calls them so
 # that an exception or a non-finite value costs that sample its reward (0.0) and a count, never the training run.
-VERIFY_STATS: Counter = (
-    Counter()
-)  # math_verify_correct outcomes: "verified", "no_parse", "error", "timeout", "missing_lib"
+VERIFY_STATS: Counter = Counter()  # math_verify_correct's outcomes, counted by name:
+VERIFY_OUTCOMES = ("verified", "no_parse", "error", "timeout", "missing_lib")  # fixed: ranks all-reduce them in order
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 

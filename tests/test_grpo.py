@@ -453,3 +453,24 @@ def test_token_budget_micro_batches_change_no_number(tiny_model_dir, arith_small
     assert len(curves["packed"]) == 2
     for a, b in zip(curves["padded"], curves["packed"]):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+
+
+def test_all_reduced_names_do_not_depend_on_what_a_rank_saw(tiny_model_dir, arith_small, tmp_path, monkeypatch):
+    """Ranks all-reduce their step totals as one vector, in name order: a name only some ranks have (a math-verify
+    outcome one rank met, say) shifts every value after it and desynchronises the collectives (it crashed 2-rank runs
+    on SmolLM2-135M). Here a run that starts with verifier counts left over must reduce exactly the same names."""
+    from common.rewards import VERIFY_STATS
+
+    calls = []
+
+    def recording(values, run, op="sum"):
+        calls[-1].append(list(values))
+        return {k: float(v) for k, v in values.items()}
+
+    monkeypatch.setattr(grpo, "all_reduce_sums", recording)
+    for name, leftover in (("clean", {}), ("leftover", {"timeout": 3, "error": 1})):
+        VERIFY_STATS.clear()
+        VERIFY_STATS.update(leftover)
+        calls.append([])
+        grpo.main(tiny_args(tiny_model_dir, arith_small, tmp_path / name, max_steps=1, rewards=("math",)))
+    assert calls[0] == calls[1] and any("verify_timeout" in names for names in calls[0])
