@@ -499,14 +499,12 @@ def main(args: Args):
     model = load_model(args.model_path, device=run.device, gradient_checkpointing=args.gradient_checkpointing, meta=meta,
                        lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets)  # fmt: skip
     ref_model = None  # never trained: kept in the compute dtype; with LoRA, the policy with its adapters off
-    if args.kl_coef > 0 and args.lora_r == 0:
-        ref_model = (
-            load_model(args.model_path, device=run.device, dtype=run.dtype, meta=meta).eval().requires_grad_(False)
-        )
-    if run.sharded:
-        fsdp = fsdp_options(run, args.cpu_offload)
+    if args.kl_coef > 0 and args.lora_r == 0:  # FSDP2: built on the meta device, filled from the policy's weights
+        ref_model = load_model(args.model_path, device=run.device, dtype=run.dtype, meta=run.sharded)
+        ref_model.eval().requires_grad_(False)
+    if run.sharded:  # rank 0 holds one full copy (the policy's state dict) until every model's shards are filled
+        fsdp, full = fsdp_options(run, args.cpu_offload), full_weights(model, run)
         for m in [model] + ([ref_model] if ref_model is not None else []):
-            full = full_weights(m, run)
             for block in fsdp_blocks(m):  # decoder layers (and a VLM's vision blocks), then the root
                 fully_shard(block, **fsdp)
             fully_shard(m, **fsdp)  # root: embeddings, final norm, LM head (a VLM's projector too)

@@ -431,26 +431,25 @@ def main(args: Args):
     critic, _ = load_value_model(args.critic_path or args.model_path, device=run.device,
                                  gradient_checkpointing=args.gradient_checkpointing, meta=meta, **lora)  # fmt: skip
     ref_model = None  # never trained: kept in the compute dtype; with LoRA, the actor with its adapters off
-    if args.kl_coef > 0 and args.lora_r == 0:
-        ref_model = (
-            load_model(args.model_path, device=run.device, dtype=run.dtype, meta=meta).eval().requires_grad_(False)
-        )
+    if args.kl_coef > 0 and args.lora_r == 0:  # FSDP2: built on the meta device, filled from the actor's weights
+        ref_model = load_model(args.model_path, device=run.device, dtype=run.dtype, meta=run.sharded)
+        ref_model.eval().requires_grad_(False)
     reward_model = rm_processor = None
     if args.reward_model:
         reward_model, rm_processor = load_value_model(args.reward_model, device=run.device, zero_new_head=False,
                                                       dtype=run.dtype, meta=meta)  # fmt: skip
         reward_model.eval().requires_grad_(False)
     if run.sharded:
-        fsdp = fsdp_options(run, args.cpu_offload)
+        fsdp, actor_full = fsdp_options(run, args.cpu_offload), full_weights(model, run)
         for m in [m for m in (model, critic, ref_model, reward_model) if m is not None]:
-            full = full_weights(m, run)
+            full = actor_full if m is ref_model else full_weights(m, run)  # the reference starts as the actor
             for block in fsdp_blocks(m):  # decoder layers (and a VLM's vision blocks), then the root
                 fully_shard(block, **fsdp)
             fully_shard(m, **fsdp)  # root: embeddings, final norm, heads (a VLM's projector too)
             fill_shards(m, full, run)  # rank 0's weights into every rank's shards
             if isinstance(m, ComposedVLM) or hasattr(m, "peft_config"):  # generate bypasses the root's forward: make
                 register_fsdp_forward_method(m, "generate")  # it gather the root's weights (embeddings, head) too
-        del full
+        del full, actor_full
     results = {}
     if eval_items and not args.resume:
         results["accuracy_before"] = answer_accuracy(model, processor, eval_items, run, max_new_tokens=args.max_new_tokens,

@@ -10,7 +10,9 @@ Arms (the same command line, flags the before-ref also has):
           (fill_shards: set_model_state_dict with broadcast_from_rank0); the reference is stored in the compute dtype
   lora:   this tree with --lora-r 16: no reference model at all (the base with adapters off), AdamW state for the
           adapters only
-Each rank's peak is the kernel's VmHWM (peak resident set) read at exit by a runpy wrapper around the script; step
+The reward is `format` alone: the before-ref's math-verify totals could desynchronise 2-rank runs (fixed since).
+Each rank's peak is the kernel's VmHWM (peak resident set), read by a runpy wrapper around the script when the
+optimizer is created (the models are loaded and sharded by then: the loading phase) and at exit (the whole run); step
 time is the mean of metrics.jsonl's time/step_s over the steps after the first. Prints each arm's per-rank peaks and
 the ratios after/before and lora/full, on the max over ranks and on each rank.
 """
@@ -27,13 +29,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WRAPPER = """
 import json, os, runpy, sys, atexit
+import torch
 out, script = sys.argv[1], sys.argv[2]
 sys.argv = sys.argv[2:]
 sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+peaks = {}
+def hwm():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+adamw_init = torch.optim.AdamW.__init__
+def at_optimizer(self, *args, **kwargs):  # the models are loaded and sharded by then: the loading phase's peak
+    peaks.setdefault("load_kib", hwm())
+    adamw_init(self, *args, **kwargs)
+torch.optim.AdamW.__init__ = at_optimizer
 def report():
-    peak = next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]
     with open(f"{out}.rank{os.environ.get('RANK', '0')}", "w") as f:
-        json.dump({"peak_kib": int(peak)}, f)
+        json.dump({**peaks, "peak_kib": hwm()}, f)
 atexit.register(report)
 runpy.run_path(script, run_name="__main__")
 """
@@ -50,12 +60,14 @@ def run_arm(name, tree, flags, workdir):
     done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"[{name}] failed:\n{done.stderr[-3000:]}")
-    peaks = [json.loads(Path(f"{out}.rank{r}").read_text())["peak_kib"] / 2**20 for r in range(2)]
+    reports = [json.loads(Path(f"{out}.rank{r}").read_text()) for r in range(2)]
+    peaks, load = [r["peak_kib"] / 2**20 for r in reports], [r["load_kib"] / 2**20 for r in reports]
     rows = [json.loads(line) for line in (workdir / f"{name}-run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["time/step_s"] for r in rows if "time/step_s" in r][1:]
     step_s = sum(steps) / max(len(steps), 1)
-    print(f"[{name}] peak RSS per rank: {', '.join(f'{p:.2f} GiB' for p in peaks)}; step {step_s:.1f} s", flush=True)
-    return peaks, step_s
+    print(f"[{name}] peak RSS per rank: loading {', '.join(f'{p:.2f}' for p in load)} GiB, whole run "
+          f"{', '.join(f'{p:.2f}' for p in peaks)} GiB; step {step_s:.1f} s", flush=True)  # fmt: skip
+    return peaks, load, step_s
 
 
 def main():
@@ -65,22 +77,23 @@ def main():
     parser.add_argument("--max-steps", type=int, default=3)
     args = parser.parse_args()
     flags = ["--model-path", args.model, "--max-steps", str(args.max_steps), "--prompts-per-step", "2",
-             "--group-size", "2", "--max-new-tokens", "16", "--eval-samples", "0", "--kl-coef", "0.05",
+             "--group-size", "2", "--max-new-tokens", "16", "--eval-samples", "0", "--kl-coef", "0.05", "--rewards", "format",
              "--dtype", "auto", "--no-export", "--save-every", "0"]  # fmt: skip
     workdir = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     before_tree = workdir / "before"
     subprocess.run(["git", "worktree", "add", "--detach", str(before_tree), args.before], cwd=ROOT, check=True,
                    capture_output=True)  # fmt: skip
     try:
-        before, t_before = run_arm("before", before_tree, flags, workdir)
-        after, t_after = run_arm("after", ROOT, flags, workdir)
-        lora, t_lora = run_arm("lora", ROOT, [*flags, "--lora-r", "16"], workdir)
+        before, load_before, t_before = run_arm("before", before_tree, flags, workdir)
+        after, load_after, t_after = run_arm("after", ROOT, flags, workdir)
+        lora, _, t_lora = run_arm("lora", ROOT, [*flags, "--lora-r", "16"], workdir)
     finally:
         subprocess.run(["git", "worktree", "remove", "--force", str(before_tree)], cwd=ROOT, capture_output=True)
         shutil.rmtree(workdir, ignore_errors=True)
     print(f"\nmodel {args.model}, 2 ranks, KL on ({args.max_steps} steps, 2 prompts x 2 completions, 16 tokens)")
-    print(f"after / before, max over ranks: {max(after) / max(before):.2f}x "
-          f"(rank 0 {after[0] / before[0]:.2f}x, rank 1 {after[1] / before[1]:.2f}x)")  # fmt: skip
+    for label, a, b in (("loading phase", load_after, load_before), ("whole run", after, before)):
+        print(f"after / before, {label}, max over ranks: {max(a) / max(b):.2f}x "
+              f"(rank 0 {a[0] / b[0]:.2f}x, rank 1 {a[1] / b[1]:.2f}x)")  # fmt: skip
     print(f"lora / full (this tree), max over ranks: {max(lora) / max(after):.2f}x memory, "
           f"{t_lora / t_after:.2f}x step time ({t_lora:.1f} s vs {t_after:.1f} s; before's step {t_before:.1f} s)")  # fmt: skip
 

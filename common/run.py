@@ -161,22 +161,27 @@ def fsdp_options(run: Run, cpu_offload: bool = False) -> dict:
 
 
 def full_weights(model, run: Run):
-    """Rank 0's full state dict, taken before sharding (it keeps the full tensors alive until fill_shards has put them
-    in every rank's shards); None elsewhere: the other ranks built their model on the meta device (no weights read)."""
-    return model.state_dict() if run.main else None
+    """Rank 0's full state dict and buffers, taken before sharding (they keep the full tensors alive until fill_shards
+    has put them in every rank's shards); None elsewhere: the other ranks built their model on the meta device."""
+    return (model.state_dict(), dict(model.named_buffers())) if run.main else None
 
 
-def fill_shards(model, full_state, run: Run):
+def fill_shards(model, full, run: Run):
     """After fully_shard: the ranks whose model was built on the meta device allocate their shards, and every rank's
-    shards are filled from rank 0's full state dict (set_model_state_dict with broadcast_from_rank0), so no rank but
-    rank 0 ever holds the full model; buffers (a rotary embedding's inverse frequencies, not in the state dict) too."""
+    shards are filled from rank 0's full weights (set_model_state_dict with broadcast_from_rank0), so no rank but
+    rank 0 ever holds the full model; buffers too (a rotary embedding's inverse frequencies are not in the state
+    dict), copied from `full` on rank 0, then broadcast. `full` may come from another model of the same architecture
+    (the reference is filled from the policy's weights: it was built on the meta device on every rank)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    state, buffers = full if run.main else ({}, {})
     if any((p.to_local() if hasattr(p, "to_local") else p).is_meta for p in model.parameters()):
         model.to_empty(device=run.device)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
-    set_model_state_dict(model, full_state if run.main else {}, options=options)
-    for buffer in model.buffers():
+    set_model_state_dict(model, dict(state), options=options)  # a copy: it puts the shards it made into the dict
+    for name, buffer in model.named_buffers():
+        if run.main and buffer is not buffers[name]:
+            buffer.copy_(buffers[name])
         dist.broadcast(buffer, src=0)
 
 

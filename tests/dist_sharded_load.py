@@ -6,6 +6,8 @@ For each kind of model the scripts load (a causal LM, the same with LoRA adapter
 with a zeroed new head, with LoRA too, a composed VLM and its critic), every rank loads it the plain way (full
 weights read on every rank), then the sharded way: rank 0 reads the weights, rank 1 builds the model on the meta
 device, both shard it with fully_shard and common.run.fill_shards fills the shards from rank 0's state dict. The
+bf16 reference is built on the meta device on both ranks and filled from the float32 policy's weights, as grpo.py
+and ppo.py fill theirs. The
 gathered parameters and the buffers must equal the plain load's bit for bit. Rank 0 writes a JSON report.
 """
 
@@ -47,9 +49,11 @@ def main():
         want_buffers = {k: b.clone() for k, b in plain.named_buffers()}
         del plain
         torch.manual_seed(0)
-        model = load(not run.main)
+        from_policy = name == "reference_compute_dtype"  # as grpo.py/ppo.py: on meta everywhere, the policy's weights
+        model = load(from_policy or not run.main)
         on_meta = any(p.is_meta for p in model.parameters())
-        full, fsdp = full_weights(model, run), fsdp_options(run)
+        source = load_model(text_lm, meta=not run.main) if from_policy else model
+        full, fsdp = full_weights(source, run), fsdp_options(run)
         for block in fsdp_blocks(model):
             fully_shard(block, **fsdp)
         fully_shard(model, **fsdp)
