@@ -69,6 +69,7 @@ from common.run import (
     RunLogger,
     all_gather_cat,
     all_reduce_sums,
+    copy_shards,
     derive_seed,
     fill_shards,
     finish,
@@ -499,19 +500,21 @@ def main(args: Args):
     model = load_model(args.model_path, device=run.device, gradient_checkpointing=args.gradient_checkpointing, meta=meta,
                        lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets)  # fmt: skip
     ref_model = None  # never trained: kept in the compute dtype; with LoRA, the policy with its adapters off
-    if args.kl_coef > 0 and args.lora_r == 0:  # FSDP2: built on the meta device, filled from the policy's weights
+    if args.kl_coef > 0 and args.lora_r == 0:  # FSDP2: built on the meta device, a copy of the policy's shards
         ref_model = load_model(args.model_path, device=run.device, dtype=run.dtype, meta=run.sharded)
         ref_model.eval().requires_grad_(False)
-    if run.sharded:  # rank 0 holds one full copy (the policy's state dict) until every model's shards are filled
+    if run.sharded:
         fsdp, full = fsdp_options(run, args.cpu_offload), full_weights(model, run)
         for m in [model] + ([ref_model] if ref_model is not None else []):
             for block in fsdp_blocks(m):  # decoder layers (and a VLM's vision blocks), then the root
                 fully_shard(block, **fsdp)
             fully_shard(m, **fsdp)  # root: embeddings, final norm, LM head (a VLM's projector too)
-            fill_shards(m, full, run)  # rank 0's weights into every rank's shards
             if isinstance(m, ComposedVLM) or hasattr(m, "peft_config"):  # generate bypasses the root's forward: make
                 register_fsdp_forward_method(m, "generate")  # it gather the root's weights (embeddings, head) too
+        fill_shards(model, full, run)  # rank 0's weights into every rank's shards
         del full
+        if ref_model is not None:
+            copy_shards(ref_model, model)  # the reference starts as the policy: each rank copies its own shards
     results = {}
     if eval_items and not args.resume:
         results["accuracy_before"] = answer_accuracy(model, processor, eval_items, run, max_new_tokens=args.max_new_tokens,

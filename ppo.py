@@ -79,6 +79,7 @@ from common.run import (
     RunLogger,
     all_reduce_sums,
     clip_grad_norm,
+    copy_shards,
     derive_seed,
     fill_shards,
     finish,
@@ -431,7 +432,7 @@ def main(args: Args):
     critic, _ = load_value_model(args.critic_path or args.model_path, device=run.device,
                                  gradient_checkpointing=args.gradient_checkpointing, meta=meta, **lora)  # fmt: skip
     ref_model = None  # never trained: kept in the compute dtype; with LoRA, the actor with its adapters off
-    if args.kl_coef > 0 and args.lora_r == 0:  # FSDP2: built on the meta device, filled from the actor's weights
+    if args.kl_coef > 0 and args.lora_r == 0:  # FSDP2: built on the meta device, a copy of the actor's shards
         ref_model = load_model(args.model_path, device=run.device, dtype=run.dtype, meta=run.sharded)
         ref_model.eval().requires_grad_(False)
     reward_model = rm_processor = None
@@ -440,16 +441,19 @@ def main(args: Args):
                                                       dtype=run.dtype, meta=meta)  # fmt: skip
         reward_model.eval().requires_grad_(False)
     if run.sharded:
-        fsdp, actor_full = fsdp_options(run, args.cpu_offload), full_weights(model, run)
+        fsdp = fsdp_options(run, args.cpu_offload)
         for m in [m for m in (model, critic, ref_model, reward_model) if m is not None]:
-            full = actor_full if m is ref_model else full_weights(m, run)  # the reference starts as the actor
+            full = full_weights(m, run) if m is not ref_model else None
             for block in fsdp_blocks(m):  # decoder layers (and a VLM's vision blocks), then the root
                 fully_shard(block, **fsdp)
             fully_shard(m, **fsdp)  # root: embeddings, final norm, heads (a VLM's projector too)
-            fill_shards(m, full, run)  # rank 0's weights into every rank's shards
+            if m is ref_model:  # the reference starts as the actor: each rank copies its own shards
+                copy_shards(m, model)
+            else:
+                fill_shards(m, full, run)  # rank 0's weights into every rank's shards
             if isinstance(m, ComposedVLM) or hasattr(m, "peft_config"):  # generate bypasses the root's forward: make
                 register_fsdp_forward_method(m, "generate")  # it gather the root's weights (embeddings, head) too
-        del full, actor_full
+        del full
     results = {}
     if eval_items and not args.resume:
         results["accuracy_before"] = answer_accuracy(model, processor, eval_items, run, max_new_tokens=args.max_new_tokens,

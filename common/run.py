@@ -170,8 +170,7 @@ def fill_shards(model, full, run: Run):
     """After fully_shard: the ranks whose model was built on the meta device allocate their shards, and every rank's
     shards are filled from rank 0's full weights (set_model_state_dict with broadcast_from_rank0), so no rank but
     rank 0 ever holds the full model; buffers too (a rotary embedding's inverse frequencies are not in the state
-    dict), copied from `full` on rank 0, then broadcast. `full` may come from another model of the same architecture
-    (the reference is filled from the policy's weights: it was built on the meta device on every rank)."""
+    dict), copied from `full` on rank 0 (its model may have been built on the meta device there too), then broadcast."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     state, buffers = full if run.main else ({}, {})
@@ -183,6 +182,19 @@ def fill_shards(model, full, run: Run):
         if run.main and buffer is not buffers[name]:
             buffer.copy_(buffers[name])
         dist.broadcast(buffer, src=0)
+
+
+def copy_shards(target, source):
+    """A sharded model of the same architecture as `source` (built on the meta device, then fully_shard) becomes a copy
+    of it: each rank copies its own shards and buffers, cast to the target's dtype; no full copy, no communication.
+    The KL reference starts as the policy this way."""
+    if any(p.is_meta for p in target.parameters()):
+        target.to_empty(device=next(source.parameters()).device)
+    local = {n: (t.to_local() if hasattr(t, "to_local") else t) for n, t in source.state_dict(keep_vars=True).items()}
+    local |= dict(source.named_buffers())
+    with torch.no_grad():
+        for name, t in [*target.state_dict(keep_vars=True).items(), *target.named_buffers()]:
+            (t.to_local() if hasattr(t, "to_local") else t).copy_(local[name])
 
 
 # ------------------------------------------------------------------------------------------ metrics across ranks

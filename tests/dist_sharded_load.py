@@ -6,7 +6,7 @@ For each kind of model the scripts load (a causal LM, the same with LoRA adapter
 with a zeroed new head, with LoRA too, a composed VLM and its critic), every rank loads it the plain way (full
 weights read on every rank), then the sharded way: rank 0 reads the weights, rank 1 builds the model on the meta
 device, both shard it with fully_shard and common.run.fill_shards fills the shards from rank 0's state dict. The
-bf16 reference is built on the meta device on both ranks and filled from the float32 policy's weights, as grpo.py
+bf16 reference is built on the meta device on both ranks and copies the float32 policy's shards, as grpo.py
 and ppo.py fill theirs. The
 gathered parameters and the buffers must equal the plain load's bit for bit. Rank 0 writes a JSON report.
 """
@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common.models import fsdp_blocks, load_model  # noqa: E402
-from common.run import fill_shards, fsdp_options, full_weights, setup  # noqa: E402
+from common.run import copy_shards, fill_shards, fsdp_options, full_weights, setup  # noqa: E402
 from common.value import load_value_model  # noqa: E402
 
 
@@ -49,15 +49,18 @@ def main():
         want_buffers = {k: b.clone() for k, b in plain.named_buffers()}
         del plain
         torch.manual_seed(0)
-        from_policy = name == "reference_compute_dtype"  # as grpo.py/ppo.py: on meta everywhere, the policy's weights
+        from_policy = name == "reference_compute_dtype"  # as grpo.py/ppo.py: on meta everywhere, the policy's shards
         model = load(from_policy or not run.main)
         on_meta = any(p.is_meta for p in model.parameters())
         source = load_model(text_lm, meta=not run.main) if from_policy else model
-        full, fsdp = full_weights(source, run), fsdp_options(run)
-        for block in fsdp_blocks(model):
-            fully_shard(block, **fsdp)
-        fully_shard(model, **fsdp)
-        fill_shards(model, full, run)
+        full, fsdp = full_weights(source, run), fsdp_options(run)  # before sharding: the full tensors
+        for m in [source, model] if from_policy else [model]:
+            for block in fsdp_blocks(m):
+                fully_shard(block, **fsdp)
+            fully_shard(m, **fsdp)
+        fill_shards(source, full, run)
+        if from_policy:
+            copy_shards(model, source)
         got = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach() for k, v in model.state_dict().items()}
         mismatched = [k for k in want if k not in got or not torch.equal(want[k], got[k].to(want[k].dtype))]
         mismatched += [k for k, b in model.named_buffers() if not torch.equal(want_buffers[k], b)]

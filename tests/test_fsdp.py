@@ -39,8 +39,8 @@ def losses(out, key="train/loss"):
 
 @pytest.mark.slow
 def test_sharded_loading_gives_the_same_weights(tiny_model_dir, vlm_dir, tmp_path):
-    """Rank 1 builds every kind of model on the meta device (no weights in memory; the reference on rank 0 too, filled
-    from the policy's weights); after fully_shard and fill_shards the gathered parameters and buffers equal today's
+    """Rank 1 builds every kind of model on the meta device (no weights in memory; the reference on rank 0 too: it
+    copies the policy's shards); after fully_shard and fill_shards the gathered parameters and buffers equal today's
     plain load, bit for bit, on both ranks."""
     out = tmp_path / "report.json"
     torchrun(ROOT / "tests" / "dist_sharded_load.py", tiny_model_dir, vlm_dir, out)

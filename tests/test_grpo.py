@@ -423,7 +423,7 @@ def test_torchrun_fsdp2_two_processes(tiny_model_dir, arith_small, tmp_path):
     rows = [r for r in read_metrics(tmp_path) if "reward/mean" in r]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["train/loss"]) and r["train/kl"] >= 0 for r in rows)
-    assert rows[0]["train/kl"] == 0.0  # the reference's shards were filled from the policy's weights: step 1 equal
+    assert rows[0]["train/kl"] == 0.0  # the reference's shards are a copy of the policy's: step 1 equal
     assert (tmp_path / "model" / "model.safetensors").exists()
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_0000002"]
     assert "accuracy after training" in run.stdout

@@ -278,7 +278,7 @@ def test_torchrun_fsdp2_two_processes(tiny_model_dir, tiny_reward_model_dir, ari
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["train/value_loss"]) and r["reward/reward_model_mean"] != 0 for r in rows)
     assert rows[1]["train/kl_coef"] != rows[0]["train/kl_coef"]  # the adaptive controller moved beta
-    assert rows[0]["train/kl"] == 0.0  # the reference's shards were filled from the actor's weights: step 1 equal
+    assert rows[0]["train/kl"] == 0.0  # the reference's shards are a copy of the actor's: step 1 equal
     assert (tmp_path / "model" / "model.safetensors").exists() and (tmp_path / "critic" / "model.safetensors").exists()
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_0000002"]
     assert "accuracy after training" in run.stdout
