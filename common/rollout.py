@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from common.chat import IGNORE
-from common.data import DataError, detect_format, has_images, load_mixture, to_messages
+from common.data import DataError, content_text, has_images, load_mixture, prompt_messages
+from common.datasets import detect_format
 from common.logprob import sequence_logprobs
 from common.metrics import exact_match
 from common.rewards import answer_correct
@@ -29,22 +30,20 @@ from common.run import to_device
 
 # ------------------------------------------------------------------------------------------------------ prompts
 def prompt_records(source, processor, *, script="this script", seed=0) -> list[tuple[list[dict], object]]:
-    """(prompt messages, reference answer or None) per record: the chat minus its final assistant turn(s). Relative
-    image paths are resolved against the data file's folder here, so a prompt carries everything it needs. Answers
-    stay as given (a VQA answer may be a list of annotators' answers). A text model's processor refuses image prompts
-    here, naming the record, rather than at the first rollout."""
-    records = load_mixture(source, seed=seed)  # a file, folder, hub name or weighted mixture
-    fmt = detect_format(records)
-    if fmt == "preference":
-        raise DataError(f"{source}: preference data (prompt, chosen, rejected) can't be prompts for {script}; "
-                        "give messages or message+answer records")  # fmt: skip
+    """(prompt messages, reference answer or None) per record of a source (or of records already loaded): the prompt
+    field, or the chat minus its final assistant turn(s), or a preference pair's prompt (common.datasets.USES).
+    Relative image paths are resolved against the data file's folder here, so a prompt carries everything it needs.
+    Answers stay as given (a VQA answer may be a list of annotators' answers). A text model's processor refuses image
+    prompts here, naming the record, rather than at the first rollout."""
+    records = load_mixture(source, seed=seed) if isinstance(source, str) else source  # file, folder, hub, mixture
+    if not records:
+        return []  # no held-out data
+    fmt = detect_format(records, use="prompts", script=script)
     out = []
     for r in records:
-        messages = to_messages(r, fmt)
-        while messages and messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
+        messages = prompt_messages(r, fmt)
         for m in messages:
-            for part in m["content"] if isinstance(m["content"], list) else []:
+            for part in m["content"] if isinstance(m.get("content"), list) else []:
                 ref = part.get("image")
                 if part.get("type") == "image" and isinstance(ref, str) and not ref.startswith(("data:", "/", "http")):
                     part["image"] = str(Path(r.get("_dir", "."), ref.removeprefix("file://")))
@@ -58,8 +57,9 @@ def prompt_records(source, processor, *, script="this script", seed=0) -> list[t
 
 def render_prompt(tokenizer, messages) -> str:
     """The chat as text up to the assistant header, an image part shown as <image> (for rollouts.jsonl and logs)."""
-    text_messages = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else "\n".join(
-        p["text"] if p.get("type") == "text" else "<image>" for p in m["content"])} for m in messages]  # fmt: skip
+    text_messages = [{"role": m["role"], "content": content_text(m.get("content")) if not isinstance(m.get("content"), list)
+                      else "\n".join(p["text"] if p.get("type") == "text" else "<image>" for p in m["content"])}
+                     for m in messages]  # fmt: skip
     return tokenizer.apply_chat_template(text_messages, add_generation_prompt=True, tokenize=False)
 
 
