@@ -77,9 +77,9 @@ class Args:
     """policy to train: a local HF folder, an alias (smollm2-135m), a .gguf file or a hub id. The default is the model
     `python sft.py` exports: RL sharpens a policy that already solves some problems, it cannot teach the format from zero"""
     dataset: str = "data/arith/train.jsonl"
-    """prompts: messages records (the final assistant turn is dropped) or message+answer records; `answer` is the
-    reference. Messages may hold image parts when --model-path is a VLM (e.g. easy-vqa:train). A weighted mixture:
-    --dataset a.jsonl:0.7 --dataset b.jsonl:0.3"""
+    """prompts: a `prompt` field, messages (the final assistant turn is dropped), message+answer or a preference pair's
+    prompt (common/datasets.py); `answer` is the reference. Messages may hold image parts when --model-path is a VLM
+    (e.g. easy-vqa:train). A weighted mixture: --dataset a.jsonl:0.7 --dataset b.jsonl:0.3"""
     eval_dataset: str | None = "data/arith/test.jsonl"
     """held-out prompts answered greedily before and after training (answer accuracy)"""
     dataset_split: str | None = None

@@ -99,8 +99,9 @@ class Args:
     """reward model trained by reward_model.py (a sequence-classification folder, or a VLM one that scores the prompt's
     image too); its score joins the reward"""
     dataset: str = "data/arith/train.jsonl"
-    """prompts: messages or message+answer records (`answer` is the reference of the verifiers); image parts need a VLM
-    --model-path (e.g. easy-vqa:train). A weighted mixture: --dataset a.jsonl:0.7 --dataset b.jsonl:0.3"""
+    """prompts: a `prompt` field, messages, message+answer or a preference pair's prompt (common/datasets.py); `answer`
+    is the reference of the verifiers; image parts need a VLM --model-path (e.g. easy-vqa:train). A weighted mixture:
+    --dataset a.jsonl:0.7 --dataset b.jsonl:0.3"""
     eval_dataset: str | None = "data/arith/test.jsonl"
     """held-out prompts answered greedily before and after training (answer accuracy)"""
     dataset_split: str | None = None

@@ -61,8 +61,9 @@ class Args:
     """model to fine-tune: an alias (smollm2-135m), a .gguf file, a local HF folder or a hub id; or a VLM folder
     (common/vision.py's save_vlm, or a native HF VLM such as Qwen2-VL): then records may hold images"""
     dataset: str = "data/arith/train.jsonl"
-    """training data: a .jsonl/.json/.parquet file, a folder of them, easy-vqa:<kind> or a datasets hub name; a
-    mixture as source:weight, repeated or comma-separated (--dataset a.jsonl:0.7 --dataset b.jsonl:0.3)"""
+    """training data (text, messages, prompt+completion or message+answer records; common/datasets.py): a
+    .jsonl/.json/.parquet file, a folder of them, easy-vqa:<kind> or a datasets hub name; a mixture as source:weight,
+    repeated or comma-separated (--dataset a.jsonl:0.7 --dataset b.jsonl:0.3)"""
     dataset_records: int = 0
     """use this many training records: a seeded sample that keeps the mixture weights (0: every record once)"""
     eval_dataset: str | None = "data/arith/test.jsonl"

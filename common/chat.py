@@ -70,7 +70,8 @@ def template_messages(messages: list[dict], tokenizer, tools=None) -> tuple[list
         text, calls = content_text(m.get("content")), m.get("tool_calls")
         if calls and not native_calls:
             text = "\n".join([text] * bool(text) + [_tool_call_text(call) for call in calls])
-        out.append({"role": m["role"], "content": text} | ({"tool_calls": calls} if calls and native_calls else {}))
+        rest = {k: v for k, v in m.items() if k not in ("content", "tool_calls")}  # role; a tool turn's name
+        out.append(rest | {"content": text} | ({"tool_calls": calls} if calls and native_calls else {}))
     if tools and not _template_renders(tokenizer, "tools"):
         listed = "You can call these tools:\n<tools>\n" + "\n".join(json.dumps(t) for t in tools) + "\n</tools>"
         system = out[0]["content"] + "\n\n" if out and out[0]["role"] == "system" else ""
