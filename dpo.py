@@ -62,11 +62,10 @@ from tqdm import tqdm
 from common.chat import epoch_batches
 from common.checkpoint import export_model, resume, save_if_due
 from common.cli import cli
-from common.data import prompt_messages
 from common.datasets import load_data
 from common.models import cache_dir, describe, fsdp_blocks, load_model, load_processor, resolve_model_path
 from common.pairs import build_pairs, collate_pairs, len_answer, sequence_logps, sides_of
-from common.rollout import answer_accuracy
+from common.rollout import answer_accuracy, prompt_records
 from common.run import RunLogger, finish, lr_lambda, optimizer_step, setup
 from common.vision import is_vlm, param_groups
 
@@ -493,8 +492,10 @@ def main(args: Args):
     eval_pairs, answer_items = [], []
     if eval_records:
         eval_pairs, kept = build_pairs(eval_records, processor, max_len=args.max_len, with_kl=with_kl, name="held-out")
-        fmt = "unpaired" if "label" in eval_pairs[0] else "preference"
-        answer_items = [(prompt_messages(r, fmt), r["answer"]) for r in kept if "answer" in r][: args.eval_samples]
+        # (prompt, answer) items whose relative image paths are resolved against their data file
+        answer_items = prompt_records(
+            [r for r in kept if "answer" in r][: args.eval_samples], processor, script="dpo.py"
+        )
     global_pairs = args.batch_size * args.grad_accum * run.world_size
     steps_per_epoch = len(pairs) // global_pairs
     if steps_per_epoch == 0:
