@@ -7,12 +7,13 @@ every record must have the same shape:
 
     shape              fields                                sft.py   dpo.py      reward_model.py   grpo.py, ppo.py
     text               text                                  x (raw)
-    messages           messages                              x                                      prompt: all but the
-    message_answer     message (JSON messages), answer       x                                      final assistant turn
+    messages           messages                              x                                      prompt: the chat
+    message_answer     message (JSON messages), answer       x                                      x
     prompt_completion  prompt, completion                    x                                      prompt
     prompt             prompt                                                                       x
     preference         chosen, rejected (prompt optional)             x           x                 prompt
     unpaired           prompt, completion, label (bool)               x (kto)                       prompt
+    (a chat's RL prompt is the chat minus its final assistant turn; sft.py takes a pair's chosen side by --columns)
 
 Precedence: a record with chosen/rejected and messages (HuggingFaceH4/ultrafeedback_binarized) is a preference pair
 for dpo.py and reward_model.py and its messages chat for sft.py; a `prompt` field is the RL prompt before anything else.
