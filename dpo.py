@@ -15,8 +15,9 @@ Launch:
     python dpo.py --config run.yaml --dry-run
     python dpo.py --model-path runs/vqa_sft/model --dataset prefs.jsonl --lr-vision 0   # a VLM on image pairs
 
-Data: records {"prompt", "chosen", "rejected"} (strings or chat messages; loss only on the answer tokens). With a VLM,
-prompts may hold images; projector, encoder and LM get their own learning rates (--lr-projector/--lr-vision/--lr-lm).
+Data: records {"prompt", "chosen", "rejected"} (strings or chat messages; the prompt may be implicit), with kto also
+unpaired {"prompt", "completion", "label"} (common/datasets.py); loss only on the answer tokens. With a VLM, prompts
+may hold images; projector, encoder and LM get their own learning rates (--lr-projector/--lr-vision/--lr-lm).
 
 Where this departs from the textbook / from TRL's DPOTrainer:
   * The reference log-probs are computed once, before training, in a no-grad pass over the data, and cached on disk under
@@ -28,6 +29,8 @@ Where this departs from the textbook / from TRL's DPOTrainer:
   * The loss is averaged over the pairs of the whole accumulated global batch across ranks, so gradient accumulation and the
     number of GPUs do not change the gradient. KTO's KL reference point is likewise estimated over the global batch
     (a no-grad pass over mismatched prompt/answer pairs before the loss forwards).
+  * Unpaired KTO data (TRL's KTOTrainer shape) trains example by example: --batch-size counts examples there, and the
+    logged rewards/logps are means over the desirable and the undesirable examples of the batch.
   * ORPO's NLL term is the per-pair mean token NLL of the chosen answer (the paper's eq. 6); TRL averages over all chosen
     tokens of the batch instead.
   * With LoRA the reference is the base model with the adapters disabled (`model.disable_adapter()`).
@@ -50,13 +53,13 @@ import torch.nn.functional as F
 from torch.distributed.fsdp import fully_shard
 from tqdm import tqdm
 
-from common.chat import IGNORE, encode, epoch_batches, pack_collate, pack_examples, pad_collate
+from common.chat import epoch_batches
 from common.checkpoint import export_model, load_or_compute, resume, save_if_due, weights_identity
 from common.cli import cli
-from common.data import DataError, detect_format, load_mixture, preference_messages
-from common.logprob import sequence_logprobs
+from common.datasets import load_data
 from common.models import cache_dir, describe, fsdp_blocks, load_model, load_processor
-from common.rollout import answer_accuracy
+from common.pairs import build_pairs, collate_pairs, len_answer, sequence_logps, sides_of
+from common.rollout import answer_accuracy, prompt_records
 from common.run import (
     RunLogger,
     fill_shards,
@@ -84,10 +87,23 @@ class Args:
     """reference model (same tokenizer as the policy); default: the initial policy (with LoRA: the base model with
     adapters disabled)"""
     dataset: str = "data/arith_pref/train.jsonl"
-    """preference pairs (prompt, chosen, rejected): a .jsonl/.json/.parquet file, a folder of them, or a hub name;
-    a weighted mixture as --dataset a.jsonl:0.7 --dataset b.jsonl:0.3"""
+    """preference pairs (chosen, rejected, prompt explicit or implicit) or, for kto, unpaired (prompt, completion,
+    label) records: a .jsonl/.json/.parquet file, a folder of them, or a hub name; a weighted mixture as
+    --dataset a.jsonl:0.7 --dataset b.jsonl:0.3"""
     eval_dataset: str | None = "data/arith_pref/test.jsonl"
     """held-out pairs for preference accuracy (and task accuracy when records carry an `answer` field)"""
+    dataset_split: str | None = None
+    """split of a hub dataset or of a local `datasets` folder (default: train); a file has none"""
+    dataset_config: str | None = None
+    """subset (config) of a hub dataset; of a local folder: its subfolder of that name"""
+    eval_split: str | None = None
+    """held-out records from this split of --dataset (a hub name or folder), instead of --eval-dataset"""
+    eval_fraction: float = 0.0
+    """hold out this fraction of --dataset's records (seeded by --seed, out of training), instead of --eval-dataset"""
+    columns: str | None = None
+    """field names to map, new=old comma-separated (e.g. prompt=question,completion=answer; copies; new= drops one)"""
+    answer_regex: str | None = None
+    """the reference answer is the first group of this regex in the `answer` field (gsm8k: '#### (.*)')"""
     output_dir: str = "runs/dpo"
     """checkpoints, metrics.jsonl and the exported Hugging Face folder (`<output-dir>/model`) go here"""
     config: str | None = None
@@ -104,6 +120,11 @@ class Args:
     """probability that a label is flipped (sigmoid: conservative DPO; robust; simpo); must be < 0.5"""
     gamma: float = 0.5
     """SimPO's target reward margin"""
+    desirable_weight: float = 1.0
+    """KTO's lambda_D, the weight of desirable answers (chosen, or label true)"""
+    undesirable_weight: float = 1.0
+    """KTO's lambda_U, the weight of undesirable answers (rejected, or label false); the paper advises
+    lambda_D n_D / (lambda_U n_U) in [1, 4/3]"""
     lr: float = 5e-6
     """peak learning rate (AdamW)"""
     lr_projector: float | None = None
@@ -125,7 +146,7 @@ class Args:
     max_steps: int = 40
     """optimizer steps to run; 0 means --epochs full passes"""
     batch_size: int = 8
-    """pairs per micro-batch per process (2x as many rows: chosen, then rejected)"""
+    """pairs (unpaired KTO data: examples) per micro-batch per process (2x as many rows: chosen, then rejected)"""
     grad_accum: int = 1
     """micro-batches accumulated per optimizer step; global batch = batch_size * grad_accum * world_size pairs"""
     max_len: int = 256
@@ -184,6 +205,17 @@ def kto_kl(policy_kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.T
     return (policy_kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
 
 
+def kto_loss(logratios, desirable, kl, *, beta: float, desirable_weight=1.0, undesirable_weight=1.0):
+    """KTO (Ethayarajh et al. 2024, arXiv:2402.01306, eq. 8) per example [B], and the implied rewards [B] (no
+    gradient). With r = log pi(y|x) - log pi_ref(y|x) (`logratios`), z0 = `kl` (kto_kl) and `desirable` [B] bool:
+        desirable y:    lambda_D (1 - sigma(beta (r - z0)))
+        undesirable y:  lambda_U (1 - sigma(beta (z0 - r)))
+    i.e. lambda_y - v(x, y) of the paper's loss E[lambda_y - v(x, y)]; TRL's desirable_weight and undesirable_weight."""
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (logratios - kl))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (kl - logratios))))  # fmt: skip
+    return losses, beta * logratios.detach()
+
+
 def preference_loss(
     policy_chosen_logps,
     policy_rejected_logps,
@@ -195,6 +227,8 @@ def preference_loss(
     label_smoothing: float = 0.0,
     gamma: float = 0.5,
     kl=None,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
 ):
     """Per-pair losses [B] and the implied rewards of the chosen and rejected answers ([B] each, no gradient).
 
@@ -214,10 +248,9 @@ def preference_loss(
     orpo     ORPO (Hong et al. 2024, arXiv:2403.07691, eqs. 7-8): with odds(y) = p / (1 - p), p = exp(mean token logp),
              -beta log sigma(log odds(y_w) - log odds(y_l)); beta is the paper's lambda. The caller adds the chosen
              answer's NLL (the SFT term of eq. 6).
-    kto      KTO (Ethayarajh et al. 2024, arXiv:2402.01306, eq. 8, as TRL's KTOTrainer computes it), chosen answers
-             desirable and rejected undesirable, with reference point z0 = `kl` (see kto_kl):
-             ((1 - sigma(beta (log-ratio_w - z0))) + (1 - sigma(beta (z0 - log-ratio_l)))) / 2, i.e. the mean over
-             the 2B examples as in TRL, with both weights 1.
+    kto      KTO (kto_loss) on the pair's two answers, chosen desirable and rejected undesirable, reference point z0 =
+             `kl` (see kto_kl): (lambda_D (1 - sigma(beta (log-ratio_w - z0))) + lambda_U (1 - sigma(beta (z0 -
+             log-ratio_l)))) / 2, i.e. the mean over the 2B examples as in TRL.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -251,85 +284,11 @@ def preference_loss(
     else:  # kto
         if kl is None:
             raise ValueError("loss_type='kto' needs kl= (the reference point, see kto_kl)")
-        chosen_losses = 1 - torch.sigmoid(beta * (chosen_logratios - kl))
-        rejected_losses = 1 - torch.sigmoid(beta * (kl - rejected_logratios))
-        losses = (chosen_losses + rejected_losses) / 2
+        weights = dict(beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight)
+        desirable = torch.ones_like(chosen_logratios, dtype=torch.bool)
+        losses = (kto_loss(chosen_logratios, desirable, kl, **weights)[0]
+                  + kto_loss(rejected_logratios, ~desirable, kl, **weights)[0]) / 2  # fmt: skip
     return losses, chosen_rewards, rejected_rewards
-
-
-# -------------------------------------------------------------------------------------------------- data
-def build_pairs(source: str, processor, *, max_len: int, overlong: str = "truncate", with_kl=False, seed=0):
-    """(pairs, records): each pair {"index", "chosen", "rejected"[, "kl"]} of chats tokenised by the model's processor,
-    assistant-only labels (a VLM's sequences also carry their images, "images").
-
-    With with_kl (KTO), "kl" is the prompt of pair i with the chosen answer of pair i-1 (a fixed mismatched pairing,
-    like TRL's KL dataset), whose log-prob under policy and reference estimates KTO's reference point."""
-    records = load_mixture(source, seed=seed)
-    fmt = detect_format(records)
-    if fmt != "preference":
-        raise DataError(f"{source}: dpo.py needs preference records (prompt, chosen, rejected), got format {fmt!r}")
-    pairs, kept, n_dropped = [], [], 0
-    for record in records:
-        sides = [encode(processor, m, record, max_len=max_len, overlong=overlong) for m in preference_messages(record)]
-        if any(s is None or all(t == IGNORE for t in s["labels"]) for s in sides):
-            n_dropped += 1  # over-long (with --overlong drop) or the answer was cut off entirely
-            continue
-        pairs.append({"index": len(kept), "chosen": sides[0], "rejected": sides[1]})
-        kept.append(record)
-    if not pairs:
-        raise DataError(f"{source}: no usable pairs ({n_dropped} dropped as over-long or without answer tokens)")
-    if with_kl:
-        for i, pair in enumerate(pairs):
-            prompt = preference_messages(kept[i])[0][: _n_prompt(kept[i])]
-            other_answer = preference_messages(kept[i - 1])[0][_n_prompt(kept[i - 1]) :]
-            pair["kl"] = encode(processor, prompt + other_answer, kept[i], max_len=max_len)
-    print(f"[data] {source}: {len(records)} records -> {len(pairs)} pairs ({n_dropped} dropped)")
-    return pairs, kept
-
-
-def _n_prompt(record) -> int:
-    return 1 if isinstance(record["prompt"], str) else len(record["prompt"])
-
-
-def collate_pairs(pairs, processor, *, packing: bool, max_len: int, sides=("chosen", "rejected")) -> dict:
-    """One forward's rows of the pairs' sequences, all chosen first, then all rejected (sequence k*B + i is side k of
-    pair i), padded or packed (position_ids restart per sequence); seq_index [R, T] says which sequence each token
-    belongs to (-1: pad); a VLM's image inputs come in the order their tokens appear row by row."""
-    seqs = [p[side] for side in sides for p in pairs]
-    pad_id = processor.tokenizer.pad_token_id
-    packs = pack_examples(seqs, max_len) if packing else [[i] for i in range(len(seqs))]
-    rows = [[seqs[i] for i in pack] for pack in packs]
-    batch = pack_collate(rows, pad_id, max_len) if packing else pad_collate(seqs, pad_id)
-    seq_index = torch.full_like(batch["input_ids"], -1)  # [R, T]
-    for row, pack in enumerate(packs):
-        t = 0
-        for i in pack:
-            seq_index[row, t : t + len(seqs[i]["input_ids"])] = i
-            t += len(seqs[i]["input_ids"])
-    images = processor.image_inputs([seqs[i] for pack in packs for i in pack], batch["input_ids"])
-    return batch | images | {"seq_index": seq_index, "n_seqs": len(seqs)}
-
-
-def len_answer(example) -> int:
-    """Answer (target) tokens of a tokenised chat, counted as sequence_logps counts them."""
-    return max(1, sum(t != IGNORE for t in example["labels"][1:]))
-
-
-def sequence_logps(model, batch, impl: str = "fused") -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed answer log-probs [S], answer token counts [S]) of the batch's sequences, from one forward."""
-    device = next(model.parameters()).device
-    to = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items() if k != "n_seqs"}
-    kwargs = {k: v for k, v in to.items() if k not in ("input_ids", "labels", "seq_index")}  # positions, mask, pixels
-    token_logps = sequence_logprobs(
-        model, to["input_ids"], to["labels"], impl=impl, **kwargs
-    )  # [R, T], out[:, t] scores token t+1, 0 off-target
-    target = torch.zeros_like(to["labels"], dtype=torch.bool)  # [R, T]
-    target[:, :-1] = to["labels"][:, 1:] != IGNORE
-    # token t+1 is in the same sequence as token t for every target (a sequence's first token is never a target)
-    owner = to["seq_index"][target]
-    sums = torch.zeros(batch["n_seqs"], dtype=token_logps.dtype, device=device).index_add(0, owner, token_logps[target])
-    counts = torch.zeros(batch["n_seqs"], dtype=torch.long, device=device).index_add(0, owner, torch.ones_like(owner))
-    return sums, counts
 
 
 # ----------------------------------------------------------------------------------------- reference pass
@@ -412,7 +371,9 @@ def policy_logps(model, chunk, args, processor, run, sides=("chosen", "rejected"
 
 
 def pair_losses(model, chunk, ref_table, kl, args, processor, run):
-    """Per-pair losses [B] and the metric rows [B, 8] of one micro-batch."""
+    """Per-pair losses [B] and the metric rows [B, 8] of one micro-batch (of examples, for unpaired KTO data)."""
+    if "label" in chunk[0]:
+        return example_losses(model, chunk, ref_table, kl, args, processor, run)
     pc, pr = policy_logps(model, chunk, args, processor, run)
     idx = torch.tensor([p["index"] for p in chunk])
     rc = ref_table["chosen"][idx].to(pc.device) if ref_table else None
@@ -421,13 +382,29 @@ def pair_losses(model, chunk, ref_table, kl, args, processor, run):
         rc = rc / torch.tensor([len_answer(p["chosen"]) for p in chunk], device=pc.device)
         rr = rr / torch.tensor([len_answer(p["rejected"]) for p in chunk], device=pc.device)
     losses, cr, rj = preference_loss(pc, pr, rc, rr, loss_type=args.loss_type, beta=args.beta,
-                                     label_smoothing=args.label_smoothing, gamma=args.gamma, kl=kl)  # fmt: skip
+                                     label_smoothing=args.label_smoothing, gamma=args.gamma, kl=kl,
+                                     desirable_weight=args.desirable_weight,
+                                     undesirable_weight=args.undesirable_weight)  # fmt: skip
     if args.loss_type == "orpo":
         losses = losses - pc  # the SFT term: mean token NLL of the chosen answer
     rows = torch.stack(
         [losses.detach(), cr, rj, cr - rj, (cr > rj).float(), pc.detach(), pr.detach(), (pc > pr).float().detach()], 1
     )  # fmt: skip  [B, 8]
     return losses, rows
+
+
+def example_losses(model, chunk, ref_table, kl, args, processor, run):
+    """Unpaired KTO: per-example losses [B] and metric rows [B, 8]: loss, the reward and log-prob of each example as
+    desirable and as undesirable (0 when it is the other kind), whether its reward has its label's sign, and the two
+    kinds' indicators (metric_means averages the rewards and log-probs over each kind)."""
+    (logps,) = policy_logps(model, chunk, args, processor, run, sides=("completion",))
+    idx = torch.tensor([p["index"] for p in chunk])
+    desirable = torch.tensor([p["label"] for p in chunk], device=logps.device)
+    losses, rewards = kto_loss(logps - ref_table["completion"][idx].to(logps.device), desirable, kl, beta=args.beta,
+                               desirable_weight=args.desirable_weight, undesirable_weight=args.undesirable_weight)  # fmt: skip
+    d, u, lp = desirable.float(), (~desirable).float(), logps.detach()
+    return losses, torch.stack([losses.detach(), rewards * d, rewards * u, ((rewards > 0) == desirable).float(),
+                                lp * d, lp * u, d, u], 1)  # fmt: skip
 
 
 @torch.no_grad()
@@ -466,13 +443,20 @@ def run_eval(model, eval_pairs, ref_eval, args, processor, run) -> dict:
     model.train()
     if dist.is_initialized():
         dist.all_reduce(totals)
-    return dict(zip(EVAL_KEYS, (totals[:8] / totals[8]).tolist()))
+    return metric_means(totals[:8], totals[8], "eval", unpaired="label" in eval_pairs[0])
 
 
-EVAL_KEYS = ("eval/loss", "eval/rewards/chosen", "eval/rewards/rejected", "eval/rewards/margins",
-             "eval/rewards/accuracies", "eval/logps/chosen", "eval/logps/rejected", "eval/logps_accuracy")  # fmt: skip
-TRAIN_KEYS = ("train/loss", "train/rewards/chosen", "train/rewards/rejected", "train/rewards/margins",
-              "train/rewards/accuracies", "train/logps/chosen", "train/logps/rejected")  # fmt: skip
+def metric_means(sums, n, prefix: str, unpaired=False) -> dict:
+    """Means of the summed metric rows of n pairs (logps_accuracy: held-out only). Unpaired KTO data: rewards and
+    log-probs averaged over the desirable examples (logged as chosen) and the undesirable ones (rejected), as TRL's
+    KTOTrainer logs them; no logps_accuracy (there are no pairs)."""
+    m = (sums / n).tolist()
+    if unpaired:
+        d, u = max(m[6], 1e-12), max(m[7], 1e-12)  # the shares of desirable and undesirable examples
+        m = [m[0], m[1] / d, m[2] / u, m[1] / d - m[2] / u, m[3], m[4] / d, m[5] / u]
+    keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+            "logps/rejected", "logps_accuracy")[: 7 if prefix == "train" else 8]  # fmt: skip
+    return {f"{prefix}/{k}": v for k, v in zip(keys, m)}
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -481,7 +465,6 @@ def main(args: Args):
         raise SystemExit(f"error: --label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
     run = setup(args.seed, args.dtype, args.cpu_offload)
     needs_ref = args.loss_type not in REFERENCE_FREE
-    sides = ("chosen", "rejected", "kl") if args.loss_type == "kto" else ("chosen", "rejected")
 
     # ---- data (the processor tokenises; a VLM's also reads the images) ----
     processor = load_processor(args.model_path)
@@ -491,16 +474,14 @@ def main(args: Args):
         )
         args = replace(args, packing=False)
     with_kl = args.loss_type == "kto"
-    pairs, _ = build_pairs(
-        args.dataset, processor, max_len=args.max_len, overlong=args.overlong, with_kl=with_kl, seed=args.seed
-    )
+    records, eval_records = load_data(args)
+    pairs, _ = build_pairs(records, processor, max_len=args.max_len, overlong=args.overlong, with_kl=with_kl,
+                           name=args.dataset)  # fmt: skip
     eval_pairs, answer_items = [], []
-    if args.eval_dataset:
-        eval_pairs, records = build_pairs(args.eval_dataset, processor, max_len=args.max_len, with_kl=with_kl)
-        answer_items = [
-            (preference_messages(r)[0][: _n_prompt(r)], r["answer"], r["_dir"]) for r in records if "answer" in r
-        ]
-        answer_items = answer_items[: args.eval_samples]
+    if eval_records:
+        eval_pairs, kept = build_pairs(eval_records, processor, max_len=args.max_len, with_kl=with_kl, name="held-out")
+        answer_items = [r for r in kept if "answer" in r][: args.eval_samples]
+        answer_items = prompt_records(answer_items, processor, script="dpo.py")  # image paths resolved
     global_pairs = args.batch_size * args.grad_accum * run.world_size
     steps_per_epoch = len(pairs) // global_pairs
     if steps_per_epoch == 0:
@@ -533,10 +514,11 @@ def main(args: Args):
     results: dict = {"ref_cache_hit": {}}
     ref, ref_eval = {}, {}
     if needs_ref:  # the reference pass: before any update
-        ref, results["ref_cache_hit"]["train"] = reference_logps(args, "train", pairs, sides, model, processor, run)
+        ref, results["ref_cache_hit"]["train"] = reference_logps(args, "train", pairs, sides_of(pairs), model,
+                                                                 processor, run)  # fmt: skip
         if eval_pairs:
-            ref_eval, results["ref_cache_hit"]["eval"] = reference_logps(args, "eval", eval_pairs, sides, model,
-                                                                         processor, run)  # fmt: skip
+            ref_eval, results["ref_cache_hit"]["eval"] = reference_logps(args, "eval", eval_pairs, sides_of(eval_pairs),
+                                                                         model, processor, run)  # fmt: skip
     if answer_items and not args.resume:
         results["accuracy_before"] = answer_accuracy(
             model, processor, answer_items, run, max_new_tokens=args.max_new_tokens
@@ -554,7 +536,7 @@ def main(args: Args):
     if eval_pairs and step == 0:
         before = run_eval(model, eval_pairs, ref_eval, args, processor, run)
         results.update(preference_accuracy_before=before["eval/rewards/accuracies"],
-                       logps_accuracy_before=before["eval/logps_accuracy"])  # fmt: skip
+                       logps_accuracy_before=before.get("eval/logps_accuracy", math.nan))  # fmt: skip
         run.print(f"[eval] held-out before training: reward accuracy {results['preference_accuracy_before']:.3f} "
                   f"(margin > 0), policy prefers chosen {results['logps_accuracy_before']:.3f}")  # fmt: skip
         logger.log(before, 0)
@@ -582,7 +564,7 @@ def main(args: Args):
         grad_norm = optimizer_step(optimizer, scheduler, trainable, args.max_grad_norm)
         step += 1
 
-        metrics = dict(zip(TRAIN_KEYS, (sums / global_pairs).tolist()))
+        metrics = metric_means(sums, global_pairs, "train", unpaired="label" in pairs[0])
         metrics.update({"train/lr": lrs[0], "train/grad_norm": grad_norm, "train/epoch": step / steps_per_epoch,
                         "train/pairs_per_s": global_pairs / (time.time() - t0)})  # fmt: skip
         if len(lrs) > 1:  # a VLM's parts
@@ -599,7 +581,7 @@ def main(args: Args):
     progress.close()
     if eval_pairs and "eval/loss" in metrics:
         results.update(preference_accuracy_after=metrics["eval/rewards/accuracies"],
-                       logps_accuracy_after=metrics["eval/logps_accuracy"])  # fmt: skip
+                       logps_accuracy_after=metrics.get("eval/logps_accuracy", math.nan))  # fmt: skip
         run.print(f"[eval] held-out after training: reward accuracy {results['preference_accuracy_after']:.3f}, "
                   f"policy prefers chosen {results['logps_accuracy_after']:.3f}")  # fmt: skip
 

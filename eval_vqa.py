@@ -51,7 +51,8 @@ from tqdm import tqdm
 
 from common.chat import encode
 from common.cli import cli
-from common.data import DataError, content_text, load_mixture
+from common.data import DataError, content_text
+from common.datasets import load_data
 from common.metrics import answer_type, easy_vqa_question_type, format_table, score, summarise
 from common.rollout import generate
 from common.run import RunLogger, finish, setup
@@ -67,6 +68,14 @@ class Args:
     dataset: str = "easy-vqa:test"
     """questions: easy-vqa:test, or a .jsonl/.json/.parquet file of chat or {image, question, answers} records; several
     sources (--dataset a.jsonl --dataset b.jsonl) are evaluated together"""
+    dataset_split: str | None = None
+    """split of a hub dataset or of a local `datasets` folder (default: train); a file has none"""
+    dataset_config: str | None = None
+    """subset (config) of a hub dataset; of a local folder: its subfolder of that name"""
+    columns: str | None = None
+    """field names to map, new=old comma-separated (e.g. prompt=question,completion=answer; copies; new= drops one)"""
+    answer_regex: str | None = None
+    """the reference answer is the first group of this regex in the `answer` field (gsm8k: '#### (.*)')"""
     output_dir: str = "runs/eval_vqa"
     """predictions.jsonl and metrics.json go here"""
     config: str | None = None
@@ -223,7 +232,7 @@ def main(args: Args):
 
     # ---- data: an evenly spaced subset, normalised; each rank takes every world_size-th question ----
     model_dir = check_model_path(args.model_path)
-    records = load_mixture(args.dataset)
+    records, _ = load_data(args, with_eval=False)
     if 0 < args.max_samples < len(records):
         records = [records[i * len(records) // args.max_samples] for i in range(args.max_samples)]
     records = [normalise_record(r, args.prompt_suffix) for r in records]

@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from common.checkpoint import export_model, resume, save_if_due
 from common.cli import cli
+from common.datasets import load_data
 from common.models import describe, fsdp_blocks, load_model, load_processor
 from common.rewards import VERIFY_OUTCOMES, VERIFY_STATS, reward_functions, score_completions
 from common.rollout import (
@@ -93,11 +94,23 @@ class Args:
     """policy to train: a local HF folder, an alias (smollm2-135m), a .gguf file or a hub id. The default is the model
     `python sft.py` exports: RL sharpens a policy that already solves some problems, it cannot teach the format from zero"""
     dataset: str = "data/arith/train.jsonl"
-    """prompts: messages records (the final assistant turn is dropped) or message+answer records; `answer` is the
-    reference. Messages may hold image parts when --model-path is a VLM (e.g. easy-vqa:train). A weighted mixture:
-    --dataset a.jsonl:0.7 --dataset b.jsonl:0.3"""
+    """prompts: a `prompt` field, messages (the final assistant turn is dropped), message+answer or a preference pair's
+    prompt (common/datasets.py); `answer` is the reference. Messages may hold image parts when --model-path is a VLM
+    (e.g. easy-vqa:train). A weighted mixture: --dataset a.jsonl:0.7 --dataset b.jsonl:0.3"""
     eval_dataset: str | None = "data/arith/test.jsonl"
     """held-out prompts answered greedily before and after training (answer accuracy)"""
+    dataset_split: str | None = None
+    """split of a hub dataset or of a local `datasets` folder (default: train); a file has none"""
+    dataset_config: str | None = None
+    """subset (config) of a hub dataset; of a local folder: its subfolder of that name"""
+    eval_split: str | None = None
+    """held-out records from this split of --dataset (a hub name or folder), instead of --eval-dataset"""
+    eval_fraction: float = 0.0
+    """hold out this fraction of --dataset's records (seeded by --seed, out of training), instead of --eval-dataset"""
+    columns: str | None = None
+    """field names to map, new=old comma-separated (e.g. prompt=question,completion=answer; copies; new= drops one)"""
+    answer_regex: str | None = None
+    """the reference answer is the first group of this regex in the `answer` field (gsm8k: '#### (.*)')"""
     output_dir: str = "runs/grpo"
     """checkpoints, metrics.jsonl, rollouts.jsonl and the exported Hugging Face folder (`<output-dir>/model`)"""
     config: str | None = None
@@ -476,11 +489,10 @@ def main(args: Args):
             "first, whose default run exports there, or pass another model, e.g. --model-path smollm2-135m"
         )
     processor = load_processor(args.model_path)
-    train_items = prompt_records(args.dataset, processor, script="grpo.py", seed=args.seed)
-    eval_items = []
-    if args.eval_dataset and args.eval_samples:
-        eval_items = [it for it in prompt_records(args.eval_dataset, processor, script="grpo.py") if it[1] is not None]
-        eval_items = eval_items[: args.eval_samples]
+    records, eval_records = load_data(args, with_eval=args.eval_samples > 0)
+    train_items = prompt_records(records, processor, script="grpo.py")
+    eval_items = [it for it in prompt_records(eval_records, processor, script="grpo.py") if it[1] is not None]
+    eval_items = eval_items[: args.eval_samples]
     reward_names, reward_fns = reward_functions(args.rewards, args.reward_url, args.reward_timeout, args.reward_retries)
     weights = list(args.reward_weights) if args.reward_weights else [1.0] * len(reward_fns)
     if len(weights) != len(reward_fns) or not reward_fns:

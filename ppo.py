@@ -62,6 +62,7 @@ from tqdm import tqdm
 
 from common.checkpoint import export_model, resume, save_if_due
 from common.cli import cli
+from common.datasets import load_data
 from common.models import describe, fsdp_blocks, load_model, load_processor
 from common.rewards import reward_functions, score_completions
 from common.rollout import (
@@ -105,10 +106,23 @@ class Args:
     """reward model trained by reward_model.py (a sequence-classification folder, or a VLM one that scores the prompt's
     image too); its score joins the reward"""
     dataset: str = "data/arith/train.jsonl"
-    """prompts: messages or message+answer records (`answer` is the reference of the verifiers); image parts need a VLM
-    --model-path (e.g. easy-vqa:train). A weighted mixture: --dataset a.jsonl:0.7 --dataset b.jsonl:0.3"""
+    """prompts: a `prompt` field, messages, message+answer or a preference pair's prompt (common/datasets.py); `answer`
+    is the reference of the verifiers; image parts need a VLM --model-path (e.g. easy-vqa:train). A weighted mixture:
+    --dataset a.jsonl:0.7 --dataset b.jsonl:0.3"""
     eval_dataset: str | None = "data/arith/test.jsonl"
     """held-out prompts answered greedily before and after training (answer accuracy)"""
+    dataset_split: str | None = None
+    """split of a hub dataset or of a local `datasets` folder (default: train); a file has none"""
+    dataset_config: str | None = None
+    """subset (config) of a hub dataset; of a local folder: its subfolder of that name"""
+    eval_split: str | None = None
+    """held-out records from this split of --dataset (a hub name or folder), instead of --eval-dataset"""
+    eval_fraction: float = 0.0
+    """hold out this fraction of --dataset's records (seeded by --seed, out of training), instead of --eval-dataset"""
+    columns: str | None = None
+    """field names to map, new=old comma-separated (e.g. prompt=question,completion=answer; copies; new= drops one)"""
+    answer_regex: str | None = None
+    """the reference answer is the first group of this regex in the `answer` field (gsm8k: '#### (.*)')"""
     output_dir: str = "runs/ppo"
     """checkpoints, metrics.jsonl and the exports: <output-dir>/model (policy), <output-dir>/critic"""
     config: str | None = None
@@ -403,11 +417,10 @@ def main(args: Args):
 
     # ---- prompts, rewards, plan ----
     processor = load_processor(args.model_path)
-    train_items = prompt_records(args.dataset, processor, script="ppo.py", seed=args.seed)
-    eval_items = []
-    if args.eval_dataset and args.eval_samples:
-        eval_items = [it for it in prompt_records(args.eval_dataset, processor, script="ppo.py") if it[1] is not None]
-        eval_items = eval_items[: args.eval_samples]
+    records, eval_records = load_data(args, with_eval=args.eval_samples > 0)
+    train_items = prompt_records(records, processor, script="ppo.py")
+    eval_items = [it for it in prompt_records(eval_records, processor, script="ppo.py") if it[1] is not None]
+    eval_items = eval_items[: args.eval_samples]
     reward_names, reward_fns = reward_functions(args.rewards, args.reward_url, args.reward_timeout, args.reward_retries)
     reward_names += ["reward_model"] if args.reward_model else []
     weights = torch.tensor(args.reward_weights or [1.0] * len(reward_names), dtype=torch.float32)

@@ -54,6 +54,7 @@ from common.chat import IGNORE, collate, epoch_batches, heldout_nll, pack_exampl
 from common.checkpoint import export_model, resume, save_if_due
 from common.cli import cli
 from common.data import DataError, load_mixture
+from common.datasets import load_data
 from common.easy_vqa import EASY_VQA_COLORS, EASY_VQA_SHAPES
 from common.logprob import sequence_logprobs
 from common.metrics import exact_match, vqa_normalize
@@ -92,6 +93,18 @@ class Args:
     easy-vqa:captions-train, or a weighted mixture (repeat the flag: --dataset a.jsonl:0.7 --dataset b.jsonl:0.3)"""
     eval_dataset: str | None = "easy-vqa:captions-test"
     """held-out caption records for the eval loss and caption accuracy"""
+    dataset_split: str | None = None
+    """split of a hub dataset or of a local `datasets` folder (default: train); a file has none"""
+    dataset_config: str | None = None
+    """subset (config) of a hub dataset; of a local folder: its subfolder of that name"""
+    eval_split: str | None = None
+    """held-out records from this split of --dataset (a hub name or folder), instead of --eval-dataset"""
+    eval_fraction: float = 0.0
+    """hold out this fraction of --dataset's records (seeded by --seed, out of training), instead of --eval-dataset"""
+    columns: str | None = None
+    """field names to map, new=old comma-separated (e.g. prompt=question,completion=answer; copies; new= drops one)"""
+    answer_regex: str | None = None
+    """the reference answer is the first group of this regex in the `answer` field (gsm8k: '#### (.*)')"""
     eval_size: int = 300
     """held-out records (the first N) the eval loss is computed on"""
     eval_samples: int = 100
@@ -163,16 +176,16 @@ def caption_chat(record: dict, with_caption: bool = True) -> list[dict]:
     return chat + [{"role": "assistant", "content": record["caption"]}] if with_caption else chat
 
 
-def load_caption_records(spec: str, seed: int) -> list[dict]:
-    """Records of a source or weighted mixture (common.data.load_mixture), each checked to be {image, caption}."""
-    records = load_mixture(spec, seed=seed)
+def load_caption_records(source, seed: int = 0) -> list[dict]:
+    """Records of a source or weighted mixture (common.data.load_mixture), or records already loaded (load_data), each
+    checked to be {image: path (or a hub dataset's PIL image), caption}."""
+    records = load_mixture(source, seed=seed) if isinstance(source, str) else source
     for r in records:
         for field in ("image", "caption"):
-            if not isinstance(r.get(field), str) or not r[field].strip():
-                raise DataError(
-                    f"{r.get('_where', spec)}: {field}: expected a non-empty string "
-                    f'(caption records are {{"image": path, "caption": text}})'
-                )
+            pil = field == "image" and hasattr(r.get(field), "convert")  # a hub dataset's image
+            if not (pil or isinstance(r.get(field), str) and r[field].strip()):
+                raise DataError(f"{r.get('_where', '?')}: {field}: expected a non-empty string (caption records are "
+                                '{"image": path, "caption": text}; map other names with --columns)')  # fmt: skip
     return records
 
 
@@ -274,8 +287,7 @@ def main(args: Args):
     run = setup(args.seed, args.dtype, args.cpu_offload)
 
     # ---- data and model: read and check the records first, then preprocess every image and caption once, pack ----
-    records = load_caption_records(args.dataset, args.seed)
-    eval_records = load_caption_records(args.eval_dataset, args.seed) if args.eval_dataset else []
+    records, eval_records = (load_caption_records(r) for r in load_data(args))
     model, processor = build_model(args, run.device, meta=run.sharded and not run.main)
     packing = args.packing and processor.packable
     examples = caption_examples(records, processor, args.max_len, args.overlong)

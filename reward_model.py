@@ -40,7 +40,8 @@ from tqdm import tqdm
 
 from common.checkpoint import resume, save_if_due
 from common.cli import cli
-from common.data import DataError, detect_format, has_images, load_mixture, preference_messages
+from common.data import DataError, has_images, load_mixture, preference_messages
+from common.datasets import detect_format, load_data
 from common.models import describe, fsdp_blocks, load_processor
 from common.run import (
     RunLogger,
@@ -68,6 +69,18 @@ class Args:
     or a datasets hub name; a weighted mixture as --dataset a.jsonl:0.7 --dataset b.jsonl:0.3"""
     eval_dataset: str | None = "data/arith_pref/test.jsonl"
     """held-out pairs: pair accuracy (chosen scored above rejected) before and after training"""
+    dataset_split: str | None = None
+    """split of a hub dataset or of a local `datasets` folder (default: train); a file has none"""
+    dataset_config: str | None = None
+    """subset (config) of a hub dataset; of a local folder: its subfolder of that name"""
+    eval_split: str | None = None
+    """held-out records from this split of --dataset (a hub name or folder), instead of --eval-dataset"""
+    eval_fraction: float = 0.0
+    """hold out this fraction of --dataset's records (seeded by --seed, out of training), instead of --eval-dataset"""
+    columns: str | None = None
+    """field names to map, new=old comma-separated (e.g. prompt=question,completion=answer; copies; new= drops one)"""
+    answer_regex: str | None = None
+    """the reference answer is the first group of this regex in the `answer` field (gsm8k: '#### (.*)')"""
     output_dir: str = "runs/rm"
     """checkpoints, metrics.jsonl and the exported reward model (`<output-dir>/model`)"""
     config: str | None = None
@@ -123,11 +136,14 @@ def bradley_terry_loss(chosen_scores, rejected_scores):
 
 
 def preference_pairs(source, processor, max_len, limit=None, seed=0):
-    """[((chosen messages, image folder), (rejected messages, image folder))] of a preference file's first `limit`
-    records; pairs with a side over max_len tokens are skipped. Image pairs need a VLM, and a VLM image pairs."""
-    records = load_mixture(source, seed=seed)[:limit]
-    if detect_format(records) != "preference":
-        raise DataError(f"{source}: reward_model.py needs preference records (prompt, chosen, rejected)")
+    """[((chosen messages, image folder), (rejected messages, image folder))] of the first `limit` preference records
+    of a source (or of records already loaded); the prompt explicit or implicit (common/datasets.py). Pairs with a side
+    over max_len tokens are skipped. Image pairs need a VLM, and a VLM image pairs."""
+    records = (load_mixture(source, seed=seed) if isinstance(source, str) else source)[:limit]
+    source = source if isinstance(source, str) else "dataset"
+    if detect_format(records, use="pairs", script="reward_model.py") != "preference":
+        raise DataError(f"{records[0]['_where']}: reward_model.py needs preference records (chosen, rejected): "
+                        "unpaired ones (label) train KTO with dpo.py --loss-type kto")  # fmt: skip
     kept = []
     for r in records:
         chats = preference_messages(r)
@@ -175,10 +191,9 @@ def main(args: Args):
 
     # ---- pairs, plan ----
     processor = load_processor(args.model_path)
-    pairs = preference_pairs(args.dataset, processor, args.max_len, seed=args.seed)
-    eval_pairs = []
-    if args.eval_dataset and args.eval_samples:
-        eval_pairs = preference_pairs(args.eval_dataset, processor, args.max_len, args.eval_samples)
+    records, eval_records = load_data(args, with_eval=args.eval_samples > 0)
+    pairs = preference_pairs(records, processor, args.max_len)
+    eval_pairs = preference_pairs(eval_records, processor, args.max_len, args.eval_samples) if eval_records else []
     run.print(f"[plan] reward model | model {args.model_path}{' (VLM)' if is_vlm(args.model_path) else ''} | "
               f"{len(pairs)} pairs, {len(eval_pairs)} held-out | {args.max_steps} steps x {args.pairs_per_step} pairs | "
               f"lr {args.lr} | world size {run.world_size} | {run.device} {run.dtype}")  # fmt: skip

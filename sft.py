@@ -45,10 +45,10 @@ from tqdm import tqdm
 from common.chat import IGNORE, build_sft_examples, collate, epoch_batches, heldout_nll, pack_examples
 from common.checkpoint import export_model, resume, save_if_due
 from common.cli import cli
-from common.data import load_mixture, to_messages
+from common.datasets import load_data
 from common.logprob import sequence_logprobs
 from common.models import describe, fsdp_blocks, load_model, load_processor
-from common.rollout import answer_accuracy
+from common.rollout import answer_accuracy, prompt_records
 from common.run import (
     RunLogger,
     all_reduce_sums,
@@ -70,14 +70,27 @@ class Args:
     """model to fine-tune: an alias (smollm2-135m), a .gguf file, a local HF folder or a hub id; or a VLM folder
     (common/vision.py's save_vlm, or a native HF VLM such as Qwen2-VL): then records may hold images"""
     dataset: str = "data/arith/train.jsonl"
-    """training data: a .jsonl/.json/.parquet file, a folder of them, easy-vqa:<kind> or a datasets hub name; a
-    mixture as source:weight, repeated or comma-separated (--dataset a.jsonl:0.7 --dataset b.jsonl:0.3)"""
+    """training data (text, messages, prompt+completion or message+answer records; common/datasets.py): a
+    .jsonl/.json/.parquet file, a folder of them, easy-vqa:<kind> or a datasets hub name; a mixture as source:weight,
+    repeated or comma-separated (--dataset a.jsonl:0.7 --dataset b.jsonl:0.3)"""
     dataset_records: int = 0
     """use this many training records: a seeded sample that keeps the mixture weights (0: every record once)"""
     eval_dataset: str | None = "data/arith/test.jsonl"
     """held-out data for the eval loss (and answer accuracy when its records carry an `answer` field)"""
     eval_dataset_records: int = 0
     """use this many held-out records, a seeded sample (0: all, in order)"""
+    dataset_split: str | None = None
+    """split of a hub dataset or of a local `datasets` folder (default: train); a file has none"""
+    dataset_config: str | None = None
+    """subset (config) of a hub dataset; of a local folder: its subfolder of that name"""
+    eval_split: str | None = None
+    """held-out records from this split of --dataset (a hub name or folder), instead of --eval-dataset"""
+    eval_fraction: float = 0.0
+    """hold out this fraction of --dataset's records (seeded by --seed, out of training), instead of --eval-dataset"""
+    columns: str | None = None
+    """field names to map, new=old comma-separated (e.g. prompt=question,completion=answer; copies; new= drops one)"""
+    answer_regex: str | None = None
+    """the reference answer is the first group of this regex in the `answer` field (gsm8k: '#### (.*)')"""
     output_dir: str = "runs/sft"
     """checkpoints, metrics.jsonl and the exported Hugging Face folder (`<output-dir>/model`) go here"""
     config: str | None = None
@@ -178,18 +191,17 @@ def main(args: Args):
     def rows_of(examples):
         return [[examples[i] for i in pack] for pack in pack_examples(examples, args.max_len)] if packing else examples
 
-    records = load_mixture(args.dataset, seed=args.seed, total=args.dataset_records or None)
+    records, eval_records = load_data(
+        args, total=args.dataset_records or None, eval_total=args.eval_dataset_records or None
+    )
     examples, stats = build_sft_examples(records, processor, max_len=args.max_len, overlong=args.overlong,
                                          name=args.dataset)  # fmt: skip
     items, eval_items, answer_items = rows_of(examples), [], []
-    if args.eval_dataset:
-        records = load_mixture(args.eval_dataset, seed=args.seed, total=args.eval_dataset_records or None)
-        eval_examples, eval_stats = build_sft_examples(records, processor, max_len=args.max_len, name=args.eval_dataset)
+    if eval_records:
+        eval_examples, _ = build_sft_examples(eval_records, processor, max_len=args.max_len, name="held-out")
         eval_items = rows_of(eval_examples)
-        answer_items = [
-            (to_messages(r, eval_stats["format"])[:-1], r["answer"], r["_dir"]) for r in records if "answer" in r
-        ]
-        answer_items = answer_items[: args.eval_samples]
+        answer_items = [r for r in eval_records if "answer" in r][: args.eval_samples]
+        answer_items = prompt_records(answer_items, processor, script="sft.py")  # image paths resolved
     global_rows = args.batch_size * args.grad_accum * run.world_size
     steps_per_epoch = len(items) // global_rows
     if steps_per_epoch == 0:

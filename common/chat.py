@@ -2,16 +2,25 @@
 VLM's, common/vision.py), SFT examples, padding, packing and epoch order.
 
 Pipeline for SFT: load_records -> detect_format -> to_messages -> processor(messages) (tokenize_chat for a text model)
--> pad_collate, or pack_examples + pack_collate. Labels are *unshifted* (-100 = no loss); the scripts shift.
+-> pad_collate, or pack_examples + pack_collate. Labels are *unshifted* (-100 = no loss); the scripts shift. Raw text
+(`text` records) skips the chat template: text_examples.
+
+Tool calls: an assistant turn's `tool_calls` go to the chat template when it renders them; a template that drops them
+(SmolLM2's) gets them written into the turn's content as Hermes-style JSON, one per call, so they are trained:
+    <tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>
+A record's `tools` list goes to the template likewise, or else into the system turn as JSON between <tools> tags.
+`tool` turns (the results) are never targets, like every non-assistant turn.
 """
 
 from __future__ import annotations
 
+import json
 import math
 
 import torch
 
-from common.data import DataError, content_text, detect_format, has_images, load_records, log, to_messages
+from common.data import DataError, content_text, has_images, load_records, log, to_messages
+from common.datasets import detect_format
 from common.logprob import sequence_logprobs
 from common.run import all_reduce_sums, derive_seed, to_device
 
@@ -22,11 +31,60 @@ IGNORE = -100  # label value that contributes no loss (torch cross_entropy's def
 _warned_unstable: set[str] = set()
 
 
-def _assistant_spans(messages: list[dict], tokenizer, full: str) -> list[tuple[int, int]]:
+_renders: dict = {}
+
+
+def _template_renders(tokenizer, what: str) -> bool:
+    """Whether the chat template renders tool calls (what="tool_calls") or a tools list ("tools"): a probe name shows."""
+    key = (tokenizer.chat_template, what)
+    if key not in _renders:
+        name = "cleanpost_probe_fn"
+        call = {"type": "function", "function": {"name": name, "arguments": {}}}
+        chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+        tool = {"type": "function", "function": {"name": name, "description": "", "parameters": {"type": "object"}}}
+        try:
+            text = tokenizer.apply_chat_template(chat if what == "tool_calls" else chat[:1], tools=[tool] if what == "tools"
+                                                 else None, tokenize=False)  # fmt: skip
+        except Exception:  # a template that raises on them renders them no better
+            text = ""
+        _renders[key] = name in text
+    return _renders[key]
+
+
+def _tool_call_text(call: dict) -> str:
+    function = call.get("function", call)
+    arguments = function.get("arguments", {})
+    try:  # OpenAI's wire format holds the arguments as a JSON string: written as the object it encodes
+        arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except json.JSONDecodeError:
+        pass
+    return "<tool_call>\n" + json.dumps({"name": function["name"], "arguments": arguments}) + "\n</tool_call>"
+
+
+def template_messages(messages: list[dict], tokenizer, tools=None) -> tuple[list[dict], list | None]:
+    """(messages, tools) as the chat template takes them: text content; tool calls and tools passed to the template
+    when it renders them, else written into the text (see the module docstring)."""
+    native_calls = _template_renders(tokenizer, "tool_calls")
+    out = []
+    for m in messages:
+        text, calls = content_text(m.get("content")), m.get("tool_calls")
+        if calls and not native_calls:
+            text = "\n".join([text] * bool(text) + [_tool_call_text(call) for call in calls])
+        rest = {k: v for k, v in m.items() if k not in ("content", "tool_calls")}  # role; a tool turn's name
+        out.append(rest | {"content": text} | ({"tool_calls": calls} if calls and native_calls else {}))
+    if tools and not _template_renders(tokenizer, "tools"):
+        listed = "You can call these tools:\n<tools>\n" + "\n".join(json.dumps(t) for t in tools) + "\n</tools>"
+        system = out[0]["content"] + "\n\n" if out and out[0]["role"] == "system" else ""
+        out = [{"role": "system", "content": system + listed}] + out[1 if system else 0 :]
+        tools = None
+    return out, tools or None
+
+
+def _assistant_spans(messages: list[dict], tokenizer, full: str, tools=None) -> list[tuple[int, int]]:
     """Character spans of every assistant turn (content + end-of-turn token) inside the rendered `full` text."""
 
     def render(msgs, gen=False):
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        return tokenizer.apply_chat_template(msgs, tools=tools, tokenize=False, add_generation_prompt=gen)
 
     spans, cursor = [], 0
     for i, m in enumerate(messages):
@@ -63,7 +121,9 @@ def _assistant_spans(messages: list[dict], tokenizer, full: str) -> list[tuple[i
     return spans
 
 
-def tokenize_chat(messages: list[dict], tokenizer, *, max_len: int, overlong: str = "truncate") -> dict | None:
+def tokenize_chat(
+    messages: list[dict], tokenizer, *, max_len: int, overlong: str = "truncate", tools=None
+) -> dict | None:
     """{"input_ids", "labels", "truncated"} with labels = input_ids on assistant-turn tokens only, -100 elsewhere.
 
     Over-long chats keep their first max_len tokens (overlong="truncate") or give None (overlong="drop").
@@ -74,9 +134,9 @@ def tokenize_chat(messages: list[dict], tokenizer, *, max_len: int, overlong: st
         raise ValueError(
             f"tokenizer {getattr(tokenizer, 'name_or_path', '')} has no chat template; use an instruct model's tokenizer"
         )
-    text_messages = [{"role": m["role"], "content": content_text(m["content"])} for m in messages]
-    full = tokenizer.apply_chat_template(text_messages, tokenize=False)
-    spans = _assistant_spans(text_messages, tokenizer, full)
+    text_messages, tools = template_messages(messages, tokenizer, tools)
+    full = tokenizer.apply_chat_template(text_messages, tools=tools, tokenize=False)
+    spans = _assistant_spans(text_messages, tokenizer, full, tools)
     enc = tokenizer(full, return_offsets_mapping=True, add_special_tokens=False)
     input_ids = list(enc["input_ids"])
     # a token is a target when it overlaps an assistant span (catches tokens merged across the span start)
@@ -102,16 +162,18 @@ class TextProcessor:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
 
-    def __call__(self, messages, *, base_dir=".", max_len=None, overlong="truncate", add_generation_prompt=False):
+    def __call__(self, messages, *, base_dir=".", max_len=None, overlong="truncate", add_generation_prompt=False,
+                 tools=None):  # fmt: skip
         if has_images(messages):
             raise DataError("the chat holds an image but --model-path is a text model; pass a VLM folder "
                             "(pretrain_captioner.py / sft.py export, or a native image-text-to-text model)")  # fmt: skip
         if add_generation_prompt:
-            text_messages = [{"role": m["role"], "content": content_text(m["content"])} for m in messages]
-            text = self.tokenizer.apply_chat_template(text_messages, add_generation_prompt=True, tokenize=False)
+            text_messages, tools = template_messages(messages, self.tokenizer, tools)
+            text = self.tokenizer.apply_chat_template(text_messages, tools=tools, add_generation_prompt=True,
+                                                      tokenize=False)  # fmt: skip
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             return {"input_ids": ids, "labels": [IGNORE] * len(ids), "images": [], "truncated": False}
-        example = tokenize_chat(messages, self.tokenizer, max_len=max_len or 1 << 30, overlong=overlong)
+        example = tokenize_chat(messages, self.tokenizer, max_len=max_len or 1 << 30, overlong=overlong, tools=tools)
         return None if example is None else {**example, "images": []}
 
     def image_inputs(self, examples, input_ids=None) -> dict:
@@ -119,25 +181,39 @@ class TextProcessor:
 
 
 def encode(processor, messages, record, **kwargs):
-    """processor(messages) with the record's image folder; a DataError names the record's file:line."""
+    """processor(messages) with the record's image folder (and its `tools` list, a JSON string or a list); a DataError
+    names the record's file:line."""
+    tools = record.get("tools")
+    kwargs |= {"tools": json.loads(tools) if isinstance(tools, str) else tools} if tools else {}
     try:
         return processor(messages, base_dir=record.get("_dir", "."), **kwargs)
     except DataError as e:
         raise DataError(f"{record.get('_where', '?')}: {e}") from None
 
 
+def text_examples(text: str, tokenizer, max_len: int) -> list[dict]:
+    """Raw text for continued pretraining: no chat template, every token a target, EOS appended; a text longer than
+    max_len is cut into max_len-token pieces (none dropped)."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    ids += (
+        [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and ids[-1:] != [tokenizer.eos_token_id] else []
+    )
+    return [{"input_ids": ids[i : i + max_len], "labels": ids[i : i + max_len], "images": []}
+            for i in range(0, len(ids), max_len)]  # fmt: skip
+
+
 def build_sft_examples(source, processor, *, max_len: int, overlong="truncate", name=None) -> tuple[list, dict]:
     """load -> detect -> to_messages -> processor; returns (examples, stats). `source`: a load_records source, or
     records already loaded (load_mixture), called `name` in messages. A VLM's examples also carry their images, and
-    image tokens count toward max_len."""
+    image tokens count toward max_len. Raw `text` records: text_examples."""
     records = load_records(source) if isinstance(source, str) else source
     source = source if isinstance(source, str) else name or "dataset"
-    fmt = detect_format(records)
-    if fmt == "preference":
-        raise DataError(f"{source}: preference data (prompt/chosen/rejected) is for dpo.py; SFT needs "
-                        "messages, prompt_completion or message_answer records")  # fmt: skip
+    fmt = detect_format(records, use="sft", script="sft.py")
     examples, n_truncated, n_dropped, n_no_target = [], 0, 0, 0
     for record in records:
+        if fmt == "text":
+            examples += text_examples(record["text"], processor.tokenizer, max_len)
+            continue
         example = encode(processor, to_messages(record, fmt), record, max_len=max_len, overlong=overlong)
         if example is None:
             n_dropped += 1

@@ -1,6 +1,8 @@
-"""Reading and validating training data: files, folders, hub datasets, easy-vqa, weighted mixtures; record formats.
+"""Reading training data: files, folders, easy-vqa, weighted mixtures; chat messages: validation, the chats of each
+record shape (to_messages, prompt_messages, preference_parts), images. Which shape a dataset has, hub names and
+`datasets` folders with splits and subsets, and the data flags every script shares: common/datasets.py.
 
-Every script reads data through this module, so every data problem surfaces here, early, as a `DataError`
+Every script reads data through these two modules, so every data problem surfaces here, early, as a `DataError`
 that names the file and line (the record's `_where`) and what was expected. Tokenising, padding and packing the
 records is common/chat.py's job.
 """
@@ -10,9 +12,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from pathlib import Path
 
-FORMATS = ("messages", "prompt_completion", "message_answer", "preference")
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
@@ -27,7 +29,7 @@ class DataError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------- loading
-def _read_file(path: Path) -> list[dict]:
+def read_file(path: Path) -> list[dict]:
     records: list[dict] = []
     if path.suffix == ".jsonl":
         with open(path, encoding="utf-8") as f:
@@ -71,40 +73,41 @@ def _read_file(path: Path) -> list[dict]:
     return records
 
 
-def load_records(source: str, split: str | None = None) -> list[dict]:
+def load_records(source: str, split: str | None = None, config: str | None = None) -> list[dict]:
     """Records from a .jsonl/.json/.parquet file, a folder of them, `easy-vqa:<kind>` (the bundled easy-VQA shapes
-    set; kind: captions-train, captions-test, train, test, pairs-train or pairs-test) or a `datasets` hub name."""
+    set; kind: captions-train, captions-test, train, test, pairs-train or pairs-test) or a `datasets` hub name. A split
+    or config (subset) reads a hub name or a local `datasets` folder (common/datasets.py); a file has neither."""
     if source.startswith("easy-vqa:"):
         from common.easy_vqa import easy_vqa_records
 
+        if split or config:
+            raise DataError(f"{source}: an easy-vqa kind names its own split; --dataset-split, --dataset-config and "
+                            "--eval-split are for hub names and folders")  # fmt: skip
         return easy_vqa_records(source.split(":", 1)[1])
     path = Path(source).expanduser()
-    if path.is_dir():
+    if path.is_dir() and not (split or config) and not _saved_dataset(path):
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in FILE_SUFFIXES)
         if not files:
             raise DataError(f"{source}: folder has no {'/'.join(FILE_SUFFIXES)} files")
-        return [r for p in files for r in _read_file(p)]
+        return [r for p in files for r in read_file(p)]
     if path.is_file() and path.suffix not in FILE_SUFFIXES:
         raise DataError(f"{source}: unsupported file type {path.suffix!r}; expected {', '.join(FILE_SUFFIXES)}")
-    if path.suffix in FILE_SUFFIXES or source.startswith(("/", "./", "../", "~")) or source.endswith("/"):
+    local = path.suffix in FILE_SUFFIXES or source.startswith(("/", "./", "../", "~")) or source.endswith("/")
+    if not path.is_dir() and local:
         if not path.exists():
             raise DataError(f"{source}: no such file or folder")
-        return _read_file(path)
-    try:
-        import datasets
+        if split or config:
+            raise DataError(f"{source} is one file, without splits or subsets: --dataset-split, --dataset-config and "
+                            "--eval-split are for hub names and folders (hold out with --eval-fraction)")  # fmt: skip
+        return read_file(path)
+    from common.datasets import read_folder, read_hub
 
-        dataset = datasets.load_dataset(source, split=split or "train")
-    except Exception as e:  # offline, unknown name, bad split...: all reported the same helpful way
-        raise DataError(
-            f"could not load {source!r} as a datasets hub name ({type(e).__name__}: {e}). Accepted sources: a "
-            f".jsonl/.json/.parquet file, a folder of such files, or a hub dataset name (needs internet)"
-        ) from None
-    records = [
-        {**row, "_where": f"{source}[{split or 'train'}][{i}]", "_dir": os.getcwd()} for i, row in enumerate(dataset)
-    ]
-    if not records:
-        raise DataError(f"{source}: empty dataset (split {split or 'train'!r})")
-    return records
+    return read_folder(path, split, config) if path.is_dir() else read_hub(source, split, config)
+
+
+def _saved_dataset(path: Path) -> bool:
+    """A folder written by datasets' save_to_disk (a Dataset or a DatasetDict)."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
 def parse_source_spec(spec: str) -> tuple[str, float | None]:
@@ -125,20 +128,26 @@ def parse_source_spec(spec: str) -> tuple[str, float | None]:
     return (spec, None) if weight is None else (head, weight)
 
 
-def load_mixture(specs, seed: int = 0, total: int | None = None) -> list[dict]:
+def mixture_specs(specs) -> list[tuple[str, float | None]]:
+    """(source, weight or None) of each `source[:weight]` of a mixture: a sequence, or one comma-separated string."""
+    if isinstance(specs, str):
+        specs = [specs] if Path(specs).expanduser().exists() else specs.split(",")
+    return [parse_source_spec(s.strip()) for s in specs if s.strip()]
+
+
+def load_mixture(specs, seed: int = 0, total: int | None = None, read=load_records) -> list[dict]:
     """Records of `source[:weight]` specs (a sequence, or one comma-separated string), mixed by weight.
 
     No weights: the sources concatenated in order (one source: exactly load_records(source)). Weights (on all or none):
     `total` records (default: sum of source sizes) of which source i gives total * w_i / sum(w) (largest-remainder
     rounding): each of its records floor(n_i / size_i) times plus a seeded random subset for the rest, so a small source
-    is upsampled and a big one subsampled; then shuffled with `seed`. Records keep `_where` (file:line in errors)."""
-    if isinstance(specs, str):
-        specs = [specs] if Path(specs).expanduser().exists() else specs.split(",")
-    parsed = [parse_source_spec(s.strip()) for s in specs if s.strip()]
+    is upsampled and a big one subsampled; then shuffled with `seed`. Records keep `_where` (file:line in errors).
+    `read(source)` reads one source (common/datasets.py passes one that applies the split and column flags)."""
+    parsed = mixture_specs(specs)
     weights = [w for _, w in parsed]
     if not parsed or len({w is None for w in weights}) > 1:
         raise DataError(f"datasets {list(specs)}: give at least one source, and a weight to every source or to none")
-    sources = [load_records(source) for source, _ in parsed]
+    sources = [read(source) for source, _ in parsed]
     if weights[0] is None and total is None:
         return [r for records in sources for r in records]
     sizes = [len(records) for records in sources]
@@ -163,7 +172,7 @@ def _check_content(content, where: str, field: str) -> None:
         raise DataError(f"{where}: {field}: expected a string or a list of typed parts, got {type(content).__name__}")
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
-        # a bare {"type": "image"} is fine: hub datasets keep the images themselves in a separate column
+        # a bare {"type": "image"} is filled from the record's `images` column (common/datasets.py), else refused later
         ok = (
             (kind == "text" and isinstance(part.get("text"), str))
             or kind == "image"
@@ -180,86 +189,44 @@ def _check_content(content, where: str, field: str) -> None:
             )
 
 
-def _check_messages(messages, where: str, field: str) -> None:
+def check_messages(messages, where: str, field: str) -> None:
     if not isinstance(messages, list) or not messages:
         raise DataError(
             f"{where}: {field}: expected a non-empty list of {{'role', 'content'}} messages, got {messages!r:.80}"
         )
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+        calls = m.get("tool_calls") if isinstance(m, dict) else None
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or ("content" not in m and not calls):
             raise DataError(f"{where}: {field}[{i}]: expected a message {{'role': str, 'content': ...}}, got {m!r:.80}")
-        _check_content(m["content"], where, f"{field}[{i}].content")
+        for call in calls or ():  # OpenAI's {"type": "function", "function": {name, arguments}} or {name, arguments}
+            function = call.get("function", call) if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise DataError(f"{where}: {field}[{i}].tool_calls: expected {{'function': {{'name': str, "
+                                f"'arguments': ...}}}} per call, got {call!r:.80}")  # fmt: skip
+        if not (calls and m.get("content") is None):  # a tool-call turn may have no content
+            _check_content(m["content"], where, f"{field}[{i}].content")
 
 
-def _parse_message_field(record: dict) -> list[dict]:
+def parse_message_field(record: dict) -> list[dict]:
     where, value = record["_where"], record.get("message")
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: message: expected a JSON string of a messages list, JSON error: {e}") from None
-    _check_messages(value, where, "message")
+    check_messages(value, where, "message")
     return value
 
 
-REQUIRED_FIELDS = {
-    "messages": ("messages",),
-    "prompt_completion": ("prompt", "completion"),
-    "message_answer": ("message", "answer"),
-    "preference": ("prompt", "chosen", "rejected"),
-}
-
-
-def _validate(record: dict, fmt: str) -> None:
-    where = record["_where"]
-    missing = [f for f in REQUIRED_FIELDS[fmt] if f not in record]
-    if missing:
+def check_field(record: dict, field: str) -> list[dict]:
+    value = record[field]
+    if not isinstance(value, (str, list)):
         raise DataError(
-            f"{where}: missing field {missing[0]!r} (format {fmt!r} needs {', '.join(REQUIRED_FIELDS[fmt])})"
+            f"{record['_where']}: {field}: expected a string or a list of messages, got {type(value).__name__}"
         )
-    if fmt == "messages":
-        _check_messages(record.get("messages"), where, "messages")
-        messages = record["messages"]
-    elif fmt == "message_answer":
-        messages = _parse_message_field(record)
-        if not isinstance(record["answer"], (str, int, float)):
-            raise DataError(f"{where}: answer: expected a string or number, got {type(record['answer']).__name__}")
-    else:
-        fields = ("prompt", "completion") if fmt == "prompt_completion" else ("prompt", "chosen", "rejected")
-        for field in fields:
-            if not isinstance(record[field], (str, list)):
-                raise DataError(
-                    f"{where}: {field}: expected a string or a list of messages, got {type(record[field]).__name__}"
-                )
-            if isinstance(record[field], list):
-                _check_messages(record[field], where, field)
-        messages = [m for f in fields if isinstance(record[f], list) for m in record[f]]
-    image_paths(messages, record.get("_dir", "."), where=where)  # fail now, not deep inside a collator
-
-
-def detect_format(records: list[dict]) -> str:
-    """One of FORMATS, from the first record's keys; then every record is validated against it."""
-    if not records:
-        raise DataError("empty dataset (no records)")
-    keys = sorted(k for k in records[0] if not k.startswith("_"))
-    if "messages" in keys:
-        fmt = "messages"
-    elif "chosen" in keys and "rejected" in keys:
-        fmt = "preference"
-    elif "message" in keys and "answer" in keys:
-        fmt = "message_answer"
-    elif "prompt" in keys and "completion" in keys:
-        fmt = "prompt_completion"
-    else:
-        raise DataError(
-            f"{records[0].get('_where', '?')}: unknown record format, keys found: {keys}. Accepted formats: "
-            "messages (messages: [{role, content}]), prompt_completion (prompt, completion), "
-            "message_answer (message: JSON string of messages, answer), preference (prompt, chosen, rejected)"
-        )
-    for record in records:
-        _validate(record, fmt)
-    log(f"[data] format: {fmt} ({len(records)} records)")
-    return fmt
+    if isinstance(value, list):
+        check_messages(value, record["_where"], field)
+    return value if isinstance(value, list) else []
 
 
 # ------------------------------------------------------------------------------------- normalisation
@@ -271,41 +238,89 @@ def to_messages(record: dict, fmt: str) -> list[dict]:
     """A non-preference record as a chat [{"role", "content"}]; content parts (images) are kept."""
     if fmt == "messages":
         return list(record["messages"])
-    if fmt == "prompt_completion":
-        return _as_messages(record["prompt"], "user") + _as_messages(record["completion"], "assistant")
+    if fmt in ("prompt_completion", "unpaired", "prompt"):
+        completion = _as_messages(record["completion"], "assistant") if fmt != "prompt" else []
+        return _as_messages(record["prompt"], "user") + completion
     if fmt == "message_answer":
-        return _parse_message_field(record) + [{"role": "assistant", "content": str(record["answer"])}]
+        return parse_message_field(record) + [{"role": "assistant", "content": str(record["answer"])}]
     raise DataError(
-        f"{record.get('_where', '?')}: to_messages needs a non-preference format, got {fmt!r} "
-        "(use preference_messages for chosen/rejected pairs)"
+        f"{record.get('_where', '?')}: to_messages needs a non-preference chat format, got {fmt!r} "
+        "(use preference_parts for chosen/rejected pairs; text records are not chats)"
     )
+
+
+def prompt_messages(record: dict, fmt: str) -> list[dict]:
+    """The prompt of a record: a preference record's (explicit or implicit), else its chat minus the final assistant
+    turn(s)."""
+    messages = preference_parts(record)[0] if fmt == "preference" else to_messages(record, fmt)
+    while messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    return messages
+
+
+def implicit_prompt(record: dict) -> bool:
+    """Whether a preference record's prompt is implicit: no prompt field, or a plain-text one beside chats (the shape of
+    HuggingFaceH4/ultrafeedback_binarized, whose chosen/rejected repeat the prompt turn: TRL's maybe_extract_prompt)."""
+    return "prompt" not in record or (isinstance(record["prompt"], str) and isinstance(record["chosen"], list))
+
+
+def preference_parts(record: dict) -> tuple[list[dict], list[dict], list[dict]]:
+    """(prompt, chosen answer, rejected answer) message lists of a preference record. An implicit prompt is the longest
+    common prefix of chosen and rejected: of their turns for chats; of their characters for plain text, moved back to
+    a word start."""
+    for field in ("prompt", "chosen", "rejected") if "prompt" in record else ("chosen", "rejected"):
+        check_field(record, field)
+    chosen, rejected, where = record["chosen"], record["rejected"], record.get("_where", "?")
+    if not implicit_prompt(record):
+        prompt = _as_messages(record["prompt"], "user")
+        return prompt, _as_messages(chosen, "assistant"), _as_messages(rejected, "assistant")
+    if type(chosen) is not type(rejected):
+        raise DataError(f"{where}: implicit prompt: chosen and rejected must both be text or both chats")
+    n = next((i for i, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+    if isinstance(chosen, str) and chosen[n - 1 : n].isalnum() and (chosen[n : n + 1] + rejected[n : n + 1]).isalnum():
+        n -= len(re.search(r"\w*$", chosen[:n]).group())  # don't cut a word in two between prompt and answer
+    if n == 0 or n == len(chosen) or n == len(rejected):
+        problem = "share no beginning" if n == 0 else "leave no answer after their common beginning"
+        raise DataError(f"{where}: implicit prompt: chosen and rejected {problem}; give the prompt as a field "
+                        "(--columns prompt=NAME)")  # fmt: skip
+    if isinstance(chosen, str):
+        prompt = [{"role": "user", "content": chosen[:n].rstrip()}]
+        return prompt, _as_messages(chosen[n:], "assistant"), _as_messages(rejected[n:], "assistant")
+    return chosen[:n], chosen[n:], rejected[n:]
 
 
 def preference_messages(record: dict) -> tuple[list[dict], list[dict]]:
     """(prompt + chosen, prompt + rejected) chats of a preference record."""
-    prompt = _as_messages(record["prompt"], "user")
-    return prompt + _as_messages(record["chosen"], "assistant"), prompt + _as_messages(record["rejected"], "assistant")
+    prompt, chosen, rejected = preference_parts(record)
+    return prompt + chosen, prompt + rejected
 
 
 def content_text(content) -> str:
-    """Text of a message content: the string itself, or its text parts joined (image parts dropped)."""
-    if isinstance(content, str):
-        return content
+    """Text of a message content: the string itself, or its text parts joined (image parts dropped); None (a tool-call
+    turn without text) is empty."""
+    if isinstance(content, str) or content is None:
+        return content or ""
     return "\n".join(part["text"] for part in content if part.get("type") == "text")
 
 
 def has_images(messages: list[dict]) -> bool:
     """Whether any message holds an image part."""
-    return any(isinstance(m["content"], list) and any(p.get("type") in ("image", "image_url") for p in m["content"])
+    return any(isinstance(m.get("content"), list) and any(p.get("type") in ("image", "image_url") for p in m["content"])
                for m in messages)  # fmt: skip
 
 
 def image_paths(messages: list[dict], base_dir: str, *, where: str = "?") -> list[str]:
-    """Local image files referenced by content parts (relative to base_dir); DataError if one is missing."""
+    """Local image files referenced by content parts (relative to base_dir); DataError if one is missing, or if a
+    bare image part was left without an image (no `images` column to fill it from)."""
     paths = []
     for m in messages:
-        for part in m["content"] if isinstance(m["content"], list) else []:
-            ref = part.get("image") if part.get("type") == "image" else (part.get("image_url") or {}).get("url")
+        for part in m.get("content") if isinstance(m.get("content"), list) else []:
+            if part.get("type") not in ("image", "image_url"):
+                continue
+            ref = part.get("image") if part["type"] == "image" else part["image_url"]["url"]
+            if ref is None:
+                raise DataError(f"{where}: a bare image part {{'type': 'image'}} but no image for it: give the "
+                                "images in an `images` column (or `image`), in the order of the parts")  # fmt: skip
             if not isinstance(ref, str) or ref.startswith(("http://", "https://", "data:")):
                 continue  # in-memory images (hub datasets), URLs and inline base64 are not local files
             path = Path(base_dir, ref.removeprefix("file://")).expanduser()

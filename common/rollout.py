@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 
 from common.chat import IGNORE
-from common.data import DataError, detect_format, has_images, load_mixture, to_messages
+from common.data import DataError, content_text, has_images, load_mixture, prompt_messages
+from common.datasets import detect_format
 from common.logprob import sequence_logprobs
 from common.metrics import exact_match
 from common.rewards import answer_correct
@@ -29,22 +30,20 @@ from common.run import all_reduce_sums, reshard, to_device
 
 # ------------------------------------------------------------------------------------------------------ prompts
 def prompt_records(source, processor, *, script="this script", seed=0) -> list[tuple[list[dict], object]]:
-    """(prompt messages, reference answer or None) per record: the chat minus its final assistant turn(s). Relative
-    image paths are resolved against the data file's folder here, so a prompt carries everything it needs. Answers
-    stay as given (a VQA answer may be a list of annotators' answers). A text model's processor refuses image prompts
-    here, naming the record, rather than at the first rollout."""
-    records = load_mixture(source, seed=seed)  # a file, folder, hub name or weighted mixture
-    fmt = detect_format(records)
-    if fmt == "preference":
-        raise DataError(f"{source}: preference data (prompt, chosen, rejected) can't be prompts for {script}; "
-                        "give messages or message+answer records")  # fmt: skip
+    """(prompt messages, reference answer or None) per record of a source (or of records already loaded): the prompt
+    field, or the chat minus its final assistant turn(s), or a preference pair's prompt (common.datasets.USES).
+    Relative image paths are resolved against the data file's folder here, so a prompt carries everything it needs.
+    Answers stay as given (a VQA answer may be a list of annotators' answers). A text model's processor refuses image
+    prompts here, naming the record, rather than at the first rollout."""
+    records = load_mixture(source, seed=seed) if isinstance(source, str) else source  # file, folder, hub, mixture
+    if not records:
+        return []  # no held-out data
+    fmt = detect_format(records, use="prompts", script=script)
     out = []
     for r in records:
-        messages = to_messages(r, fmt)
-        while messages and messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
+        messages = prompt_messages(r, fmt)
         for m in messages:
-            for part in m["content"] if isinstance(m["content"], list) else []:
+            for part in m["content"] if isinstance(m.get("content"), list) else []:
                 ref = part.get("image")
                 if part.get("type") == "image" and isinstance(ref, str) and not ref.startswith(("data:", "/", "http")):
                     part["image"] = str(Path(r.get("_dir", "."), ref.removeprefix("file://")))
@@ -58,8 +57,9 @@ def prompt_records(source, processor, *, script="this script", seed=0) -> list[t
 
 def render_prompt(tokenizer, messages) -> str:
     """The chat as text up to the assistant header, an image part shown as <image> (for rollouts.jsonl and logs)."""
-    text_messages = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else "\n".join(
-        p["text"] if p.get("type") == "text" else "<image>" for p in m["content"])} for m in messages]  # fmt: skip
+    text_messages = [{"role": m["role"], "content": content_text(m.get("content")) if not isinstance(m.get("content"), list)
+                      else "\n".join(p["text"] if p.get("type") == "text" else "<image>" for p in m["content"])}
+                     for m in messages]  # fmt: skip
     return tokenizer.apply_chat_template(text_messages, add_generation_prompt=True, tokenize=False)
 
 
@@ -336,23 +336,21 @@ def is_correct(text: str, answer) -> bool:
 
 @torch.no_grad()
 def answer_accuracy(model, processor, items, run, *, max_new_tokens, gather=True, batch_size=25) -> float:
-    """Fraction of held-out (prompt messages, answer[, image folder]) items whose greedy answer is_correct (image paths
-    resolve against the folder, default "."). Every rank answers every
-    world_size-th item and the counts are summed, so it runs under torchrun as in one process; with gather=False
-    (synced_gpus decoding) ranks run as many batches each, padded with a repeat of the first item."""
+    """Fraction of held-out (prompt messages, answer) items (prompt_records': image paths resolved) whose greedy answer
+    is_correct. Every rank answers every world_size-th item and the counts are summed, so it runs under torchrun as in
+    one process; with gather=False (synced_gpus decoding) ranks run as many batches each, padded with a repeat of the
+    first item."""
     mine = items[run.rank :: run.world_size]
     n_batches = math.ceil(math.ceil(len(items) / run.world_size) / batch_size)
     correct = 0
     with run.autocast(model):
         for b in range(n_batches):
             chunk = mine[b * batch_size : (b + 1) * batch_size]
-            prompts = [
-                processor(m, base_dir=d[0] if d else ".", add_generation_prompt=True) for m, _, *d in chunk or items[:1]
-            ]
+            prompts = [processor(m, add_generation_prompt=True) for m, _ in chunk or items[:1]]
             completions, _, _ = generate(model, processor, prompts, max_new_tokens=max_new_tokens, greedy=True,
                                          gather=gather)  # fmt: skip
             texts = processor.tokenizer.batch_decode(completions, skip_special_tokens=True)
-            correct += sum(is_correct(t, item[1]) for t, item in zip(texts, chunk))
+            correct += sum(is_correct(t, a) for t, (_, a) in zip(texts, chunk))
     if dist.is_initialized():
         total = torch.tensor(float(correct), device=run.device)
         dist.all_reduce(total)

@@ -17,7 +17,8 @@ from common.chat import (
     pad_collate,
     tokenize_chat,
 )
-from common.data import DataError, content_text, detect_format, image_paths, load_records, to_messages
+from common.data import DataError, content_text, image_paths, load_records, to_messages
+from common.datasets import detect_format
 from common.models import load_tokenizer, tiny_model
 
 CHAT = [

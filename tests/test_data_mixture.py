@@ -11,7 +11,8 @@ from collections import Counter
 import pytest
 
 from common.cli import cli
-from common.data import DataError, detect_format, load_mixture, load_records, parse_source_spec
+from common.data import DataError, load_mixture, load_records, parse_source_spec
+from common.datasets import detect_format
 
 
 @pytest.fixture

@@ -158,6 +158,46 @@ def test_kto_kl_is_mean_clamped_and_detached():
     assert not dpo.kto_kl(policy, torch.tensor([-6.0, -7.5])).requires_grad
 
 
+def test_unpaired_kto_loss_is_the_papers_equation_8():
+    # Ethayarajh et al. 2024 (arXiv:2402.01306), eq. 8: L = E_{x,y}[lambda_y - v(x, y)], r = log pi/pi_ref, z0 >= 0,
+    # v = lambda_D sigma(beta (r - z0)) for a desirable y, lambda_U sigma(beta (z0 - r)) for an undesirable one
+    policy, ref = [-3.0, -8.5, -4.0, -6.25, -2.0], [-3.5, -7.0, -5.5, -6.0, -2.1]
+    desirable, beta, lam_d, lam_u = [True, False, False, True, True], 0.3, 1.0, 1.33
+    z0 = max(0.0, sum(p - r for p, r in zip(policy[1:] + policy[:1], ref)) / 5)  # mismatched pairs' log-ratio mean
+    by_hand = []
+    for p, r, good in zip(policy, ref, desirable):
+        lam = lam_d if good else lam_u
+        v = lam * sig(beta * ((p - r) - z0)) if good else lam * sig(beta * (z0 - (p - r)))
+        by_hand.append(lam - v)
+    t = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
+    policy_logps = t(policy).requires_grad_()
+    z = dpo.kto_kl(t(policy[1:] + policy[:1]), t(ref))
+    losses, rewards = dpo.kto_loss(policy_logps - t(ref), torch.tensor(desirable), z, beta=beta, desirable_weight=lam_d,
+                                   undesirable_weight=lam_u)  # fmt: skip
+    assert z.item() == pytest.approx(z0) and losses.tolist() == pytest.approx(by_hand, rel=1e-12)
+    assert rewards.tolist() == pytest.approx([beta * (p - r) for p, r in zip(policy, ref)])
+    losses.mean().backward()  # the loss pulls desirable answers up and undesirable ones down
+    assert all((g < 0) == good for g, good in zip(policy_logps.grad.tolist(), desirable))
+    # paired KTO: the mean over a pair's desirable chosen and undesirable rejected answer, same weights
+    pc, pr, rc, rr = t(policy[:2]), t(policy[2:4]), t(ref[:2]), t(ref[2:4])
+    paired, _, _ = dpo.preference_loss(pc, pr, rc, rr, loss_type="kto", beta=beta, kl=z, desirable_weight=lam_d,
+                                       undesirable_weight=lam_u)  # fmt: skip
+    expected = [(lam_d - lam_d * sig(beta * ((a - b) - z0)) + lam_u - lam_u * sig(beta * (z0 - (c - d)))) / 2
+                for a, b, c, d in zip(policy[:2], ref[:2], policy[2:4], ref[2:4])]  # fmt: skip
+    assert paired.tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_unpaired_metrics_average_over_each_kind():
+    # rows as example_losses makes them: loss, reward and logp as desirable / undesirable, sign right, indicators
+    rows = torch.tensor([[0.4, 0.2, 0.0, 1.0, -3.0, 0.0, 1.0, 0.0], [0.6, 0.0, 0.1, 0.0, 0.0, -5.0, 0.0, 1.0],
+                         [0.5, -0.1, 0.0, 0.0, -4.0, 0.0, 1.0, 0.0]])  # fmt: skip
+    m = dpo.metric_means(rows.sum(0), 3, "eval", unpaired=True)
+    assert m["eval/loss"] == pytest.approx(0.5) and m["eval/rewards/accuracies"] == pytest.approx(1 / 3)
+    assert m["eval/rewards/chosen"] == pytest.approx(0.05) and m["eval/rewards/rejected"] == pytest.approx(0.1)
+    assert m["eval/logps/chosen"] == pytest.approx(-3.5) and m["eval/logps/rejected"] == pytest.approx(-5.0)
+    assert m["eval/rewards/margins"] == pytest.approx(-0.05) and "eval/logps_accuracy" not in m
+
+
 # ------------------------------------------------------------------------------------------------- data
 def test_bundled_pairs_are_correct_vs_wrong_worked_answers():
     import re

@@ -191,7 +191,8 @@ def test_a_vlm_reward_model_needs_a_vlm_policy(tiny_model_dir, vlm_rm, colors, t
 
 
 def test_easy_vqa_pairs_kinds():
-    from common.data import detect_format, load_records
+    from common.data import load_records
+    from common.datasets import detect_format
 
     pairs, again = load_records("easy-vqa:pairs-test"), load_records("easy-vqa:pairs-test")
     chats = load_records("easy-vqa:test")

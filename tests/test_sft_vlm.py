@@ -17,7 +17,7 @@ from common.cli import cli
 from common.data import load_records, to_messages
 from common.logprob import sequence_logprobs
 from common.metrics import exact_match
-from common.rollout import answer_accuracy
+from common.rollout import answer_accuracy, prompt_records
 from common.run import Run, RunLogger, read_metrics
 from common.vision import ComposedVLM, load_vlm, vlm_generate
 
@@ -143,7 +143,7 @@ def test_answer_accuracy_batches_left_padded_prompts_like_one_at_a_time(vlm_dir,
         saids.append(said)
         assert exact_match(said, record["answer"]) == (k % 2 == 0)
     assert len(set(saids)) == len(saids) and all(saids)
-    items = [(r["messages"][:-1], r["answer"], r["_dir"]) for r in records]
+    items = prompt_records(records, processor)  # (prompt, answer), image paths resolved against the data file
     accuracy = answer_accuracy(
         model, processor, items, Run(0, 1, torch.device("cpu"), torch.float32), max_new_tokens=3, batch_size=4
     )
