@@ -30,13 +30,12 @@ from pathlib import Path
 import torch
 
 from common.chat import TextProcessor
+from common.encoders import load_encoder
 from common.vision import (
     CONFIG_FILE as VLM_CONFIG,
 )
 from common.vision import (
-    ENCODER_PRESETS,
     IMAGE_TOKEN,
-    MEAN_STD,
     ComposedVLM,
     Projector,
     VLMProcessor,
@@ -339,31 +338,12 @@ def build_vlm(
     seed=0,
     meta=False,
 ):
-    """(ComposedVLM, VLMProcessor) from a causal LM (anything load_model loads) and a vision encoder: a preset in
-    common/vision.py's ENCODER_PRESETS (random init) or a local SigLIP / CLIP / DINOv2 folder (pretrained; its own
-    image size); the tokenizer gains the <image> placeholder token. meta=True: on the meta device, no weights read."""
-    from transformers import AutoConfig, AutoModel, CLIPVisionModel, Dinov2Model, SiglipVisionModel
-
+    """(ComposedVLM, VLMProcessor) from a causal LM (anything load_model loads) and a vision encoder (common/encoders.py's
+    load_encoder: a random-init preset, or a local SigLIP / CLIP / DINOv2 folder, pretrained, with its own image size);
+    the tokenizer gains the <image> placeholder token. meta=True: on the meta device, no weights read."""
     with torch.random.fork_rng(), torch.device("meta") if meta else contextlib.nullcontext():
         torch.manual_seed(seed)
-        if encoder in ENCODER_PRESETS:
-            model_type, sizes = ENCODER_PRESETS[encoder]
-            vision = AutoModel.from_config(AutoConfig.for_model(model_type, image_size=image_size, **sizes))
-            mean, std = MEAN_STD[model_type.split("_")[0]]
-        elif Path(encoder, "config.json").exists():
-            family = AutoConfig.from_pretrained(encoder).model_type.split("_")[0]
-            classes = {"siglip": SiglipVisionModel, "clip": CLIPVisionModel, "dinov2": Dinov2Model}
-            if family not in classes:
-                raise ValueError(f"encoder {encoder}: model type {family!r} is not one of {', '.join(classes)}")
-            vision = classes[family].from_config(AutoConfig.from_pretrained(encoder)) if meta else \
-                classes[family].from_pretrained(encoder)  # fmt: skip
-            pre = Path(encoder, "preprocessor_config.json")
-            pre = json.loads(pre.read_text()) if pre.exists() else {}
-            mean, std = pre.get("image_mean", MEAN_STD[family][0]), pre.get("image_std", MEAN_STD[family][1])
-        else:
-            raise ValueError(
-                f"encoder must be one of {', '.join(ENCODER_PRESETS)} or a local encoder folder, got {encoder!r}"
-            )
+        vision, mean, std = load_encoder(encoder, image_size, meta=meta)
         lm = load_model(lm_path, dtype=dtype, device=device, meta=meta)
         tokenizer = load_tokenizer(lm_path)
         tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)

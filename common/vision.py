@@ -33,18 +33,6 @@ from common.run import replace_dir
 
 IMAGE_TOKEN = "<image>"
 CONFIG_FILE = "vlm_config.json"  # marks a composed-VLM folder (weights in model.safetensors, tokenizer beside)
-# Tiny random-init encoders for offline runs: 8x8-pixel patches; the default 64x64 image gives an 8x8 patch grid.
-_TINY = dict(hidden_size=192, num_hidden_layers=4, num_attention_heads=3, patch_size=8)
-ENCODER_PRESETS = {
-    "siglip-tiny": ("siglip_vision_model", dict(_TINY, intermediate_size=768)),
-    "clip-tiny": ("clip_vision_model", dict(_TINY, intermediate_size=768)),
-    "dinov2-tiny": ("dinov2", dict(_TINY, mlp_ratio=4)),
-}
-MEAN_STD = {
-    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # normalisation each family was trained with
-    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-    "dinov2": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-}
 
 
 def pixel_shuffle(x, factor):

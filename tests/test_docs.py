@@ -1,6 +1,6 @@
-"""The documentation names only flags that exist: every `--flag` on a command line of README.md, docs/ or bench/README.md
-that runs a script is one of that script's flags, and every flag of README's shared-flags table is a flag of every
-training script. README stays under 15 KB."""
+"""The documentation names only flags that exist: every `--flag` on a command line of README.md, docs/, bench/README.md
+or scripts/*.sh that runs a script is one of that script's flags, and every flag of README's shared-flags table is a flag
+of every training script. README stays under 15 KB."""
 
 import dataclasses
 import importlib
@@ -12,6 +12,7 @@ from conftest import ROOT
 SCRIPTS = ["sft", "dpo", "grpo", "ppo", "reward_model", "pretrain_siglip", "pretrain_captioner", "eval_vqa"]
 TRAINING = [s for s in SCRIPTS if s != "eval_vqa"]
 DOCS = [ROOT / "README.md", ROOT / "bench" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS += sorted((ROOT / "scripts").glob("*.sh"))  # the pipeline scripts' command lines too
 
 
 def flags_of(script: str) -> set[str]:

@@ -312,3 +312,49 @@ def test_easy_vqa_records_counts_and_captions():
     assert len({c["caption"].split(" a ")[0] for c in caps}) >= 3  # phrasing varies
     with pytest.raises(ValueError, match="unknown kind"):
         easy_vqa_records("validation")
+
+
+@pytest.mark.parametrize("family", ["siglip", "clip", "dinov2", "siglip-full", "clip-full"])
+def test_a_pretrained_encoder_folder_becomes_the_vlm_encoder(family, tiny_model_dir, captions, tmp_path):
+    """--vision-encoder <folder>: a SigLIP / CLIP vision model, a whole SigLIP / CLIP model (its vision tower) or
+    DINOv2 saved with save_pretrained is loaded (common/encoders.load_encoder) with its weights, image size and
+    preprocessor mean/std, and survives save_vlm / load_vlm; meta=True builds the same architecture without weights."""
+    import transformers as tf
+
+    from common.encoders import load_encoder
+
+    sizes = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=8, image_size=32)
+    text = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, vocab_size=99)
+    vision = dict(intermediate_size=64, **sizes)
+    torch.manual_seed(0)
+    saved = {"siglip": lambda: tf.SiglipVisionModel(tf.SiglipVisionConfig(**vision)),
+             "clip": lambda: tf.CLIPVisionModel(tf.CLIPVisionConfig(**vision)),
+             "dinov2": lambda: tf.Dinov2Model(tf.Dinov2Config(mlp_ratio=2, **sizes)),
+             "siglip-full": lambda: tf.SiglipModel(tf.SiglipConfig(text_config=text, vision_config=vision)),
+             "clip-full": lambda: tf.CLIPModel(tf.CLIPConfig(text_config=text, vision_config=vision))}[family]()  # fmt: skip
+    saved.save_pretrained(tmp_path / "encoder")
+    mean, std = [0.1, 0.2, 0.3], [0.4, 0.5, 0.6]
+    if family == "siglip":  # the preprocessor_config.json save_encoder writes; the others fall back to the family's
+        (tmp_path / "encoder" / "preprocessor_config.json").write_text(
+            json.dumps({"image_mean": mean, "image_std": std})
+        )
+    model, processor = build_vlm(tiny_model_dir, str(tmp_path / "encoder"), pixel_shuffle=2, seed=0)
+    assert processor.image_size == 32 and processor.tokens_per_image == 4  # 4x4 patches, shuffled 2x2
+    if family == "siglip":
+        assert (processor.image_mean, processor.image_std) == (mean, std)
+    pixels = processor.image_inputs([processor(caption_chat(captions[0]))])["pixel_values"]  # [1, 3, 32, 32]
+    reference = saved.vision_model if family.endswith("full") else saved
+    with torch.no_grad():
+        assert torch.equal(model.vision_encoder(pixel_values=pixels).last_hidden_state,
+                           reference(pixel_values=pixels).last_hidden_state)  # fmt: skip
+        features = model.image_features(pixels)
+    meta = load_encoder(str(tmp_path / "encoder"), meta=True)[0]
+    assert all(p.is_meta for p in meta.parameters())
+    assert {k: v.shape for k, v in meta.state_dict().items()} == {
+        k: v.shape for k, v in model.vision_encoder.state_dict().items()
+    }
+    save_vlm(model, processor, tmp_path / "vlm")
+    loaded, loaded_processor = load_vlm(tmp_path / "vlm")
+    assert (loaded_processor.image_size, loaded_processor.image_mean) == (32, processor.image_mean)
+    with torch.no_grad():
+        assert torch.equal(loaded.image_features(pixels), features)
