@@ -56,7 +56,8 @@ from tqdm import tqdm
 from common.chat import epoch_batches
 from common.checkpoint import gather_unsharded, resume, save_if_due
 from common.cli import cli
-from common.data import DataError, load_mixture
+from common.data import DataError
+from common.datasets import load_data
 from common.easy_vqa import CAPTION_TEMPLATES, EASY_VQA_COLORS, EASY_VQA_SHAPES
 from common.encoders import load_encoder, save_encoder
 from common.models import load_model, load_tokenizer
@@ -89,6 +90,19 @@ class Args:
     easy-vqa:captions-train, or a weighted mixture (repeat the flag: --dataset a.jsonl:0.7 --dataset b.jsonl:0.3)"""
     eval_dataset: str | None = "easy-vqa:captions-test"
     """held-out caption records for the eval loss and zero-shot colour/shape retrieval"""
+    dataset_split: str | None = None
+    """split of a hub dataset or of a local `datasets` folder (default: train); a file has none"""
+    dataset_config: str | None = None
+    """subset (config) of a hub dataset; of a local folder: its subfolder of that name"""
+    eval_split: str | None = None
+    """held-out records from this split of --dataset (a hub name or folder), instead of --eval-dataset"""
+    eval_fraction: float = 0.0
+    """hold out this fraction of --dataset's records (seeded by --seed, out of training), instead of --eval-dataset"""
+    columns: str | None = None
+    """field names to map, new=old comma-separated (e.g. prompt=question,completion=answer; copies; new= drops one)"""
+    answer_regex: str | None = None
+    """the reference answer is the first group of this regex in the `answer` field (gsm8k: '#### (.*)')"""
+
     eval_samples: int = 1000
     """held-out records (the first N) scored at every eval (0 disables the eval)"""
     output_dir: str = "runs/siglip"
@@ -187,20 +201,20 @@ def text_features(texts: list[str], tokenizer, token_embeddings) -> torch.Tensor
     return (F.embedding(batch["input_ids"], token_embeddings) * mask).sum(1) / mask.sum(1)
 
 
-def load_pairs(spec: str, seed: int, processor, embed, limit: int | None = None) -> dict:
+def load_pairs(records: list[dict], name: str, processor, embed) -> dict:
     """Every record's image preprocessed once (as pretrain_captioner.py does it) and its caption's text features:
     {"pixels" [N, 3, S, S], "text" [N, H] (embed(captions)), "captions"}; every record is checked before any image."""
-    records = load_mixture(spec, seed=seed)[:limit]
     for r, field in ((r, f) for r in records for f in ("image", "caption")):
         if not isinstance(r.get(field), str) or not r[field].strip():
-            raise DataError(f"{r.get('_where', spec)}: {field}: expected a non-empty string (records: image, caption)")
+            raise DataError(f"{r.get('_where', name)}: {field}: expected a non-empty string (records: image, caption; "
+                            "map other names with --columns)")  # fmt: skip
     pixels = []
     for r in tqdm(records, desc="images", leave=False, disable=int(os.environ.get("RANK", 0)) != 0):
         try:
             chat = [{"role": "user", "content": [{"type": "image", "image": r["image"]}]}]
             pixels.append(processor.preprocess(load_images(chat, r.get("_dir", "."))[0]))
         except DataError as error:
-            raise DataError(f"{r.get('_where', spec)}: {error}") from None
+            raise DataError(f"{r.get('_where', name)}: {error}") from None
     captions = [r["caption"] for r in records]
     return {"pixels": torch.stack(pixels), "text": embed(captions), "captions": captions}
 
@@ -255,9 +269,10 @@ def main(args: Args):
     embed = lambda texts: text_features(texts, tokenizer, token_embeddings)
     model, mean, std = build_model(args, token_embeddings.shape[1], run.device, meta=run.sharded and not run.main)
     processor = VLMProcessor(tokenizer, model.vision.config.image_size, mean, std, 0)  # the captioner's preprocessing
-    data = load_pairs(args.dataset, args.seed, processor, embed)
-    eval_data = load_pairs(args.eval_dataset, args.seed, processor, embed, args.eval_samples) \
-        if args.eval_dataset and args.eval_samples else None  # fmt: skip
+    records, eval_records = load_data(args)
+    data = load_pairs(records, args.dataset, processor, embed)
+    eval_data = load_pairs(eval_records[: args.eval_samples], "held-out", processor, embed) \
+        if eval_records and args.eval_samples else None  # fmt: skip
     prompts = embed([t.format(f"{c} {s}") for c in EASY_VQA_COLORS for s in EASY_VQA_SHAPES for t in CAPTION_TEMPLATES])
     global_batch = args.batch_size * run.world_size
     steps_per_epoch = len(data["text"]) // global_batch

@@ -18,6 +18,7 @@ from conftest import ROOT, subprocess_env
 
 import pretrain_siglip as ps
 from common.checkpoint import checkpoint_dirs
+from common.data import load_mixture
 from common.easy_vqa import easy_vqa_records
 from common.encoders import load_encoder, save_encoder
 from common.models import build_vlm
@@ -156,7 +157,7 @@ def test_export_loads_into_a_composed_vlm_with_the_same_features(tiny_model_dir,
     model = ps.SigLIP(vision, embeddings.shape[1])
     processor = VLMProcessor(tokenizer, 32, mean, std, tokens_per_image=0)
     embed = lambda texts: ps.text_features(texts, tokenizer, embeddings.detach())
-    data = ps.load_pairs(str(siglip_captions / "test.jsonl"), 0, processor, embed)
+    data = ps.load_pairs(load_mixture(str(siglip_captions / "test.jsonl")), "test.jsonl", processor, embed)
     assert data["pixels"].shape == (48, 3, 32, 32) and data["text"].shape == (48, embeddings.shape[1])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(2):  # move the weights away from their initialisation
