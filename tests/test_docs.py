@@ -1,6 +1,6 @@
 """The documentation names only flags that exist: every `--flag` on a command line of README.md, docs/, bench/README.md
 or scripts/*.sh that runs a script is one of that script's flags, and every flag of README's shared-flags table is a flag
-of every training script. README stays under 15 KB."""
+of every training script; relative links lead to files that exist. README stays under 15 KB."""
 
 import dataclasses
 import importlib
@@ -51,3 +51,10 @@ def test_shared_flags_table_holds_for_every_training_script():
     assert len(shared) >= 8
     missing = [(script, flag) for script in TRAINING for flag in shared if flag not in flags_of(script)]
     assert not missing, f"shared flags some training script lacks: {missing}"
+
+
+@pytest.mark.parametrize("doc", [d for d in DOCS if d.suffix == ".md"], ids=lambda p: p.name)
+def test_relative_links_point_at_files_that_exist(doc):
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text())
+    missing = [link for link in links if "://" not in link and not (doc.parent / link).exists()]
+    assert not missing, f"{doc.relative_to(ROOT)}: links to missing files: {missing}"

@@ -52,7 +52,11 @@ def test_weights_reach_the_engine_after_every_step(script, arith_small, tmp_path
     assert stale[1][GAP] > 10 * synced[1][GAP] and stale[1][GAP] > 1e-2, (synced, stale)
 
 
-def test_grpo_vllm_under_torchrun(arith_small, tmp_path):
-    rows = run_script("grpo", tmp_path, arith_small, "--prompts-per-step", "4", "--group-size", "2",
-                      "--no-dynamic-sampling", nproc=2)  # fmt: skip
+@pytest.mark.parametrize("script, lora", [("grpo", 0), ("ppo", 0), ("grpo", 8)])
+def test_vllm_under_torchrun(script, lora, arith_small, tmp_path):
+    """2 ranks, FSDP2, one engine each; with LoRA the engine gets the merged weights (W + s B A) after every step: the
+    sampler's logprobs still equal the trainer's at step 2."""
+    extra = ["--group-size", "2", "--no-dynamic-sampling"] if script == "grpo" else ["--mini-batches", "1"]
+    extra += ["--lora-r", str(lora), "--lora-alpha", "32"] if lora else []
+    rows = run_script(script, tmp_path, arith_small, "--prompts-per-step", "4", *extra, nproc=2)
     assert [r["step"] for r in rows] == [1, 2] and all(r[GAP] < 1e-3 for r in rows), rows
