@@ -77,22 +77,26 @@ def pref_small(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="session")
-def captions_dir(tmp_path_factory):
-    """train.jsonl (24 records) and test.jsonl (8) of easy-VQA captions, images copied to images/ beside them."""
+def write_captions(folder, n_train: int, n_test: int):
+    """train.jsonl and test.jsonl of the first n_train / n_test easy-VQA caption records, images copied to images/."""
     import shutil
 
     from common.easy_vqa import easy_vqa_records
 
-    folder = tmp_path_factory.mktemp("captions")
     (folder / "images").mkdir()
-    for split, kind, n in (("train", "captions-train", 24), ("test", "captions-test", 8)):
+    for split, kind, n in (("train", "captions-train", n_train), ("test", "captions-test", n_test)):
         lines = []
         for k, r in enumerate(easy_vqa_records(kind)[:n]):
             shutil.copy(r["image"], folder / "images" / f"{split}{k}.png")
             lines.append(json.dumps({"image": f"images/{split}{k}.png", "caption": r["caption"]}))
         (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     return folder
+
+
+@pytest.fixture(scope="session")
+def captions_dir(tmp_path_factory):
+    """train.jsonl (24 records) and test.jsonl (8) of easy-VQA captions, images copied to images/ beside them."""
+    return write_captions(tmp_path_factory.mktemp("captions"), 24, 8)
 
 
 def vowel_fraction(completions, prompts=None, answers=None, **kwargs):

@@ -7,19 +7,17 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, subprocess_env, write_captions
 
 import pretrain_siglip as ps
 from common.checkpoint import checkpoint_dirs
 from common.data import load_mixture
-from common.easy_vqa import easy_vqa_records
 from common.encoders import load_encoder, save_encoder
 from common.models import build_vlm
 from common.run import RunLogger, read_metrics
@@ -29,15 +27,7 @@ from common.vision import VLMProcessor
 @pytest.fixture(scope="module")
 def siglip_captions(tmp_path_factory):
     """train.jsonl (64 records) and test.jsonl (48) of easy-VQA captions, images copied to images/ beside them."""
-    folder = tmp_path_factory.mktemp("siglip-captions")
-    (folder / "images").mkdir()
-    for split, kind, n in (("train", "captions-train", 64), ("test", "captions-test", 48)):
-        lines = []
-        for k, r in enumerate(easy_vqa_records(kind)[:n]):
-            shutil.copy(r["image"], folder / "images" / f"{split}{k}.png")
-            lines.append(json.dumps({"image": f"images/{split}{k}.png", "caption": r["caption"]}))
-        (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
+    return write_captions(tmp_path_factory.mktemp("siglip-captions"), 64, 48)
 
 
 @pytest.fixture(scope="module")
