@@ -57,9 +57,10 @@ from common.chat import epoch_batches
 from common.checkpoint import export_model, load_or_compute, resume, save_if_due, weights_identity
 from common.cli import cli
 from common.datasets import load_data
+from common.evaluation import evaluate, held_out_sets
 from common.models import cache_dir, describe, fsdp_blocks, load_model, load_processor
 from common.pairs import build_pairs, collate_pairs, len_answer, sequence_logps, sides_of
-from common.rollout import answer_accuracy, prompt_records
+from common.rollout import prompt_records
 from common.run import (
     RunLogger,
     fill_shards,
@@ -178,6 +179,9 @@ class Args:
     """where reference log-probs are cached (default: $CLEANPOST_CACHE/dpo_ref)"""
     eval_every: int = 0
     """held-out preference eval every N steps (0: only before and after training)"""
+    ood_dataset: str | None = "data/arith/ood.jsonl"
+    """an out-of-distribution held-out set, answered before and after training beside --eval-dataset's, with paired
+    counts and a sign test (common/evaluation.py); the default, the bundled task's OOD split, only with its test split"""
     eval_samples: int = 50
     """held-out prompts answered by greedy generation before and after training for task accuracy (0 disables)"""
     max_new_tokens: int = 96
@@ -216,20 +220,9 @@ def kto_loss(logratios, desirable, kl, *, beta: float, desirable_weight=1.0, und
     return losses, beta * logratios.detach()
 
 
-def preference_loss(
-    policy_chosen_logps,
-    policy_rejected_logps,
-    ref_chosen_logps,
-    ref_rejected_logps,
-    *,
-    loss_type: str,
-    beta: float,
-    label_smoothing: float = 0.0,
-    gamma: float = 0.5,
-    kl=None,
-    desirable_weight: float = 1.0,
-    undesirable_weight: float = 1.0,
-):
+def preference_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
+                    loss_type: str, beta: float, label_smoothing: float = 0.0, gamma: float = 0.5, kl=None,
+                    desirable_weight: float = 1.0, undesirable_weight: float = 1.0):  # fmt: skip
     """Per-pair losses [B] and the implied rewards of the chosen and rejected answers ([B] each, no gradient).
 
     All inputs are [B] sequence log-probs (summed over answer tokens; length-averaged for ipo, simpo, orpo: the caller
@@ -482,6 +475,7 @@ def main(args: Args):
         eval_pairs, kept = build_pairs(eval_records, processor, max_len=args.max_len, with_kl=with_kl, name="held-out")
         answer_items = [r for r in kept if "answer" in r][: args.eval_samples]
         answer_items = prompt_records(answer_items, processor, script="dpo.py")  # image paths resolved
+    held_out = held_out_sets(args, processor, answer_items, "dpo.py")  # in-distribution and OOD answer prompts
     global_pairs = args.batch_size * args.grad_accum * run.world_size
     steps_per_epoch = len(pairs) // global_pairs
     if steps_per_epoch == 0:
@@ -519,11 +513,9 @@ def main(args: Args):
         if eval_pairs:
             ref_eval, results["ref_cache_hit"]["eval"] = reference_logps(args, "eval", eval_pairs, sides_of(eval_pairs),
                                                                          model, processor, run)  # fmt: skip
-    if answer_items and not args.resume:
-        results["accuracy_before"] = answer_accuracy(
-            model, processor, answer_items, run, max_new_tokens=args.max_new_tokens
-        )
-        run.print(f"[eval] held-out answer accuracy before training: {results['accuracy_before']:.3f}")
+    flags_before = None
+    if not args.resume:
+        flags_before = evaluate(model, processor, held_out, run, results, "before", max_new_tokens=args.max_new_tokens)
     # one lr per part of a VLM (projector, vision, LM; lr 0 freezes a part); a text model is all LM
     groups = param_groups(model, args.lr, args.lr_projector, args.lr_vision, args.lr_lm, args.weight_decay)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -590,13 +582,8 @@ def main(args: Args):
         out = export_model(model, processor, Path(args.output_dir) / "model", run, base_path=args.model_path,
                            merge=args.merge)  # fmt: skip
         run.print(f"[export] {out}")
-    if answer_items:
-        results["accuracy_after"] = answer_accuracy(
-            model, processor, answer_items, run, max_new_tokens=args.max_new_tokens
-        )
-        run.print(f"[eval] held-out answer accuracy after training: {results['accuracy_after']:.3f}"
-                  + (f" (before: {results['accuracy_before']:.3f})" if "accuracy_before" in results else ""))  # fmt: skip
-    logger.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, float)}, step)
+    evaluate(model, processor, held_out, run, results, "after", max_new_tokens=args.max_new_tokens, before=flags_before)
+    logger.log({f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}, step)
     return finish(run, logger, {"step": step, **results})
 
 

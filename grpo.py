@@ -52,17 +52,16 @@ from tqdm import tqdm
 from common.checkpoint import export_model, resume, save_if_due
 from common.cli import cli
 from common.datasets import load_data
+from common.evaluation import answer_accuracy, evaluate, held_out_sets
 from common.models import describe, fsdp_blocks, load_model, load_processor
 from common.rewards import VERIFY_OUTCOMES, VERIFY_STATS, reward_functions, score_completions
 from common.rollout import (
-    answer_accuracy,
     build_batch,
     micro_batches,
     prompt_records,
     render_prompt,
     sample_completions,
     sampler_gap,
-    start_vllm,
     tis_weights,
     token_logps,
 )
@@ -81,7 +80,7 @@ from common.run import (
     setup,
 )
 from common.vision import ComposedVLM, param_groups
-from common.vllm_engine import fsdp_named_tensors, sleep_engine, sync_weights
+from common.vllm_engine import fsdp_named_tensors, sleep_engine, start_vllm, sync_weights
 
 ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp")
 VARIANTS = ("ppo", "gspo", "gmpo")
@@ -212,6 +211,9 @@ class Args:
     """with LoRA: also export the merged model to <output-dir>/model (the adapter always goes to <output-dir>/model/adapter)"""
     logprob_impl: Literal["fused", "naive"] = "fused"
     """fused: chunked kernel that never builds the logits; naive: log_softmax over full logits"""
+    ood_dataset: str | None = "data/arith/ood.jsonl"
+    """an out-of-distribution held-out set, answered before and after training beside --eval-dataset's, with paired
+    counts and a sign test (common/evaluation.py); the default, the bundled task's OOD split, only with its test split"""
     eval_samples: int = 200
     """held-out prompts answered by greedy generation before and after training (0 disables)"""
     eval_every: int = 0
@@ -302,22 +304,8 @@ def aggregate(token_values, response_mask, agg, *, n_tokens=None, n_seqs=None, n
     raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
 
 
-def policy_loss(
-    logps,
-    old_logps,
-    advantages,
-    response_mask,
-    *,
-    variant,
-    clip_low=0.2,
-    clip_high=0.2,
-    dual_clip=None,
-    agg="token-mean",
-    n_tokens=None,
-    n_seqs=None,
-    norm_len=None,
-    token_weights=None,
-):
+def policy_loss(logps, old_logps, advantages, response_mask, *, variant, clip_low=0.2, clip_high=0.2, dual_clip=None,
+                agg="token-mean", n_tokens=None, n_seqs=None, norm_len=None, token_weights=None):  # fmt: skip
     """(scalar loss, stats) of the clipped surrogate. logps, old_logps, advantages [B, T] float, response_mask [B, T];
     token_weights [B, T] (detached, e.g. tis_weights) multiply each token's loss.
 
@@ -493,6 +481,7 @@ def main(args: Args):
     train_items = prompt_records(records, processor, script="grpo.py")
     eval_items = [it for it in prompt_records(eval_records, processor, script="grpo.py") if it[1] is not None]
     eval_items = eval_items[: args.eval_samples]
+    held_out = held_out_sets(args, processor, eval_items, "grpo.py")  # in-distribution and OOD answer prompts
     reward_names, reward_fns = reward_functions(args.rewards, args.reward_url, args.reward_timeout, args.reward_retries)
     weights = list(args.reward_weights) if args.reward_weights else [1.0] * len(reward_fns)
     if len(weights) != len(reward_fns) or not reward_fns:
@@ -528,10 +517,10 @@ def main(args: Args):
         if ref_model is not None:
             copy_shards(ref_model, model)  # the reference starts as the policy: each rank copies its own shards
     results = {}
-    if eval_items and not args.resume:
-        results["accuracy_before"] = answer_accuracy(model, processor, eval_items, run, max_new_tokens=args.max_new_tokens,
-                                                     gather=args.unshard_for_generation)  # fmt: skip
-        run.print(f"[eval] held-out answer accuracy before training: {results['accuracy_before']:.3f}")
+    flags_before = None
+    if not args.resume:
+        flags_before = evaluate(model, processor, held_out, run, results, "before", max_new_tokens=args.max_new_tokens,
+                                gather=args.unshard_for_generation)  # fmt: skip
     # one lr per part of a VLM (projector, vision, LM; lr 0 freezes a part); a text model is all LM
     groups = param_groups(model, args.lr, args.lr_projector, args.lr_vision, None, args.weight_decay)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -578,18 +567,7 @@ def main(args: Args):
         reuse = args.mu > 1 or args.mini_batches > 1
         old_logps, ref_logps = frozen_logps(model, ref_model, batch, rollout["prompt"], processor, args, run, reuse)
         order_gen = torch.Generator().manual_seed(derive_seed(args.seed, step, "mini-batches"))
-        keys = (
-            "loss",
-            "kl",
-            "entropy",
-            "clip",
-            "approx_kl",
-            "tokens",
-            "gap_tokens",
-            "gap_abs",
-            "gap_ratio",
-            "tis_capped",
-        )
+        keys = "loss kl entropy clip approx_kl tokens gap_tokens gap_abs gap_ratio tis_capped".split()
         sums, grad_norms = dict.fromkeys(keys, 0.0), []
         for epoch in range(args.mu):
             perm = torch.randperm(rows, generator=order_gen)
@@ -664,14 +642,9 @@ def main(args: Args):
         out = export_model(model, processor, Path(args.output_dir) / "model", run, base_path=args.model_path,
                            merge=args.merge)  # fmt: skip
         run.print(f"[export] {out}")
-    if eval_items:
-        results["accuracy_after"] = answer_accuracy(model, processor, eval_items, run, max_new_tokens=args.max_new_tokens,
-                                                    gather=args.unshard_for_generation)  # fmt: skip
-        run.print(
-            f"[eval] held-out answer accuracy after training: {results['accuracy_after']:.3f}"
-            + (f" (before: {results['accuracy_before']:.3f})" if "accuracy_before" in results else "")
-        )
-        logger.log({f"eval/{k}": v for k, v in results.items()}, step)
+    evaluate(model, processor, held_out, run, results, "after", max_new_tokens=args.max_new_tokens,
+             gather=args.unshard_for_generation, before=flags_before)  # fmt: skip
+    logger.log({f"eval/{k}": v for k, v in results.items()}, step)
     return finish(run, logger, {"step": step, **results}, engine=engine)
 
 

@@ -63,16 +63,15 @@ from tqdm import tqdm
 from common.checkpoint import export_model, resume, save_if_due
 from common.cli import cli
 from common.datasets import load_data
+from common.evaluation import evaluate, held_out_sets
 from common.models import describe, fsdp_blocks, load_model, load_processor
 from common.rewards import reward_functions, score_completions
 from common.rollout import (
-    answer_accuracy,
     build_batch,
     micro_batches,
     prompt_records,
     sample_completions,
     sampler_gap,
-    start_vllm,
     tis_weights,
     token_logps,
 )
@@ -92,7 +91,7 @@ from common.run import (
 )
 from common.value import export_value_model, load_value_model, score_chats, token_values
 from common.vision import ComposedVLM, is_vlm, param_groups
-from common.vllm_engine import fsdp_named_tensors, sleep_engine, sync_weights
+from common.vllm_engine import fsdp_named_tensors, sleep_engine, start_vllm, sync_weights
 
 
 @dataclass
@@ -217,6 +216,9 @@ class Args:
     """with LoRA: also export the merged actor to <output-dir>/model (the adapter always goes to <output-dir>/model/adapter)"""
     logprob_impl: Literal["fused", "naive"] = "fused"
     """fused: chunked kernel that never builds the logits; naive: log_softmax over full logits"""
+    ood_dataset: str | None = "data/arith/ood.jsonl"
+    """an out-of-distribution held-out set, answered before and after training beside --eval-dataset's, with paired
+    counts and a sign test (common/evaluation.py); the default, the bundled task's OOD split, only with its test split"""
     eval_samples: int = 100
     """held-out prompts answered greedily before and after training (0 disables)"""
     save_every: int = 0
@@ -421,6 +423,7 @@ def main(args: Args):
     train_items = prompt_records(records, processor, script="ppo.py")
     eval_items = [it for it in prompt_records(eval_records, processor, script="ppo.py") if it[1] is not None]
     eval_items = eval_items[: args.eval_samples]
+    held_out = held_out_sets(args, processor, eval_items, "ppo.py")  # in-distribution and OOD answer prompts
     reward_names, reward_fns = reward_functions(args.rewards, args.reward_url, args.reward_timeout, args.reward_retries)
     reward_names += ["reward_model"] if args.reward_model else []
     weights = torch.tensor(args.reward_weights or [1.0] * len(reward_names), dtype=torch.float32)
@@ -468,10 +471,10 @@ def main(args: Args):
                 register_fsdp_forward_method(m, "generate")  # it gather the root's weights (embeddings, head) too
         del full
     results = {}
-    if eval_items and not args.resume:
-        results["accuracy_before"] = answer_accuracy(model, processor, eval_items, run, max_new_tokens=args.max_new_tokens,
-                                                     gather=args.unshard_for_generation)  # fmt: skip
-        run.print(f"[eval] held-out answer accuracy before training: {results['accuracy_before']:.3f}")
+    flags_before = None
+    if not args.resume:
+        flags_before = evaluate(model, processor, held_out, run, results, "before", max_new_tokens=args.max_new_tokens,
+                                gather=args.unshard_for_generation)  # fmt: skip
     # One module, one optimizer (a parameter group per model), so save_checkpoint/resume cover both exactly; the KL
     # coefficient rides along as a buffer (the adaptive controller changes it).
     state = torch.nn.ModuleDict({"actor": model, "critic": critic})
@@ -614,14 +617,9 @@ def main(args: Args):
         export_model(model, processor, out / "model", run, base_path=args.model_path, merge=args.merge)
         export_value_model(critic, processor, out / "critic", run, base_path=args.critic_path or args.model_path)
         run.print(f"[export] {out / 'model'} (policy), {out / 'critic'} (critic)")
-    if eval_items:
-        results["accuracy_after"] = answer_accuracy(model, processor, eval_items, run, max_new_tokens=args.max_new_tokens,
-                                                    gather=args.unshard_for_generation)  # fmt: skip
-        run.print(
-            f"[eval] held-out answer accuracy after training: {results['accuracy_after']:.3f}"
-            + (f" (before: {results['accuracy_before']:.3f})" if "accuracy_before" in results else "")
-        )
-        logger.log({f"eval/{k}": v for k, v in results.items()}, step)
+    evaluate(model, processor, held_out, run, results, "after", max_new_tokens=args.max_new_tokens,
+             gather=args.unshard_for_generation, before=flags_before)  # fmt: skip
+    logger.log({f"eval/{k}": v for k, v in results.items()}, step)
     return finish(run, logger, {"step": step, **results}, engine=engine)
 
 

@@ -73,7 +73,7 @@ from common.run import (
     reshard,
     setup,
 )
-from common.vision import VLMProcessor, load_images
+from common.vlm_processor import VLMProcessor, load_images
 
 
 @dataclass

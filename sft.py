@@ -46,9 +46,10 @@ from common.chat import IGNORE, build_sft_examples, collate, epoch_batches, held
 from common.checkpoint import export_model, resume, save_if_due
 from common.cli import cli
 from common.datasets import load_data
+from common.evaluation import evaluate, held_out_sets
 from common.logprob import sequence_logprobs
 from common.models import describe, fsdp_blocks, load_model, load_processor
-from common.rollout import answer_accuracy, prompt_records
+from common.rollout import prompt_records
 from common.run import (
     RunLogger,
     all_reduce_sums,
@@ -148,6 +149,9 @@ class Args:
     """fused: chunked kernel that never builds the logits; naive: log_softmax over full logits, for comparison"""
     eval_every: int = 40
     """eval loss every N steps (0: only at the end)"""
+    ood_dataset: str | None = "data/arith/ood.jsonl"
+    """an out-of-distribution held-out set, answered before and after training beside --eval-dataset's, with paired
+    counts and a sign test (common/evaluation.py); the default, the bundled task's OOD split, only with its test split"""
     eval_samples: int = 100
     """held-out records answered by greedy generation before and after training to report accuracy (0 disables)"""
     max_new_tokens: int = 96
@@ -202,6 +206,7 @@ def main(args: Args):
         eval_items = rows_of(eval_examples)
         answer_items = [r for r in eval_records if "answer" in r][: args.eval_samples]
         answer_items = prompt_records(answer_items, processor, script="sft.py")  # image paths resolved
+    held_out = held_out_sets(args, processor, answer_items, "sft.py")  # in-distribution and OOD answer prompts
     global_rows = args.batch_size * args.grad_accum * run.world_size
     steps_per_epoch = len(items) // global_rows
     if steps_per_epoch == 0:
@@ -231,12 +236,9 @@ def main(args: Args):
             fully_shard(block, **fsdp)
         fully_shard(model, **fsdp)  # root: embeddings, final norm, LM head (a VLM's projector too)
         fill_shards(model, full, run)  # rank 0's weights into every rank's shards
-    results = {}
-    if answer_items and not args.resume:
-        results["accuracy_before"] = answer_accuracy(
-            model, processor, answer_items, run, max_new_tokens=args.max_new_tokens
-        )
-        run.print(f"[eval] held-out answer accuracy before training: {results['accuracy_before']:.3f}")
+    results, flags_before = {}, None
+    if not args.resume:
+        flags_before = evaluate(model, processor, held_out, run, results, "before", max_new_tokens=args.max_new_tokens)
     # one lr per part of a VLM (projector, vision, LM; lr 0 freezes a part); a text model is all LM
     groups = param_groups(model, args.lr, args.lr_projector, args.lr_vision, args.lr_lm, args.weight_decay)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -295,14 +297,8 @@ def main(args: Args):
     if args.export:
         out = export_model(model, processor, Path(args.output_dir) / "model", run, base_path=args.model_path)
         run.print(f"[export] {out}")
-    if answer_items:
-        results["accuracy_after"] = answer_accuracy(
-            model, processor, answer_items, run, max_new_tokens=args.max_new_tokens
-        )
-        run.print(
-            f"[eval] held-out answer accuracy after training: {results['accuracy_after']:.3f}"
-            + (f" (before: {results['accuracy_before']:.3f})" if "accuracy_before" in results else "")
-        )
+    evaluate(model, processor, held_out, run, results, "after", max_new_tokens=args.max_new_tokens, before=flags_before)
+    if results:
         logger.log({f"eval/{k}": v for k, v in results.items()}, step)
     return finish(run, logger, {"step": step, **results})
 

@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 from common.models import model_config, resolve_model_path
 from common.run import Run, barrier, replace_dir, reshard
-from common.vision import VLMProcessor, is_vlm, load_vlm, save_vlm
+from common.vision import is_vlm, load_vlm, save_vlm
+from common.vlm_processor import VLMProcessor
 
 
 def checkpoint_dirs(output_dir) -> list[Path]:

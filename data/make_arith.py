@@ -1,8 +1,8 @@
 """Generate the bundled arithmetic word-problem task (stdlib only, seeded, deterministic).
 
-    python data/make_arith.py --seed 0 --n-train 4000 --n-test 200 --out data/arith
+    python data/make_arith.py --seed 0 --n-train 4000 --n-test 200 --n-ood 200 --out data/arith
 
-Writes `train.jsonl` and `test.jsonl`, one conversation per line:
+Writes `train.jsonl`, `test.jsonl` and `ood.jsonl`, one conversation per line:
 
     {"messages": [{"role": "user", "content": "Tom has 23 apples and buys 14 more. ..."},
                   {"role": "assistant", "content": "Tom starts with 23 apples. 23 + 14 = 37. 37 - 9 = 28.\\n#### 28"}],
@@ -15,6 +15,12 @@ All intermediate values are non-negative integers and every division is exact.
 
 The test split is drawn first from the same random stream and train skips any problem text already in test,
 so the two never share a problem and the test split does not change when --n-train does.
+
+`ood.jsonl` is an out-of-distribution split: OOD_TEMPLATES, which training never uses (other stories and phrasings,
+one-step problems asked differently, three-step problems), and for half of them an answer-format instruction that
+training never shows. It comes from its own random stream, so adding it changed neither train nor test. The scripts
+answer it before and after training beside test.jsonl: a gain on test that does not carry over to it is the model
+learning the bundled phrasing rather than the arithmetic.
 """
 
 import argparse
@@ -201,6 +207,104 @@ def generate(seed, n_train, n_test, max_n=50):
     return train, test
 
 
+# ------------------------------------------------------------------ out of distribution (never used in training)
+def remaining(rng, max_n):
+    """one step, asked differently: a birds, b fly away."""
+    things = rng.choice(["birds on a fence", "cars in a car park", "fish in a pond", "people on a bus"])
+    a = rng.randint(5, max_n + 20)
+    b = rng.randint(1, a - 1)
+    left, eq = _op(a, "-", b)
+    noun, place = things.split(" ", 1)
+    return f"There are {a} {noun} {place}. Then {b} of them leave. How many {noun} remain {place}?", eq, left
+
+
+def rate_times(rng, max_n):
+    """one step: a rate times a count, in a story training never tells."""
+    name = rng.choice(NAMES)
+    per, days = rng.randint(2, 15), rng.randint(2, 9)
+    total, eq = _op(per, "*", days)
+    return f"{name} reads {per} pages every day. How many pages has {name} read after {days} days?", eq, total
+
+
+def baker_three_steps(rng, max_n):
+    """three steps: trays of muffins baked, some sold, more baked."""
+    trays, per = rng.randint(2, 6), rng.randint(3, 12)
+    total, eq1 = _op(trays, "*", per)
+    sold = rng.randint(1, total - 1)
+    mid, eq2 = _op(total, "-", sold)
+    more = rng.randint(1, max_n // 2)
+    final, eq3 = _op(mid, "+", more)
+    problem = (
+        f"A baker makes {trays} trays of {per} muffins. She sells {sold} muffins before noon and bakes {more} "
+        "more in the afternoon. How many muffins does she have at the end of the day?"
+    )
+    return problem, f"{eq1} {eq2} {eq3}", final
+
+
+def savings_three_steps(rng, max_n):
+    """three steps: weekly savings, a gift, then a purchase."""
+    name = rng.choice(NAMES)
+    per, weeks, gift = rng.randint(2, 10), rng.randint(2, 8), rng.randint(1, 20)
+    saved, eq1 = _op(per, "*", weeks)
+    total, eq2 = _op(saved, "+", gift)
+    spent = rng.randint(1, total - 1)
+    left, eq3 = _op(total, "-", spent)
+    problem = (
+        f"{name} saves {per} dollars a week for {weeks} weeks, then gets {gift} dollars as a gift. "
+        f"{name} spends {spent} dollars on a game. How many dollars are left?"
+    )
+    return problem, f"{eq1} {eq2} {eq3}", left
+
+
+def split_groups(rng, max_n):
+    """two steps: a class splits into teams after some children leave."""
+    teams, size = rng.randint(2, 8), rng.randint(2, 9)
+    gone = rng.randint(1, 9)
+    start = teams * size + gone
+    left, eq1 = _op(start, "-", gone)
+    each, eq2 = _op(left, "/", teams)
+    problem = (
+        f"A class has {start} children. {gone} go home early, and the rest form {teams} teams of equal size. "
+        "How many children are in each team?"
+    )
+    return problem, f"{eq1} {eq2}", each
+
+
+OOD_TEMPLATES = [remaining, rate_times, baker_three_steps, savings_three_steps, split_groups]
+OOD_INSTRUCTIONS = [
+    "Answer with just the number.",
+    "Show your work, then write the final answer on its own line.",
+    "Give the final answer after the word 'Answer:'.",
+]
+
+
+def make_ood_record(rng, max_n):
+    """One out-of-distribution record: an OOD template, and for half of them an answer-format instruction."""
+    problem, steps, answer = rng.choice(OOD_TEMPLATES)(rng, max_n)
+    if rng.random() < 0.5:
+        problem += " " + rng.choice(OOD_INSTRUCTIONS)
+    return {
+        "messages": [
+            {"role": "user", "content": problem},
+            {"role": "assistant", "content": f"{steps}\n#### {answer}"},
+        ],
+        "answer": str(answer),
+    }
+
+
+def generate_ood(seed, n, max_n=50):
+    """n unique out-of-distribution records from their own random stream (train and test stay as they were)."""
+    rng, seen, out = random.Random(f"ood-{seed}"), set(), []
+    for _ in range(1000 * n + 1000):
+        if len(out) == n:
+            return out
+        record = make_ood_record(rng, max_n)
+        if record["messages"][0]["content"] not in seen:
+            seen.add(record["messages"][0]["content"])
+            out.append(record)
+    raise ValueError(f"could only make {len(out)} unique out-of-distribution problems, asked for {n}")
+
+
 def write_jsonl(path, records):
     with open(path, "w", encoding="utf-8", newline="\n") as f:
         for record in records:
@@ -212,6 +316,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-train", type=int, default=4000)
     parser.add_argument("--n-test", type=int, default=200)
+    parser.add_argument("--n-ood", type=int, default=200)
     parser.add_argument("--max-n", type=int, default=50, help="largest starting quantity in +/- templates")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "arith"))
     args = parser.parse_args(argv)
@@ -219,7 +324,9 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     write_jsonl(os.path.join(args.out, "train.jsonl"), train)
     write_jsonl(os.path.join(args.out, "test.jsonl"), test)
-    print(f"wrote {len(train)} train and {len(test)} test records to {args.out}")
+    ood = generate_ood(args.seed, args.n_ood, args.max_n)
+    write_jsonl(os.path.join(args.out, "ood.jsonl"), ood)
+    print(f"wrote {len(train)} train, {len(test)} test and {len(ood)} out-of-distribution records to {args.out}")
 
 
 if __name__ == "__main__":

@@ -272,8 +272,9 @@ def plain_greedy_accuracy(model_path, items, max_new_tokens) -> float:
     to check a script's reported accuracy against. items: (prompt messages, reference answer[, image folder])."""
     import torch
 
+    from common.evaluation import is_correct
     from common.models import load_model, load_processor
-    from common.rollout import is_correct, stop_ids
+    from common.rollout import stop_ids
     from common.vision import vlm_generate
 
     processor, model = load_processor(str(model_path)), load_model(str(model_path)).eval()

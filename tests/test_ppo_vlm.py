@@ -18,7 +18,8 @@ from common.logprob import forward_hidden
 from common.rollout import build_batch, generate, prompt_records
 from common.run import read_metrics
 from common.value import VLMCritic, token_values
-from common.vision import load_images, load_vlm
+from common.vision import load_vlm
+from common.vlm_processor import load_images
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from common.data import load_mixture
 from common.encoders import load_encoder, save_encoder
 from common.models import build_vlm
 from common.run import RunLogger, read_metrics
-from common.vision import VLMProcessor
+from common.vlm_processor import VLMProcessor
 
 
 @pytest.fixture(scope="module")

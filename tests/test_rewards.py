@@ -74,10 +74,10 @@ def _evaluate(a, op, b):
     return {"+": a + b, "-": a - b, "*": a * b, "/": Fraction(a, b)}[op]
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("split", ["train", "test", "ood"])
 def test_bundled_arith_records_are_well_formed_and_correct(split):
     records = _read(ARITH_DIR / f"{split}.jsonl")
-    assert len(records) == {"train": 4000, "test": 200}[split]
+    assert len(records) == {"train": 4000, "test": 200, "ood": 200}[split]
     for record in records:
         assert set(record) == {"messages", "answer"}
         user, assistant = record["messages"]
@@ -104,14 +104,38 @@ def test_bundled_splits_do_not_overlap():
     assert not set(train) & set(test)
 
 
+def test_ood_split_uses_stories_structures_and_instructions_training_never_shows():
+    def records(split):
+        return _read(ARITH_DIR / f"{split}.jsonl")
+
+    def skeleton(text):  # the problem's wording with its numbers and names taken out
+        text = re.sub(r"\d+", "N", text)
+        return re.sub("|".join(make_arith.NAMES), "X", text).split(".")[0]
+
+    train, ood = records("train"), records("ood")
+    train_openings = {skeleton(r["messages"][0]["content"]) for r in train}
+    assert (
+        not {skeleton(r["messages"][0]["content"]) for r in ood} & train_openings
+    )  # no training story opens an OOD one
+    train_text = " ".join(r["messages"][0]["content"] for r in train)
+    with_instruction = [r for r in ood if any(i in r["messages"][0]["content"] for i in make_arith.OOD_INSTRUCTIONS)]
+    assert 0.3 < len(with_instruction) / len(ood) < 0.7
+    assert not any(i in train_text for i in make_arith.OOD_INSTRUCTIONS)
+    # problem structures mixed differently: training has 1- and 2-step problems only, OOD also 3-step ones
+    steps = lambda rs: {len(EQUATION.findall(r["messages"][1]["content"])) for r in rs}  # noqa: E731
+    assert steps(train) == {1, 2} and steps(ood) == {1, 2, 3}
+
+
 def test_generator_is_deterministic_and_matches_bundled_files(tmp_path):
-    args = ["--seed", "0", "--n-train", "50", "--n-test", "20"]
+    args = ["--seed", "0", "--n-train", "50", "--n-test", "20", "--n-ood", "200"]
     make_arith_main(args + ["--out", str(tmp_path / "a")])
     make_arith_main(args + ["--out", str(tmp_path / "b")])
-    for name in ("train.jsonl", "test.jsonl"):
+    for name in ("train.jsonl", "test.jsonl", "ood.jsonl"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     # the test split is drawn first, so it equals the bundled one's prefix regardless of --n-train
     bundled_test = (ARITH_DIR / "test.jsonl").read_text(encoding="utf-8").splitlines()
     assert (tmp_path / "a" / "test.jsonl").read_text(encoding="utf-8").splitlines() == bundled_test[:20]
+    # the OOD split has its own random stream: the bundled file whatever --n-train and --n-test are
+    assert (tmp_path / "a" / "ood.jsonl").read_bytes() == (ARITH_DIR / "ood.jsonl").read_bytes()
     make_arith_main(["--seed", "1", "--n-train", "50", "--n-test", "20", "--out", str(tmp_path / "c")])
     assert (tmp_path / "c" / "train.jsonl").read_bytes() != (tmp_path / "a" / "train.jsonl").read_bytes()

@@ -13,9 +13,10 @@ import pytest
 import torch
 from conftest import ROOT, subprocess_env
 
+from common.evaluation import is_correct
 from common.logprob import sequence_logprobs
 from common.models import load_model, load_processor
-from common.rollout import build_batch, generate, is_correct, micro_batches, sampler_gap, tis_weights, token_logps
+from common.rollout import build_batch, generate, micro_batches, sampler_gap, tis_weights, token_logps
 
 
 def test_build_batch_aligns_response_mask_with_logps():
@@ -68,7 +69,8 @@ import json, os, sys
 import torch
 from torch.distributed.fsdp import fully_shard
 from common.models import fsdp_blocks, load_model, load_processor
-from common.rollout import answer_accuracy, generate
+from common.evaluation import answer_accuracy
+from common.rollout import generate
 from common.run import setup
 
 model_dir, out = sys.argv[1], sys.argv[2]
@@ -106,7 +108,7 @@ def test_gathered_generation_equals_per_step_gathers_under_fsdp2(sharper_tiny_mo
         assert r["True"] == r["False"] and any(len(c) > 1 for c in r["True"])
     assert ranks[0]["True"] != ranks[1]["True"]  # different prompts and seeds: the ranks really decoded their own
     assert ranks[0]["accuracy"] == ranks[1]["accuracy"]
-    from common.rollout import answer_accuracy
+    from common.evaluation import answer_accuracy
     from common.run import Run
 
     processor, model = load_processor(sharper_tiny_model_dir), load_model(sharper_tiny_model_dir)

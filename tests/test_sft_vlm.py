@@ -15,9 +15,10 @@ import sft
 from common.chat import IGNORE, pack_examples, pad_collate
 from common.cli import cli
 from common.data import load_records, to_messages
+from common.evaluation import answer_accuracy
 from common.logprob import sequence_logprobs
 from common.metrics import exact_match
-from common.rollout import answer_accuracy, prompt_records
+from common.rollout import prompt_records
 from common.run import Run, RunLogger, read_metrics
 from common.vision import ComposedVLM, load_vlm, vlm_generate
 

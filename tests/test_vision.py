@@ -14,7 +14,6 @@ from common.logprob import sequence_logprobs
 from common.models import build_vlm
 from common.vision import (
     ComposedVLM,
-    NativeVLMProcessor,
     Projector,
     is_vlm,
     load_vlm,
@@ -23,6 +22,7 @@ from common.vision import (
     save_vlm,
     vlm_generate,
 )
+from common.vlm_processor import NativeVLMProcessor
 
 
 @pytest.fixture(scope="module")
