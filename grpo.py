@@ -54,7 +54,7 @@ from common.cli import cli
 from common.datasets import load_data
 from common.evaluation import answer_accuracy, evaluate, held_out_sets
 from common.models import describe, fsdp_blocks, load_model, load_processor
-from common.rewards import VERIFY_OUTCOMES, VERIFY_STATS, reward_functions, score_completions
+from common.rewards import VERIFY_OUTCOMES, VERIFY_STATS, reward_setup, score_completions
 from common.rollout import (
     build_batch,
     micro_batches,
@@ -79,6 +79,7 @@ from common.run import (
     optimizer_step,
     setup,
 )
+from common.value import load_value_model, score_chats
 from common.vision import ComposedVLM, param_groups
 from common.vllm_engine import fsdp_named_tensors, sleep_engine, start_vllm, sync_weights
 
@@ -187,7 +188,10 @@ class Args:
     answers, for image questions) or your own, `module:function` or `path/file.py:function`, called as
     fn(completions, prompts=, answers=)"""
     reward_weights: tuple[float, ...] | None = None
-    """one weight per reward (--rewards in order, then --reward-url); default all 1"""
+    """one weight per reward (--rewards in order, then --reward-url, then --reward-model); default all 1"""
+    reward_model: str | None = None
+    """a Bradley-Terry reward model (reward_model.py's export, text or VLM): its score of the chat (prompt, its images
+    and the completion) is one more reward, `reward_model`, weighted after --rewards and --reward-url"""
     reward_url: str | None = None
     """HTTP reward: POST {"prompts", "completions", "answers"} JSON, expects {"rewards": [...]}"""
     reward_timeout: float = 30.0
@@ -388,16 +392,17 @@ def overlong_penalty(lengths, max_len, buffer, penalty):
 
 
 # ====================================================================================================== rollouts
-def sample_groups(model, processor, items, reward_fns, weights, args, run, step, engine=None):
+def sample_groups(model, processor, items, reward_fns, weights, args, run, step, engine=None, scorer=None):
     """One step's rollouts on this rank: its share of --prompts-per-step prompts, --group-size completions each, scored.
     DAPO dynamic sampling: a group whose rewards are all equal carries no gradient, so up to --max-resample more rounds
     of fresh prompts replace such groups; any still missing are filled with dropped ones (zero advantage). Returns flat
     per-completion lists (rows in groups of G) and the step's counts. With --vllm the engine first gets the policy's
-    current weights (streamed one parameter at a time from the FSDP2 shards) and, on a GPU, sleeps after."""
+    current weights (streamed one parameter at a time from the FSDP2 shards) and, on a GPU, sleeps after. scorer:
+    (reward model, its processor) of --reward-model, whose score is the last reward."""
     if engine is not None:
         sync_weights(engine, fsdp_named_tensors(model))
     my_prompts = args.prompts_per_step // run.world_size
-    kept, dropped, n_generated, failures = [], [], 0, [0] * len(reward_fns)
+    kept, dropped, n_generated, failures = [], [], 0, [0] * len(weights)
     for attempt in range(1 + (args.max_resample if args.dynamic_sampling else 0)):
         picker = torch.Generator().manual_seed(derive_seed(args.seed, step, "prompts", attempt))
         chosen = torch.randperm(len(items), generator=picker)[: args.prompts_per_step].tolist()
@@ -413,6 +418,10 @@ def sample_groups(model, processor, items, reward_fns, weights, args, run, step,
         encoded = [p for p in encoded for _ in range(args.group_size)]  # one per completion
         texts = processor.tokenizer.batch_decode(completions, skip_special_tokens=True)
         per_fn, failed = score_completions(reward_fns, texts, prompt_msgs, answers)  # [rows, n_fns]
+        if scorer is not None:  # the reward model reads the whole chat through its own template (and its images)
+            chats = [(m + [{"role": "assistant", "content": t}], ".") for m, t in zip(prompt_msgs, texts)]
+            rm_scores = score_chats(*scorer, chats, run, args.micro_batch_size)  # [rows]
+            per_fn, failed = torch.cat([per_fn, rm_scores[:, None]], 1), failed + [0]
         failures = [a + b for a, b in zip(failures, failed)]
         total = per_fn @ torch.tensor(weights, dtype=torch.float32)  # [rows]
         total += overlong_penalty([len(c) for c in completions], args.max_new_tokens, args.overlong_buffer,
@@ -461,31 +470,22 @@ def main(args: Args):
     run = setup(args.seed, args.dtype, args.cpu_offload)
 
     # ---- prompts, reward functions, plan ----
-    if args.prompts_per_step % run.world_size:
-        raise SystemExit(f"error: --prompts-per-step {args.prompts_per_step} must be a multiple of the "
-                         f"{run.world_size} processes")  # fmt: skip
+    rows = args.prompts_per_step // run.world_size * args.group_size  # completions per process per step
+    if args.prompts_per_step % run.world_size or rows % args.mini_batches:
+        raise SystemExit(f"error: --prompts-per-step {args.prompts_per_step} must split into {run.world_size} processes "
+                         f"and its {rows} completions per process into --mini-batches {args.mini_batches}")  # fmt: skip
     if args.estimator != "reinforce_pp" and args.group_size < 2:
         raise SystemExit(f"error: --estimator {args.estimator} compares completions within a group: --group-size >= 2")
-    rows = args.prompts_per_step // run.world_size * args.group_size  # completions per process per step
-    if rows % args.mini_batches:
-        raise SystemExit(
-            f"error: {rows} completions per process is not divisible by --mini-batches {args.mini_batches}"
-        )
     if args.model_path == Args.model_path and not Path(args.model_path).is_dir():
-        raise SystemExit(
-            f"error: --model-path {args.model_path} (the default) does not exist yet: run `python sft.py` "
-            "first, whose default run exports there, or pass another model, e.g. --model-path smollm2-135m"
-        )
+        raise SystemExit(f"error: --model-path {args.model_path} (the default) does not exist yet: run `python sft.py` "
+                         "first, whose default run exports there, or pass another model, e.g. --model-path smollm2-135m")  # fmt: skip
     processor = load_processor(args.model_path)
     records, eval_records = load_data(args, with_eval=args.eval_samples > 0)
     train_items = prompt_records(records, processor, script="grpo.py")
     eval_items = [it for it in prompt_records(eval_records, processor, script="grpo.py") if it[1] is not None]
     eval_items = eval_items[: args.eval_samples]
     held_out = held_out_sets(args, processor, eval_items, "grpo.py")  # in-distribution and OOD answer prompts
-    reward_names, reward_fns = reward_functions(args.rewards, args.reward_url, args.reward_timeout, args.reward_retries)
-    weights = list(args.reward_weights) if args.reward_weights else [1.0] * len(reward_fns)
-    if len(weights) != len(reward_fns) or not reward_fns:
-        raise SystemExit(f"error: {len(reward_fns)} rewards ({', '.join(reward_names)}) but {len(weights)} weights")
+    reward_names, reward_fns, weights = reward_setup(args)  # --rewards, --reward-url, --reward-model; their weights
     run.print(
         f"[plan] model {args.model_path} | {len(train_items)} prompts, {len(eval_items)} held-out | "
         f"{args.max_steps} steps x {args.prompts_per_step} prompts x G={args.group_size} | {args.estimator} + "
@@ -496,7 +496,7 @@ def main(args: Args):
         run.print(f"[plan] {describe(args.model_path)}; dry run, exiting")
         return None
 
-    # ---- models: policy (and reference when KL is on), FSDP2, accuracy before, optimizer ----
+    # ---- models: policy (and reference when KL is on, reward model), FSDP2, accuracy before, optimizer ----
     meta = run.sharded and not run.main  # FSDP2: rank 0 reads the weights, the other ranks build on the meta device
     model = load_model(args.model_path, device=run.device, gradient_checkpointing=args.gradient_checkpointing, meta=meta,
                        lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_targets=args.lora_targets)  # fmt: skip
@@ -504,18 +504,25 @@ def main(args: Args):
     if args.kl_coef > 0 and args.lora_r == 0:  # FSDP2: built on the meta device, a copy of the policy's shards
         ref_model = load_model(args.model_path, device=run.device, dtype=run.dtype, meta=run.sharded)
         ref_model.eval().requires_grad_(False)
+    reward_model = rm_processor = None  # never trained either: in the compute dtype, sharded like the reference
+    if args.reward_model:
+        reward_model, rm_processor = load_value_model(args.reward_model, device=run.device, zero_new_head=False,
+                                                      dtype=run.dtype, meta=meta)  # fmt: skip
+        reward_model.eval().requires_grad_(False)
     if run.sharded:
-        fsdp, full = fsdp_options(run, args.cpu_offload), full_weights(model, run)
-        for m in [model] + ([ref_model] if ref_model is not None else []):
+        fsdp = fsdp_options(run, args.cpu_offload)
+        for m in [m for m in (model, ref_model, reward_model) if m is not None]:
+            full = full_weights(m, run) if m is not ref_model else None
             for block in fsdp_blocks(m):  # decoder layers (and a VLM's vision blocks), then the root
                 fully_shard(block, **fsdp)
             fully_shard(m, **fsdp)  # root: embeddings, final norm, LM head (a VLM's projector too)
+            if m is ref_model:  # the reference starts as the policy: each rank copies its own shards
+                copy_shards(m, model)
+            else:
+                fill_shards(m, full, run)  # rank 0's weights into every rank's shards
             if isinstance(m, ComposedVLM) or hasattr(m, "peft_config"):  # generate bypasses the root's forward: make
                 register_fsdp_forward_method(m, "generate")  # it gather the root's weights (embeddings, head) too
-        fill_shards(model, full, run)  # rank 0's weights into every rank's shards
         del full
-        if ref_model is not None:
-            copy_shards(ref_model, model)  # the reference starts as the policy: each rank copies its own shards
     results = {}
     flags_before = None
     if not args.resume:
@@ -544,7 +551,7 @@ def main(args: Args):
         verify_before = dict(VERIFY_STATS)
         # -- rollouts: G completions per prompt, scored; DAPO dynamic sampling keeps groups whose rewards differ --
         rollout, counts, failures = sample_groups(model, processor, train_items, reward_fns, weights, args, run, step,
-                                                  engine)  # fmt: skip
+                                                  engine, (reward_model, rm_processor) if reward_model else None)  # fmt: skip
         t_rollout = time.time() - t0
 
         # -- advantages over the whole global batch (reinforce_pp whitens over all of it) --

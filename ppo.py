@@ -65,7 +65,7 @@ from common.cli import cli
 from common.datasets import load_data
 from common.evaluation import evaluate, held_out_sets
 from common.models import describe, fsdp_blocks, load_model, load_processor
-from common.rewards import reward_functions, score_completions
+from common.rewards import reward_setup, score_completions
 from common.rollout import (
     build_batch,
     micro_batches,
@@ -405,9 +405,6 @@ def check_args(args: Args, world_size: int) -> int:
         raise SystemExit(
             f"error: --critic-path {args.critic_path}: a VLM policy needs a VLM critic (or no --critic-path)"
         )
-    if args.reward_model and is_vlm(args.reward_model) and not is_vlm(args.model_path):
-        raise SystemExit(f"error: --reward-model {args.reward_model} is a VLM reward model, which scores a prompt with "
-                         "its image, but --model-path is a text model (its prompts hold no images)")  # fmt: skip
     if args.kl_target is not None and args.kl_coef <= 0:
         raise SystemExit("error: --kl-target adapts --kl-coef multiplicatively: give a starting --kl-coef > 0")
     return args.prompts_per_step // world_size
@@ -424,12 +421,8 @@ def main(args: Args):
     eval_items = [it for it in prompt_records(eval_records, processor, script="ppo.py") if it[1] is not None]
     eval_items = eval_items[: args.eval_samples]
     held_out = held_out_sets(args, processor, eval_items, "ppo.py")  # in-distribution and OOD answer prompts
-    reward_names, reward_fns = reward_functions(args.rewards, args.reward_url, args.reward_timeout, args.reward_retries)
-    reward_names += ["reward_model"] if args.reward_model else []
-    weights = torch.tensor(args.reward_weights or [1.0] * len(reward_names), dtype=torch.float32)
-    if len(weights) != len(reward_names) or not reward_names:
-        listed = ", ".join(reward_names) or "none: pass --rewards, --reward-model or --reward-url"
-        raise SystemExit(f"error: {len(reward_names)} rewards ({listed}) but {len(weights)} weights")
+    reward_names, reward_fns, weights = reward_setup(args)  # --rewards, --reward-url, --reward-model; their weights
+    weights = torch.tensor(weights, dtype=torch.float32)
     run.print(f"[plan] ppo | model {args.model_path} | critic {args.critic_path or 'policy + zero head'} | "
               f"{len(train_items)} prompts, {len(eval_items)} held-out | {args.max_steps} steps x {args.prompts_per_step} "
               f"prompts | mu={args.mu}, {args.mini_batches} mini-batch(es), critic warm-up {args.critic_warmup_steps} | "

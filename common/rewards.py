@@ -267,6 +267,24 @@ def reward_functions(specs, url=None, timeout_s: float = 30.0, retries: int = 3)
     return list(specs) + (["remote"] if url else []), functions
 
 
+def reward_setup(args) -> tuple[list[str], list, list[float]]:
+    """(names, functions, weights) of grpo.py's and ppo.py's rewards: --rewards, --reward-url, then --reward-model
+    (named reward_model; a model, which the script scores with, so no function), weighted by --reward-weights (default
+    all 1). One-line errors for a weight count that does not match and for a VLM reward model with a text policy."""
+    from common.vision import is_vlm
+
+    names, functions = reward_functions(args.rewards, args.reward_url, args.reward_timeout, args.reward_retries)
+    names += ["reward_model"] if args.reward_model else []
+    weights = list(args.reward_weights) if args.reward_weights else [1.0] * len(names)
+    if len(weights) != len(names) or not names:
+        listed = ", ".join(names) or "none: pass --rewards, --reward-url or --reward-model"
+        raise SystemExit(f"error: {len(names)} rewards ({listed}) but {len(weights)} weights")
+    if args.reward_model and is_vlm(args.reward_model) and not is_vlm(args.model_path):
+        raise SystemExit(f"error: --reward-model {args.reward_model} is a VLM reward model, which scores a prompt with "
+                         "its image, but --model-path is a text model (its prompts hold no images)")  # fmt: skip
+    return names, functions, weights
+
+
 def score_completions(functions, completions, prompts, answers):
     """([rows, n_functions] float32 rewards, failures per function): every function on the whole batch through
     safe_rewards, so a failing reward costs its samples 0.0 and a count, never the run."""

@@ -382,8 +382,9 @@ def test_dry_run_prints_plan(tiny_model_dir, arith_small, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_torchrun_fsdp2_two_processes(tiny_model_dir, arith_small, tmp_path):
-    """2 ranks under FSDP2: generation with synced_gpus, global normalisation, KL reference, checkpoint and export."""
+def test_torchrun_fsdp2_two_processes(tiny_model_dir, arith_small, vowel_reward_model_dir, tmp_path):
+    """2 ranks under FSDP2: generation with synced_gpus, global normalisation, KL reference, a sharded reward model
+    (its scores equal one process's), checkpoint and export."""
     cmd = [
         sys.executable,
         "-m",
@@ -414,6 +415,9 @@ def test_torchrun_fsdp2_two_processes(tiny_model_dir, arith_small, tmp_path):
         "--rewards",
         "math",
         "conftest:vowel_fraction",
+        "--reward-model",
+        vowel_reward_model_dir,
+        "--save-rollouts",
         "--output-dir",
         str(tmp_path),
     ]
@@ -427,6 +431,21 @@ def test_torchrun_fsdp2_two_processes(tiny_model_dir, arith_small, tmp_path):
     assert (tmp_path / "model" / "model.safetensors").exists()
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_0000002"]
     assert "accuracy after training" in run.stdout
+    # rank 0's rollouts, scored again by the unsharded reward model in this process: the same scores
+    from common.models import load_processor
+    from common.rollout import prompt_records, render_prompt
+    from common.run import Run
+    from common.value import load_value_model, score_chats
+
+    processor = load_processor(tiny_model_dir)
+    by_text = {
+        render_prompt(processor.tokenizer, m): m for m, _ in prompt_records(str(arith_small / "train.jsonl"), processor)
+    }
+    saved = read_jsonl(tmp_path / "rollouts.jsonl")
+    chats = [(by_text[r["prompt"]] + [{"role": "assistant", "content": r["completion"]}], ".") for r in saved]
+    rm, rm_processor = load_value_model(vowel_reward_model_dir, device="cpu", zero_new_head=False)
+    scores = score_chats(rm, rm_processor, chats, Run(0, 1, torch.device("cpu"), torch.float32), batch_size=4)
+    assert [r["rewards"]["reward_model"] for r in saved] == pytest.approx(scores.tolist(), abs=1e-5)
 
 
 def test_tis_cap_weights_the_loss_by_the_capped_sampler_ratio(tiny_model_dir, arith_small, tmp_path):
@@ -475,3 +494,81 @@ def test_all_reduced_names_do_not_depend_on_what_a_rank_saw(tiny_model_dir, arit
         calls.append([])
         grpo.main(tiny_args(tiny_model_dir, arith_small, tmp_path / name, max_steps=1, rewards=("math",)))
     assert calls[0] == calls[1] and any("verify_timeout" in names for names in calls[0])
+
+
+@pytest.fixture(scope="module")
+def vowel_reward_model_dir(tmp_path_factory):
+    """A reward model built by hand to prefer vowels. Each token's embedding is (f, 1 - f, 0, ...), f the share of
+    vowels among its letters; one layer whose attention is uniform (zero queries and keys, identity values and output)
+    puts the mean of the chat's normalised embeddings at the last position, and the score head reads dimension 0: the
+    score rises with the share of vowel-heavy tokens in the chat. conftest.vowel_fraction measures the same preference
+    on the text, independently of the model."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from common.models import load_tokenizer
+
+    tokenizer, H = load_tokenizer("smollm2-135m"), 16
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=H, intermediate_size=4, num_hidden_layers=1,
+                         num_attention_heads=1, num_key_value_heads=1, head_dim=H, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)  # fmt: skip
+    model = LlamaForSequenceClassification(config)
+    vowels = torch.tensor([conftest_vowel_fraction(tokenizer.decode([i])) for i in range(len(tokenizer))])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        for norm in (model.model.layers[0].input_layernorm, model.model.layers[0].post_attention_layernorm,
+                     model.model.norm):  # fmt: skip
+            norm.weight.fill_(1.0)
+        model.model.embed_tokens.weight[:, 0], model.model.embed_tokens.weight[:, 1] = vowels, 1 - vowels
+        model.model.layers[0].self_attn.v_proj.weight.copy_(torch.eye(H))
+        model.model.layers[0].self_attn.o_proj.weight.copy_(torch.eye(H))
+        model.score.weight[0, 0] = 1.0
+    folder = tmp_path_factory.mktemp("vowel-rm")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def conftest_vowel_fraction(text):
+    from conftest import vowel_fraction
+
+    return vowel_fraction([text])[0]
+
+
+def test_reward_model_scores_a_vowel_heavy_chat_higher(vowel_reward_model_dir):
+    from common.run import Run
+    from common.value import load_value_model, score_chats
+
+    model, processor = load_value_model(vowel_reward_model_dir, device="cpu", zero_new_head=False)
+    prompt = [{"role": "user", "content": "Say something."}]
+    chats = [(prompt + [{"role": "assistant", "content": text}], ".") for text in ("rhythm strength", "aiea eau ou")]
+    scores = score_chats(model, processor, chats, Run(0, 1, torch.device("cpu"), torch.float32), batch_size=2)
+    assert scores[1] > scores[0] + 0.1, scores
+
+
+def test_reward_model_is_one_more_reward_that_the_policy_learns(
+    sharper_tiny_model_dir, arith_small, vowel_reward_model_dir, tmp_path
+):
+    """--reward-model alone drives the policy (the vowel reward has weight 0: logged, not trained on), and the policy
+    learns what the reward model prefers: its score rises, and so does the vowel share that the text itself shows."""
+    grpo.main(tiny_args(sharper_tiny_model_dir, arith_small, tmp_path, max_steps=12, group_size=8, lr=1e-2,
+                        reward_model=vowel_reward_model_dir, reward_weights=(0.0, 1.0)))  # fmt: skip
+    rows = [r for r in read_metrics(tmp_path) if "reward/mean" in r]
+    assert len(rows) == 12
+    for r in rows:  # the step's reward is the reward model's score alone
+        assert r["reward/mean"] == pytest.approx(r["reward/reward_model_mean"], abs=1e-5)
+        assert r["reward/reward_model_failures"] == 0 and r["reward/reward_model_std"] > 0
+
+    def rise(key):
+        curve = [r[key] for r in rows]
+        return sum(curve[-3:]) / 3 - sum(curve[:3]) / 3, curve
+
+    # measured (last three steps' mean minus the first three's): score 1.28 -> 1.64, vowel share 0.37 -> 0.67
+    assert rise("reward/reward_model_mean")[0] > 0.15, rise("reward/reward_model_mean")
+    assert rise("reward/conftest:vowel_fraction_mean")[0] > 0.15, rise("reward/conftest:vowel_fraction_mean")
+
+
+def test_reward_model_weights_count_is_checked(tiny_model_dir, arith_small, vowel_reward_model_dir, tmp_path):
+    with pytest.raises(SystemExit, match=r"2 rewards \(conftest:vowel_fraction, reward_model\) but 1 weights"):
+        grpo.main(tiny_args(tiny_model_dir, arith_small, tmp_path, reward_model=vowel_reward_model_dir,
+                            reward_weights=(1.0,)))  # fmt: skip
