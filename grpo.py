@@ -479,13 +479,13 @@ def main(args: Args):
     if args.model_path == Args.model_path and not Path(args.model_path).is_dir():
         raise SystemExit(f"error: --model-path {args.model_path} (the default) does not exist yet: run `python sft.py` "
                          "first, whose default run exports there, or pass another model, e.g. --model-path smollm2-135m")  # fmt: skip
+    reward_names, reward_fns, weights = reward_setup(args)  # --rewards, --reward-url, --reward-model; their weights
     processor = load_processor(args.model_path)
     records, eval_records = load_data(args, with_eval=args.eval_samples > 0)
     train_items = prompt_records(records, processor, script="grpo.py")
     eval_items = [it for it in prompt_records(eval_records, processor, script="grpo.py") if it[1] is not None]
     eval_items = eval_items[: args.eval_samples]
     held_out = held_out_sets(args, processor, eval_items, "grpo.py")  # in-distribution and OOD answer prompts
-    reward_names, reward_fns, weights = reward_setup(args)  # --rewards, --reward-url, --reward-model; their weights
     run.print(
         f"[plan] model {args.model_path} | {len(train_items)} prompts, {len(eval_items)} held-out | "
         f"{args.max_steps} steps x {args.prompts_per_step} prompts x G={args.group_size} | {args.estimator} + "
@@ -651,7 +651,8 @@ def main(args: Args):
         run.print(f"[export] {out}")
     evaluate(model, processor, held_out, run, results, "after", max_new_tokens=args.max_new_tokens,
              gather=args.unshard_for_generation, before=flags_before)  # fmt: skip
-    logger.log({f"eval/{k}": v for k, v in results.items()}, step)
+    if results:
+        logger.log({f"eval/{k}": v for k, v in results.items()}, step)
     return finish(run, logger, {"step": step, **results}, engine=engine)
 
 

@@ -415,13 +415,13 @@ def main(args: Args):
     rows = check_args(args, run.world_size)  # completions per process per step
 
     # ---- prompts, rewards, plan ----
+    reward_names, reward_fns, weights = reward_setup(args)  # --rewards, --reward-url, --reward-model; their weights
     processor = load_processor(args.model_path)
     records, eval_records = load_data(args, with_eval=args.eval_samples > 0)
     train_items = prompt_records(records, processor, script="ppo.py")
     eval_items = [it for it in prompt_records(eval_records, processor, script="ppo.py") if it[1] is not None]
     eval_items = eval_items[: args.eval_samples]
     held_out = held_out_sets(args, processor, eval_items, "ppo.py")  # in-distribution and OOD answer prompts
-    reward_names, reward_fns, weights = reward_setup(args)  # --rewards, --reward-url, --reward-model; their weights
     weights = torch.tensor(weights, dtype=torch.float32)
     run.print(f"[plan] ppo | model {args.model_path} | critic {args.critic_path or 'policy + zero head'} | "
               f"{len(train_items)} prompts, {len(eval_items)} held-out | {args.max_steps} steps x {args.prompts_per_step} "
@@ -612,7 +612,8 @@ def main(args: Args):
         run.print(f"[export] {out / 'model'} (policy), {out / 'critic'} (critic)")
     evaluate(model, processor, held_out, run, results, "after", max_new_tokens=args.max_new_tokens,
              gather=args.unshard_for_generation, before=flags_before)  # fmt: skip
-    logger.log({f"eval/{k}": v for k, v in results.items()}, step)
+    if results:
+        logger.log({f"eval/{k}": v for k, v in results.items()}, step)
     return finish(run, logger, {"step": step, **results}, engine=engine)
 
 
