@@ -34,13 +34,16 @@ stage() { # stage N NAME COMMAND...: run it (unless N < $FROM), then print its w
 stage 0 siglip python pretrain_siglip.py --output-dir "$RUNS/siglip" ${SIGLIP_ARGS:-}
 # shellcheck disable=SC2086
 stage 1 captioner python pretrain_captioner.py --vision-encoder "$RUNS/siglip/model" --lr-vision 0 \
-  --max-steps 150 --eval-every 50 --output-dir "$RUNS/captioner" ${CAPTIONER_ARGS:-}
+  --max-steps 40 --max-len 256 --batch-size 2 --warmup-steps 5 --eval-every 0 --eval-size 50 --eval-samples 30 \
+  --save-every 0 --output-dir "$RUNS/captioner" ${CAPTIONER_ARGS:-}
 # shellcheck disable=SC2086
 stage 2 sft python sft.py --model-path "$RUNS/captioner/model" --dataset easy-vqa:train --dataset-records 6000 \
-  --eval-dataset easy-vqa:test --eval-dataset-records 300 --eval-samples 200 --max-new-tokens 4 --max-steps 120 \
-  --lr 1e-4 --lr-projector 5e-4 --lr-vision 0 --eval-every 40 --output-dir "$RUNS/vqa_sft" ${SFT_ARGS:-}
+  --eval-dataset easy-vqa:test --eval-dataset-records 50 --eval-samples 0 --max-len 256 --batch-size 4 \
+  --max-steps 100 --warmup-steps 5 --lr 1e-4 --lr-projector 1e-3 --lr-vision 0 --eval-every 0 --save-every 0 \
+  --output-dir "$RUNS/vqa_sft" ${SFT_ARGS:-}
 # shellcheck disable=SC2086
-stage 3 eval python eval_vqa.py --model-path "$RUNS/vqa_sft/model" --output-dir "$RUNS/eval_vqa" ${EVAL_ARGS:-}
+stage 3 eval python eval_vqa.py --model-path "$RUNS/vqa_sft/model" --max-new-tokens 4 --output-dir "$RUNS/eval_vqa" \
+  ${EVAL_ARGS:-}
 if [ "${GRPO:-0}" = 1 ]; then
   # shellcheck disable=SC2086
   stage 4 grpo python grpo.py --model-path "$RUNS/vqa_sft/model" --dataset easy-vqa:train --eval-dataset easy-vqa:test \
