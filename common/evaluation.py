@@ -108,6 +108,6 @@ def evaluate(model, processor, sets, run, results, when, *, max_new_tokens, gath
             results |= {f"{prefix}solved_only_{when}": wins, f"{prefix}solved_only_before": losses,
                         f"{prefix}sign_test_p": sign_test(wins, losses)}  # fmt: skip
             line += f"; before {sum(before[name]) / len(items):.3f}: solved only {when} {wins}, only before {losses}, "
-            line += f"sign test p = {sign_test(wins, losses):.3g}"
+            line += f"sign test p = {results[prefix + 'sign_test_p']:.3g}"
         run.print(line)
     return flags

@@ -176,34 +176,40 @@ def compare_together(rng, max_n):
 TEMPLATES = [buy_and_give, sell_twice, buy_items, share_equally, containers, compare_together]
 
 
-def make_record(rng, max_n):
-    """One conversational record from a uniformly chosen template."""
-    problem, steps, answer = rng.choice(TEMPLATES)(rng, max_n)
-    solution = f"{steps}\n#### {answer}"
+def record(problem, steps, answer):
+    """One conversational record: the problem, its worked solution ending in "#### <answer>", and the answer."""
     return {
-        "messages": [{"role": "user", "content": problem}, {"role": "assistant", "content": solution}],
+        "messages": [{"role": "user", "content": problem}, {"role": "assistant", "content": f"{steps}\n#### {answer}"}],
         "answer": str(answer),
     }
 
 
+def make_record(rng, max_n):
+    """One record from a uniformly chosen template."""
+    return record(*rng.choice(TEMPLATES)(rng, max_n))
+
+
+def draw_unique(make, n, seen, what="unique problems"):
+    """n records from make() whose problem text is not in `seen` (which grows); bounded, so a too-small number space
+    fails loudly instead of looping."""
+    out = []
+    for _ in range(1000 * n + 1000):
+        if len(out) == n:
+            break
+        r = make()
+        if r["messages"][0]["content"] not in seen:
+            seen.add(r["messages"][0]["content"])
+            out.append(r)
+    if len(out) < n:
+        raise ValueError(f"could only make {len(out)} {what}, asked for {n}")
+    return out
+
+
 def generate(seed, n_train, n_test, max_n=50):
     """Return (train, test) lists of records with no problem text shared between or within splits."""
-    rng = random.Random(seed)
-    seen, splits = set(), []
-    for n in (n_test, n_train):
-        split = []
-        for _ in range(1000 * n + 1000):  # bounded: a too-small number space fails loudly instead of looping
-            if len(split) == n:
-                break
-            record = make_record(rng, max_n)
-            problem = record["messages"][0]["content"]
-            if problem not in seen:
-                seen.add(problem)
-                split.append(record)
-        if len(split) < n:
-            raise ValueError(f"could only make {len(split)} unique problems, asked for {n}")
-        splits.append(split)
-    test, train = splits
+    rng, seen = random.Random(seed), set()
+    test = draw_unique(lambda: make_record(rng, max_n), n_test, seen)
+    train = draw_unique(lambda: make_record(rng, max_n), n_train, seen)
     return train, test
 
 
@@ -283,26 +289,13 @@ def make_ood_record(rng, max_n):
     problem, steps, answer = rng.choice(OOD_TEMPLATES)(rng, max_n)
     if rng.random() < 0.5:
         problem += " " + rng.choice(OOD_INSTRUCTIONS)
-    return {
-        "messages": [
-            {"role": "user", "content": problem},
-            {"role": "assistant", "content": f"{steps}\n#### {answer}"},
-        ],
-        "answer": str(answer),
-    }
+    return record(problem, steps, answer)
 
 
 def generate_ood(seed, n, max_n=50):
     """n unique out-of-distribution records from their own random stream (train and test stay as they were)."""
-    rng, seen, out = random.Random(f"ood-{seed}"), set(), []
-    for _ in range(1000 * n + 1000):
-        if len(out) == n:
-            return out
-        record = make_ood_record(rng, max_n)
-        if record["messages"][0]["content"] not in seen:
-            seen.add(record["messages"][0]["content"])
-            out.append(record)
-    raise ValueError(f"could only make {len(out)} unique out-of-distribution problems, asked for {n}")
+    rng = random.Random(f"ood-{seed}")
+    return draw_unique(lambda: make_ood_record(rng, max_n), n, set(), "unique out-of-distribution problems")
 
 
 def write_jsonl(path, records):
