@@ -219,7 +219,7 @@ class Args:
     ood_dataset: str | None = "data/arith/ood.jsonl"
     """an out-of-distribution held-out set, answered before and after training beside --eval-dataset's, with paired
     counts and a sign test (common/evaluation.py); the default, the bundled task's OOD split, only with its test split"""
-    eval_samples: int = 100
+    eval_samples: int = 200
     """held-out prompts answered greedily before and after training (0 disables)"""
     save_every: int = 0
     """save a resumable checkpoint every N steps (0: only on preemption and at the end)"""

@@ -20,7 +20,8 @@ Launch:
 
 Where this departs from TRL's RewardTrainer / OpenRLHF:
   * Pairs with a side longer than --max-len tokens are skipped, not truncated (a cut answer is not the one judged).
-  * The head reads each right-padded row's last real token (as TRL; OpenRLHF reads the EOS token). No reward-centring
+  * The head reads each right-padded row's last real token (as TRL; OpenRLHF reads the EOS token), or with
+    `--pooling mean` its mean over the assistant tokens, which gives every answer token a gradient. No reward-centring
     or margin term.
   * The chats are rendered by the reward model's own chat template, so at PPO time it reads the decoded completion,
     whatever the policy's tokenizer.
@@ -32,6 +33,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +57,7 @@ from common.run import (
     optimizer_step,
     setup,
 )
-from common.value import chat_scores, export_value_model, load_value_model, score_chats
+from common.value import chat_scores, export_value_model, load_value_model, score_chats, set_pooling
 from common.vision import is_vlm
 
 
@@ -95,6 +97,9 @@ class Args:
     """preference pairs per optimizer step over all processes"""
     micro_batch_size: int = 8
     """chats (2 per pair) per forward/backward per process"""
+    pooling: Literal["last", "mean"] = "last"
+    """the score of a chat: the head at its last token (TRL, OpenRLHF) or the head's mean over the assistant tokens
+    (every answer token gets a gradient; saved with the model, so ppo.py and grpo.py score the same way)"""
     max_len: int = 512
     """pairs with a side longer than this many tokens are skipped"""
     lr: float = 5e-5
@@ -204,6 +209,7 @@ def main(args: Args):
     # ---- model, FSDP2, optimizer ----
     model, _ = load_value_model(args.model_path, device=run.device, zero_new_head=False,
                                 gradient_checkpointing=args.gradient_checkpointing, meta=run.sharded and not run.main)  # fmt: skip
+    set_pooling(model, args.pooling)
     if run.sharded:  # FSDP2: rank 0 read the weights, the other ranks built their model on the meta device
         full, fsdp = full_weights(model, run), fsdp_options(run, args.cpu_offload)
         for block in fsdp_blocks(model):  # decoder layers (and a VLM's vision blocks), then the root

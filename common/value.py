@@ -1,6 +1,6 @@
 """Value models: a transformer with one scalar head read at every token. PPO's critic reads it at every response token;
-a Bradley-Terry reward model (reward_model.py) at a chat's last token, which is what ppo.py and grpo.py score
-completions with (`--reward-model`).
+a Bradley-Terry reward model (reward_model.py) at a chat's last token or averaged over its assistant tokens (its
+`pooling`), which is what ppo.py and grpo.py score completions with (`--reward-model`).
 
 A text value model is a Hugging Face AutoModelForSequenceClassification with num_labels=1 (a causal LM's folder gets a
 new `score` head); a VLM's is a VLMCritic: the VLM itself (so values see the image) plus a linear head on its final
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from common.chat import IGNORE
 from common.checkpoint import gather_unsharded
 from common.logprob import forward_hidden
 from common.models import load_model, load_processor, pick_attn_implementation, prepare_model, resolve_model_path
@@ -35,6 +36,7 @@ class VLMCritic(torch.nn.Module):
         self.vlm = vlm
         self.score = torch.nn.Linear(vlm.config.get_text_config().hidden_size, 1, bias=False)
         torch.nn.init.zeros_(self.score.weight)
+        self.pooling = "last"  # a reward model's score: "last" token or "mean" over the assistant tokens
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, **image_inputs):
         hidden = forward_hidden(
@@ -50,6 +52,7 @@ def load_value_model(path, *, device, zero_new_head=True, gradient_checkpointing
     (zeroed with zero_new_head: a critic's values start at 0); a sequence-classification folder keeps its head.
     meta=True: on the meta device, no weights read (FSDP2's sharded loading, common/run.fill_shards). lora_r > 0: a
     text value model trains LoRA adapters and its whole value head."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers import logging as hf_logging
@@ -62,6 +65,8 @@ def load_value_model(path, *, device, zero_new_head=True, gradient_checkpointing
             critic = VLMCritic(vlm).to(dtype=dtype)
         if not meta and (Path(str(path)) / HEAD_FILE).exists():
             critic.score.weight.data.copy_(load_file(str(Path(str(path)) / HEAD_FILE))["weight"])
+            with safe_open(str(Path(str(path)) / HEAD_FILE), "pt") as f:
+                critic.pooling = (f.metadata() or {}).get("pooling", "last")
         return critic if meta else critic.to(device), processor
     resolved = resolve_model_path(path)
     config = AutoConfig.from_pretrained(resolved, num_labels=1)
@@ -103,10 +108,25 @@ def token_values(value_model, mb, image_inputs=None):
     return unpack(values, mb) if "packed" in mb else values
 
 
+def pooling(value_model) -> str:
+    """How a reward model's score is read from its per-token head: "last" (the last token's: what a text reward
+    model's own HF forward returns) or "mean" (over the assistant tokens). Kept in a text model's config
+    (`score_pooling`) and in a VLM's value_head.safetensors metadata."""
+    return getattr(value_model, "pooling", None) or getattr(value_model.config, "score_pooling", "last")
+
+
+def set_pooling(value_model, how: str) -> None:
+    """Make pooling() read `how` ("last" or "mean"); export_value_model saves it with the model."""
+    if isinstance(value_model, VLMCritic):
+        value_model.pooling = how
+    else:
+        value_model.config.score_pooling = how
+
+
 def chat_scores(value_model, processor, chats, device):
-    """[B]: the value head at the last token of each (messages, image folder) chat, encoded by the processor (a
-    VLM's with the chat's images, loaded per batch, not held for a whole data set); what the exported model's HF
-    forward returns for a text reward model."""
+    """[B]: the score of each (messages, image folder) chat, encoded by the processor (a VLM's with the chat's images,
+    loaded per batch, not held for a whole data set): the value head at the last token, or its mean over the
+    assistant tokens (pooling())."""
     examples = [processor(messages, base_dir=base_dir) for messages, base_dir in chats]
     L = max(len(e["input_ids"]) for e in examples)
     input_ids = torch.full(
@@ -118,8 +138,15 @@ def chat_scores(value_model, processor, chats, device):
     mb = to_device({"input_ids": input_ids, "attention_mask": attention_mask,
                     "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0)}, device)  # fmt: skip
     images = to_device(processor.image_inputs(examples, input_ids), device)  # each row's own images, in row order
+    values = token_values(value_model, mb, images)  # [B, L]
+    if pooling(value_model) == "mean":
+        assistant = torch.zeros_like(input_ids, dtype=torch.bool)  # [B, L]
+        for i, e in enumerate(examples):
+            assistant[i, : len(e["labels"])] = torch.tensor(e["labels"]) != IGNORE
+        assistant = assistant.to(values.device)
+        return (values * assistant).sum(1) / assistant.sum(1).clamp(min=1)
     last = mb["attention_mask"].sum(1) - 1  # [B]
-    return token_values(value_model, mb, images).gather(1, last[:, None]).squeeze(1)
+    return values.gather(1, last[:, None]).squeeze(1)
 
 
 @torch.no_grad()
@@ -145,7 +172,7 @@ def export_value_model(model, processor, out, run: Run, *, base_path: str) -> Pa
         if plain is None:
             return None
         head = {"weight": plain.score.weight.detach().float().cpu().contiguous()}
-        return save_vlm(plain.vlm, processor, out, extra_tensors={HEAD_FILE: head})
+        return save_vlm(plain.vlm, processor, out, extra_tensors={HEAD_FILE: (head, {"pooling": pooling(model)})})
     full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not run.main:
         return None

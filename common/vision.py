@@ -149,7 +149,8 @@ def vlm_generate(model, input_ids, attention_mask=None, **kwargs):
 
 def save_vlm(model, processor, folder, extra_tensors=None):
     """One loadable folder (also for native VLMs), written to folder.tmp and renamed (common.models.replace_dir): never
-    half-written. extra_tensors {file name: {name: tensor}} adds safetensors files (a value head) before the rename."""
+    half-written. extra_tensors {file name: ({name: tensor}, metadata)} adds safetensors files (a value head) before the
+    rename."""
     from safetensors.torch import save_file, save_model
 
     folder = Path(folder)
@@ -178,8 +179,8 @@ def save_vlm(model, processor, folder, extra_tensors=None):
             (processor.hf_processor,) if processor.hf_processor else (processor.tokenizer, processor.image_processor)
         ):
             part.save_pretrained(tmp)
-    for name, tensors in (extra_tensors or {}).items():
-        save_file(tensors, str(tmp / name))
+    for name, (tensors, metadata) in (extra_tensors or {}).items():
+        save_file(tensors, str(tmp / name), metadata=metadata)
     return replace_dir(tmp, folder)
 
 

@@ -63,6 +63,45 @@ def test_text_reward_model_learns_easy_pairs_and_exports(tiny_model_dir, tmp_pat
     assert torch.allclose(score_chats(reloaded.eval(), processor, [c for c, _ in pairs], CPU, 8), ours, atol=1e-6)
 
 
+def test_mean_pooling_averages_the_assistant_tokens_and_is_saved(tiny_model_dir, vlm_rm, tmp_path):
+    """--pooling mean: the score is the head's mean over the assistant tokens (computed here from the saved model's
+    hidden states, one chat at a time); the export keeps the pooling, for a text model and for a VLM."""
+    from transformers import AutoModelForSequenceClassification
+
+    from common.chat import IGNORE
+    from common.value import export_value_model, pooling, set_pooling
+
+    data = str(easy_pairs(tmp_path / "pairs.jsonl"))
+    result = reward_model.main(rm_args(tiny_model_dir, data, tmp_path / "rm", pooling="mean", max_steps=20))
+    assert result["pair_accuracy_after"] >= 0.9, result
+    folder = tmp_path / "rm" / "model"
+    reloaded, processor = load_value_model(str(folder), device="cpu", zero_new_head=False)
+    assert pooling(reloaded) == "mean" and pooling(load_value_model(tiny_model_dir, device="cpu")[0]) == "last"
+    chats = [side for pair in reward_model.preference_pairs(data, processor, 512)[:6] for side in pair]
+    hf = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    want = []
+    for messages, _ in chats:
+        example = processor(messages)
+        with torch.no_grad():
+            per_token = hf.score(hf.model(input_ids=torch.tensor([example["input_ids"]])).last_hidden_state)[0, :, 0]
+        assistant = torch.tensor(example["labels"]) != IGNORE
+        assert 0 < assistant.sum() < len(assistant)
+        want.append(float(per_token[assistant].mean()))
+    got = score_chats(reloaded.eval(), processor, chats, CPU, 4)  # batched, right-padded
+    assert torch.allclose(got, torch.tensor(want), atol=1e-5), (got, want)
+    last = hf(input_ids=torch.tensor([processor(chats[0][0])["input_ids"]])).logits.item()
+    assert abs(last - want[0]) > 1e-4  # the mean is not the last token's score
+    # a VLM reward model: the pooling rides in value_head.safetensors' metadata
+    vlm_model = vlm_rm["model"]
+    set_pooling(vlm_model, "mean")
+    try:
+        out = export_value_model(vlm_model, processor=load_processor(str(vlm_rm["run"] / "model")),
+                                 out=tmp_path / "vlm_mean", run=CPU, base_path=str(vlm_rm["run"] / "model"))  # fmt: skip
+    finally:
+        set_pooling(vlm_model, "last")
+    assert pooling(load_value_model(str(out), device="cpu", zero_new_head=False)[0]) == "mean"
+
+
 def test_resume_is_exact(tiny_model_dir, tmp_path, monkeypatch):
     """6 steps straight == 3 steps, SIGTERM (preemption), then --resume: the same pair stream, losses and weights."""
     data = str(easy_pairs(tmp_path / "pairs.jsonl", n=12))  # 6 steps x 4 pairs: two epochs of the stream
