@@ -38,6 +38,10 @@ Where this departs from the textbook / TRL's PPOTrainer / OpenRLHF:
   * Losses are divided by the response-token count of the whole global mini-batch (as in grpo.py), so gradient
     accumulation and the number of processes do not change the gradient. Advantages are whitened over the global batch.
   * GAE treats each completion as one episode: the last response token bootstraps from 0, truncated or not.
+  * lam = 1 by default (TRL and OpenRLHF use 0.95). With a new critic (values 0) and lam < 1 the final reward reaches
+    token t scaled by lam^(tokens left), so after whitening the first tokens of right answers get negative advantages
+    and the ends of wrong ones positive (tests/test_ppo.py: 35% of the tokens of a 30-token, 16-sample batch); with
+    lam = 1 each token's advantage is the return minus the value, and its sign follows the reward from the first step.
   * A VLM's critic is a second copy of the VLM plus a zero linear head on its final hidden states (common/value.py's
     VLMCritic), so values see the image; it trains at --critic-lr throughout (--lr-projector/--lr-vision set the
     actor's lrs only).
@@ -171,8 +175,8 @@ class Args:
     """value clipping: new values stay within this distance of the old ones in the clipped term (None disables)"""
     gamma: float = 1.0
     """discount over the response tokens"""
-    lam: float = 0.95
-    """GAE lambda (1: Monte-Carlo returns, 0: one-step TD)"""
+    lam: float = 1.0
+    """GAE lambda (1: Monte-Carlo returns, 0: one-step TD); < 1 needs a trained critic (see the docstring)"""
     whiten_advantages: bool = True
     """normalise advantages to mean 0 / std 1 over the global batch's response tokens"""
     critic_warmup_steps: int = 0

@@ -88,6 +88,22 @@ def test_gae_edge_lambdas():
     assert mc[2].abs().sum() == 0 and td[2].abs().sum() == 0  # an empty response gets nothing
 
 
+def test_fresh_critic_advantages_follow_the_reward_only_with_lambda_1():
+    """Why --lam defaults to 1: with a new critic (values 0) and lam < 1, GAE scales the final reward by lam^(tokens to
+    the end), so after whitening the first tokens of a right answer (reward 2: math + format) get negative advantages
+    and the last tokens of a wrong one (reward 1) positive ones; with lam = 1 every token's sign follows the reward."""
+    rewards = torch.tensor([2.0] * 11 + [1.0] * 5)  # 16 completions of 30 tokens, 11 right
+    token_rewards, mask = torch.zeros(16, 30), torch.ones(16, 30, dtype=torch.bool)
+    token_rewards[:, -1] = rewards
+    wrong_sign = {}
+    for lam in (0.95, 1.0):
+        advantages = ppo.whiten(ppo.gae(token_rewards, torch.zeros(16, 30), mask, 1.0, lam)[0], mask)
+        wrong_sign[lam] = ((advantages > 0) != (rewards[:, None] > 1.5)).float().mean().item()
+        if lam == 0.95:
+            assert advantages[0, 0] < 0 and advantages[-1, -1] > 0
+    assert wrong_sign[1.0] == 0.0 and wrong_sign[0.95] > 0.3
+
+
 def test_whiten_over_the_mask():
     g = torch.Generator().manual_seed(0)
     values = torch.randn(4, 6, generator=g) * 3 + 2
