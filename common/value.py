@@ -53,7 +53,6 @@ def load_value_model(path, *, device, zero_new_head=True, gradient_checkpointing
     meta=True: on the meta device, no weights read (FSDP2's sharded loading, common/run.fill_shards). lora_r > 0: a
     text value model trains LoRA adapters and its whole value head."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers import logging as hf_logging
 
@@ -63,9 +62,10 @@ def load_value_model(path, *, device, zero_new_head=True, gradient_checkpointing
                          lora_r=lora_r)  # fmt: skip
         with torch.device("meta") if meta else contextlib.nullcontext():
             critic = VLMCritic(vlm).to(dtype=dtype)
-        if not meta and (Path(str(path)) / HEAD_FILE).exists():
-            critic.score.weight.data.copy_(load_file(str(Path(str(path)) / HEAD_FILE))["weight"])
-            with safe_open(str(Path(str(path)) / HEAD_FILE), "pt") as f:
+        head_file = Path(str(path)) / HEAD_FILE
+        if not meta and head_file.exists():
+            with safe_open(str(head_file), "pt") as f:  # the head's weight and its pooling, one read
+                critic.score.weight.data.copy_(f.get_tensor("weight"))
                 critic.pooling = (f.metadata() or {}).get("pooling", "last")
         return critic if meta else critic.to(device), processor
     resolved = resolve_model_path(path)
