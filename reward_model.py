@@ -23,6 +23,9 @@ Where this departs from TRL's RewardTrainer / OpenRLHF:
   * The head reads each right-padded row's last real token (as TRL; OpenRLHF reads the EOS token), or with
     `--pooling mean` its mean over the assistant tokens, which gives every answer token a gradient. No reward-centring
     or margin term.
+  * `--pooling logprob` (text models) has no head: r is the LM's mean log-probability of the answer tokens, SimPO's
+    reference-free implicit reward (Meng et al. 2024) with beta 1 and no margin, exported as a causal-LM folder. An LM
+    that has seen the task already scores right answers above wrong ones; the BT loss sharpens that.
   * The chats are rendered by the reward model's own chat template, so at PPO time it reads the decoded completion,
     whatever the policy's tokenizer.
   * A new head starts from transformers' default initialisation (a critic's starts at zero: common/value.py).
@@ -97,9 +100,10 @@ class Args:
     """preference pairs per optimizer step over all processes"""
     micro_batch_size: int = 8
     """chats (2 per pair) per forward/backward per process"""
-    pooling: Literal["last", "mean"] = "last"
-    """the score of a chat: the head at its last token (TRL, OpenRLHF) or the head's mean over the assistant tokens
-    (every answer token gets a gradient; saved with the model, so ppo.py and grpo.py score the same way)"""
+    pooling: Literal["last", "mean", "logprob"] = "last"
+    """the score of a chat: the head at its last token (TRL, OpenRLHF), the head's mean over the assistant tokens
+    (every answer token gets a gradient), or, text only and no head, the LM's mean log-probability of the assistant
+    tokens (SimPO's reward); saved with the model, so ppo.py and grpo.py score the same way"""
     max_len: int = 512
     """pairs with a side longer than this many tokens are skipped"""
     lr: float = 5e-5
@@ -207,7 +211,7 @@ def main(args: Args):
         return None
 
     # ---- model, FSDP2, optimizer ----
-    model, _ = load_value_model(args.model_path, device=run.device, zero_new_head=False,
+    model, _ = load_value_model(args.model_path, device=run.device, zero_new_head=False, pooling=args.pooling,
                                 gradient_checkpointing=args.gradient_checkpointing, meta=run.sharded and not run.main)  # fmt: skip
     set_pooling(model, args.pooling)
     if run.sharded:  # FSDP2: rank 0 read the weights, the other ranks built their model on the meta device

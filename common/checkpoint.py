@@ -154,12 +154,14 @@ def gather_unsharded(model, fresh_model, run: Run):
     return plain
 
 
-def export_model(model, processor, out, run: Run, *, base_path: str, merge: bool = True, fresh=None) -> Path | None:
+def export_model(model, processor, out, run: Run, *, base_path: str, merge: bool = True, fresh=None,
+                 extra_config=None) -> Path | None:  # fmt: skip
     """The trained model as a folder that loads like any other; every rank calls it (under FSDP2 the full weights are
     gathered), rank 0 writes and gets the folder, the others None. A VLM: a save_vlm folder (under FSDP2 the weights
     are loaded into fresh(), an unsharded twin; default: base_path's VLM). A text LM: a Hugging Face causal-LM folder
     (weights, config, tokenizer) built on the meta device and given the gathered tensors by assignment (no second copy
-    in memory); a LoRA model's adapter goes to <out>/adapter and, with merge, the merged model to <out>."""
+    in memory); a LoRA model's adapter goes to <out>/adapter and, with merge, the merged model to <out>. extra_config:
+    fields added to a text model's saved config."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from transformers import AutoModelForCausalLM
 
@@ -190,6 +192,7 @@ def export_model(model, processor, out, run: Run, *, base_path: str, merge: bool
     if plain is not None:
         plain.tie_weights()
         plain.config.use_cache = True  # for serving
+        plain.config.update(extra_config or {})
         plain.save_pretrained(tmp)
     processor.tokenizer.save_pretrained(tmp)
     return replace_dir(tmp, out)

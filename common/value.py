@@ -1,6 +1,8 @@
 """Value models: a transformer with one scalar head read at every token. PPO's critic reads it at every response token;
 a Bradley-Terry reward model (reward_model.py) at a chat's last token or averaged over its assistant tokens (its
-`pooling`), which is what ppo.py and grpo.py score completions with (`--reward-model`).
+`pooling`), which is what ppo.py and grpo.py score completions with (`--reward-model`). A third kind of reward model has
+no head: pooling "logprob" scores a chat by the causal LM's own mean log-likelihood of the assistant tokens (SimPO's
+reference-free reward, Meng et al. 2024, with beta 1); it is saved as a causal-LM folder whose config says so.
 
 A text value model is a Hugging Face AutoModelForSequenceClassification with num_labels=1 (a causal LM's folder gets a
 new `score` head); a VLM's is a VLMCritic: the VLM itself (so values see the image) plus a linear head on its final
@@ -17,8 +19,8 @@ from pathlib import Path
 import torch
 
 from common.chat import IGNORE
-from common.checkpoint import gather_unsharded
-from common.logprob import forward_hidden
+from common.checkpoint import export_model, gather_unsharded
+from common.logprob import forward_hidden, sequence_logprobs
 from common.models import load_model, load_processor, pick_attn_implementation, prepare_model, resolve_model_path
 from common.rollout import to_device, unpack
 from common.run import Run, replace_dir
@@ -46,18 +48,21 @@ class VLMCritic(torch.nn.Module):
 
 
 def load_value_model(path, *, device, zero_new_head=True, gradient_checkpointing=False, dtype=torch.float32, meta=False,
-                     lora_r=0, lora_alpha=16, lora_targets=None):  # fmt: skip
+                     lora_r=0, lora_alpha=16, lora_targets=None, pooling=None, critic=False):  # fmt: skip
     """(value model, processor) of a folder: a VLM folder gives a VLMCritic (its value_head.safetensors when it has
     one: an exported critic or reward model); a causal-LM folder a sequence-classification model with a new head
     (zeroed with zero_new_head: a critic's values start at 0); a sequence-classification folder keeps its head.
     meta=True: on the meta device, no weights read (FSDP2's sharded loading, common/run.fill_shards). lora_r > 0: a
-    text value model trains LoRA adapters and its whole value head."""
+    text value model trains LoRA adapters and its whole value head. A likelihood reward model (pooling "logprob", asked
+    for or saved in the folder's config) is the causal LM itself; it cannot start a critic (critic=True)."""
     from safetensors import safe_open
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers import logging as hf_logging
 
     processor = load_processor(path)
     if is_vlm(path):
+        if pooling == "logprob":
+            raise SystemExit(f"error: {path} is a VLM: --pooling logprob (the LM's own likelihood) is for text models")
         vlm = load_model(path, device=device, dtype=dtype, gradient_checkpointing=gradient_checkpointing, meta=meta,
                          lora_r=lora_r)  # fmt: skip
         with torch.device("meta") if meta else contextlib.nullcontext():
@@ -70,6 +75,15 @@ def load_value_model(path, *, device, zero_new_head=True, gradient_checkpointing
         return critic if meta else critic.to(device), processor
     resolved = resolve_model_path(path)
     config = AutoConfig.from_pretrained(resolved, num_labels=1)
+    saved = getattr(config, "score_pooling", None)
+    if "logprob" in (pooling, saved):  # the LM's own likelihood is the score: no head
+        if critic or pooling not in (None, "logprob"):
+            raise SystemExit(f"error: {path} is a likelihood reward model (reward_model.py --pooling logprob): it has no "
+                             "value head to " + ("start a critic from" if critic else f"read with --pooling {pooling}"))  # fmt: skip
+        model = load_model(path, device=device, dtype=dtype, gradient_checkpointing=gradient_checkpointing, meta=meta,
+                           lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets)  # fmt: skip
+        model.config.score_pooling = "logprob"
+        return model, processor
     new_head = not any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialized" is expected here
@@ -110,13 +124,14 @@ def token_values(value_model, mb, image_inputs=None):
 
 def pooling(value_model) -> str:
     """How a reward model's score is read from its per-token head: "last" (the last token's: what a text reward
-    model's own HF forward returns) or "mean" (over the assistant tokens). Kept in a text model's config
-    (`score_pooling`) and in a VLM's value_head.safetensors metadata."""
+    model's own HF forward returns) or "mean" (over the assistant tokens); "logprob": a causal LM's mean log-probability
+    of the assistant tokens (no head). Kept in a text model's config (`score_pooling`) and in a VLM's
+    value_head.safetensors metadata."""
     return getattr(value_model, "pooling", None) or getattr(value_model.config, "score_pooling", "last")
 
 
 def set_pooling(value_model, how: str) -> None:
-    """Make pooling() read `how` ("last" or "mean"); export_value_model saves it with the model."""
+    """Make pooling() read `how` ("last" or "mean" on a head; "logprob" on a causal LM); export_value_model saves it."""
     if isinstance(value_model, VLMCritic):
         value_model.pooling = how
     else:
@@ -125,25 +140,29 @@ def set_pooling(value_model, how: str) -> None:
 
 def chat_scores(value_model, processor, chats, device):
     """[B]: the score of each (messages, image folder) chat, encoded by the processor (a VLM's with the chat's images,
-    loaded per batch, not held for a whole data set): the value head at the last token, or its mean over the
-    assistant tokens (pooling())."""
+    loaded per batch, not held for a whole data set): the value head at the last token or its mean over the assistant
+    tokens, or a likelihood reward model's mean log-probability of the assistant tokens (pooling())."""
     examples = [processor(messages, base_dir=base_dir) for messages, base_dir in chats]
     L = max(len(e["input_ids"]) for e in examples)
     input_ids = torch.full(
         (len(examples), L), processor.tokenizer.pad_token_id, dtype=torch.long
     )  # [B, L] right-padded
     attention_mask = torch.zeros((len(examples), L), dtype=torch.long)  # [B, L]
+    labels = torch.full((len(examples), L), IGNORE, dtype=torch.long)  # [B, L] the assistant tokens, others IGNORE
     for i, e in enumerate(examples):
         input_ids[i, : len(e["input_ids"])], attention_mask[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"]), 1
+        labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
     mb = to_device({"input_ids": input_ids, "attention_mask": attention_mask,
                     "position_ids": (attention_mask.cumsum(1) - 1).clamp(min=0)}, device)  # fmt: skip
+    how = pooling(value_model)
+    if how == "logprob":  # out[:, t] = log p(token t+1): the shift lives in sequence_logprobs
+        kwargs = {"position_ids": mb["position_ids"], "attention_mask": mb["attention_mask"]}
+        logps = sequence_logprobs(value_model, mb["input_ids"], labels.to(device), **kwargs)  # [B, L]
+        return logps.sum(1) / (labels[:, 1:] != IGNORE).sum(1).clamp(min=1).to(logps.device)
     images = to_device(processor.image_inputs(examples, input_ids), device)  # each row's own images, in row order
     values = token_values(value_model, mb, images)  # [B, L]
-    if pooling(value_model) == "mean":
-        assistant = torch.zeros_like(input_ids, dtype=torch.bool)  # [B, L]
-        for i, e in enumerate(examples):
-            assistant[i, : len(e["labels"])] = torch.tensor(e["labels"]) != IGNORE
-        assistant = assistant.to(values.device)
+    if how == "mean":
+        assistant = (labels != IGNORE).to(values.device)  # [B, L]
         return (values * assistant).sum(1) / assistant.sum(1).clamp(min=1)
     last = mb["attention_mask"].sum(1) - 1  # [B]
     return values.gather(1, last[:, None]).squeeze(1)
@@ -151,7 +170,7 @@ def chat_scores(value_model, processor, chats, device):
 
 @torch.no_grad()
 def score_chats(value_model, processor, chats, run: Run, batch_size: int) -> torch.Tensor:
-    """[len(chats)] float32 last-token scores (chat_scores), batch by batch, on the CPU. Under FSDP2 every rank must
+    """[len(chats)] float32 scores (chat_scores), batch by batch, on the CPU. Under FSDP2 every rank must
     score as many batches (the forwards are collective)."""
     out = []
     for i in range(0, len(chats), batch_size):
@@ -163,10 +182,13 @@ def score_chats(value_model, processor, chats, run: Run, batch_size: int) -> tor
 def export_value_model(model, processor, out, run: Run, *, base_path: str) -> Path | None:
     """A trained value model as a folder load_value_model reads back (every rank calls it; rank 0 writes and gets the
     folder): a VLMCritic as a save_vlm folder plus value_head.safetensors, written before the folder is published so
-    there is never a critic folder without its head; a text one as a sequence-classification folder."""
+    there is never a critic folder without its head; a text one as a sequence-classification folder; a likelihood
+    reward model as a causal-LM folder whose config keeps `score_pooling`."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from transformers import AutoModelForSequenceClassification
 
+    if pooling(model) == "logprob":
+        return export_model(model, processor, out, run, base_path=base_path, extra_config={"score_pooling": "logprob"})
     if isinstance(model, VLMCritic):
         plain = gather_unsharded(model, lambda: VLMCritic(load_vlm(base_path)[0]), run)
         if plain is None:

@@ -102,6 +102,43 @@ def test_mean_pooling_averages_the_assistant_tokens_and_is_saved(tiny_model_dir,
     assert pooling(load_value_model(str(out), device="cpu", zero_new_head=False)[0]) == "mean"
 
 
+def test_logprob_pooling_is_the_lm_likelihood_of_the_answer_and_is_saved(tiny_model_dir, tmp_path):
+    """--pooling logprob: no head; the score is the causal LM's mean log-probability of the assistant tokens (computed
+    here from the exported folder's logits, one chat at a time); BT training separates the pairs; the export is a
+    causal-LM folder that loads back as the same kind, and cannot start a PPO critic."""
+    from transformers import AutoModelForCausalLM
+
+    from common.chat import IGNORE
+    from common.value import pooling
+
+    data = str(easy_pairs(tmp_path / "pairs.jsonl"))
+    result = reward_model.main(rm_args(tiny_model_dir, data, tmp_path / "rm", pooling="logprob", max_steps=20))
+    assert result["pair_accuracy_after"] >= 0.9 and result["pair_accuracy_after"] > result["pair_accuracy_before"]
+    losses = [r["train/loss"] for r in read_metrics(tmp_path / "rm") if "train/loss" in r]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+    folder = str(tmp_path / "rm" / "model")
+    reloaded, processor = load_value_model(folder, device="cpu", zero_new_head=False)  # what --reward-model reads
+    assert pooling(reloaded) == "logprob" and not hasattr(reloaded, "score")
+    lm = AutoModelForCausalLM.from_pretrained(folder).eval()
+    chats = [side for pair in reward_model.preference_pairs(data, processor, 512)[:6] for side in pair]
+    want = []
+    for messages, _ in chats:
+        example = processor(messages)
+        ids, labels = torch.tensor(example["input_ids"]), torch.tensor(example["labels"])
+        with torch.no_grad():
+            logps = torch.log_softmax(lm(input_ids=ids[None]).logits[0, :-1].float(), -1)  # [L-1, V]: token t+1
+        answer = labels[1:] != IGNORE
+        assert 0 < answer.sum() < len(answer)
+        want.append(float(logps.gather(1, ids[1:, None])[:, 0][answer].mean()))
+    got = score_chats(reloaded.eval(), processor, chats, CPU, 4)  # batched, right-padded
+    assert torch.allclose(got, torch.tensor(want), atol=1e-5), (got, want)
+    assert all(w < 0 for w in want)  # log-probabilities
+    with pytest.raises(SystemExit, match="likelihood reward model.*critic"):
+        load_value_model(folder, device="cpu", critic=True)  # ppo.py --critic-path
+    with pytest.raises(SystemExit, match="--pooling last"):
+        load_value_model(folder, device="cpu", pooling="last")
+
+
 def test_resume_is_exact(tiny_model_dir, tmp_path, monkeypatch):
     """6 steps straight == 3 steps, SIGTERM (preemption), then --resume: the same pair stream, losses and weights."""
     data = str(easy_pairs(tmp_path / "pairs.jsonl", n=12))  # 6 steps x 4 pairs: two epochs of the stream
@@ -129,15 +166,17 @@ def test_resume_is_exact(tiny_model_dir, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_torchrun_fsdp2_two_processes(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("pooling", ["last", "logprob"])
+def test_torchrun_fsdp2_two_processes(tiny_model_dir, tmp_path, pooling):
     data = str(easy_pairs(tmp_path / "pairs.jsonl", n=8))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "reward_model.py",
            "--model-path", tiny_model_dir, "--dataset", data, "--eval-dataset", data, "--max-steps", "2",
-           "--pairs-per-step", "4", "--dtype", "float32", "--output-dir", str(tmp_path / "rm")]  # fmt: skip
+           "--pairs-per-step", "4", "--dtype", "float32", "--output-dir", str(tmp_path / "rm"), "--pooling", pooling]  # fmt: skip
     run = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert [r["step"] for r in read_metrics(tmp_path / "rm") if "train/loss" in r] == [1, 2]
-    assert "pair accuracy after training" in run.stdout and (tmp_path / "rm" / "model" / "config.json").exists()
+    assert "pair accuracy after training" in run.stdout
+    assert json.loads((tmp_path / "rm" / "model" / "config.json").read_text())["score_pooling"] == pooling
 
 
 # ---------------------------------------------------------------------------------------- a VLM reward model
