@@ -365,7 +365,9 @@ def test_ppo(sharper_tiny_model_dir, arith_small, tmp_path):
             kl_coef=0.05,
             kl_target=1.0,
             critic_warmup_steps=1,
-            lam=0.95,  # the default when this was recorded
+            lam=0.95,  # the defaults when this was recorded
+            mu=2,
+            mini_batches=2,
         )
     )
     check(
@@ -399,7 +401,9 @@ def test_ppo_vlm(vlm_dir, colors, tmp_path):
             micro_batch_size=2,
             dtype="float32",
             export=True,
-            lam=0.95,  # the default when this was recorded
+            lam=0.95,  # the defaults when this was recorded
+            mu=2,
+            mini_batches=2,
         )
     )
     check(

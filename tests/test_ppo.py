@@ -168,6 +168,8 @@ def tiny_args(model_dir, arith_small, out, **overrides):
         max_steps=2,
         prompts_per_step=4,
         max_new_tokens=8,
+        mu=2,  # two epochs x two mini-batches: the old-vs-new policy ratio moves within a step
+        mini_batches=2,
         lr=1e-3,
         critic_lr=1e-3,
         dtype="float32",
