@@ -295,4 +295,5 @@ def score_completions(functions, completions, prompts, answers):
         values, failed = safe_rewards(fn, completions, prompts, answers)
         columns.append(values)
         failures.append(failed)
-    return torch.tensor(columns, dtype=torch.float32).T.reshape(len(completions), len(functions)), failures
+    rewards = torch.tensor(columns, dtype=torch.float32).reshape(len(functions), len(completions)).T  # [rows, fns]
+    return rewards, failures
