@@ -45,6 +45,7 @@ Where this departs from the textbook / TRL's PPOTrainer / OpenRLHF:
   * By default one optimizer step per rollout step (mu = 1, one mini-batch of 64 completions), not TRL's 4 epochs of
     small mini-batches: Adam's normalised step is as large from 8 samples as from 64, so small mini-batches are noise
     (docs/results.md: 16 prompts x mu 2 x 2 mini-batches left the bundled task at 0.745; 64 x 1 x 1 raised it to 0.800).
+    With one update per batch the ratio is 1 at that update and the clip never binds; --mu or --mini-batches > 1 use it.
   * A VLM's critic is a second copy of the VLM plus a zero linear head on its final hidden states (common/value.py's
     VLMCritic), so values see the image; it trains at --critic-lr throughout (--lr-projector/--lr-vision set the
     actor's lrs only).

@@ -25,7 +25,8 @@ Where this departs from TRL's RewardTrainer / OpenRLHF:
     or margin term.
   * `--pooling logprob` (text models) has no head: r is the LM's mean log-probability of the answer tokens, SimPO's
     reference-free implicit reward (Meng et al. 2024) with beta 1 and no margin, exported as a causal-LM folder. An LM
-    that has seen the task already scores right answers above wrong ones; the BT loss sharpens that.
+    that has seen the task already scores right answers above wrong ones (sft.py's export: 197 of the 200 held-out
+    pairs before any training, docs/results.md).
   * The chats are rendered by the reward model's own chat template, so at PPO time it reads the decoded completion,
     whatever the policy's tokenizer.
   * A new head starts from transformers' default initialisation (a critic's starts at zero: common/value.py).
