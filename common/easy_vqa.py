@@ -21,14 +21,16 @@ def easy_vqa_records(kind):
     per image (colour and shape read off that image's questions and answers); "train"/"test" -> one chat per question:
     {"messages": [user: image + question, assistant: answer], "answer"}; "pairs-train"/"pairs-test" -> one preference
     pair per question: {"prompt": [user: image + question], "chosen": the answer, "rejected": a wrong answer of the same
-    kind (yes <-> no, another colour, another shape; picked by the question's index), "answer"}."""
-    kinds = ("captions-train", "captions-test", "train", "test", "pairs-train", "pairs-test")
+    kind (yes <-> no, another colour, another shape; picked by the question's index), "answer"}; "chats-train"/
+    "chats-test" -> one multi-turn chat per image: all its questions in file order, each answered, the image in the
+    first user turn (an image's several questions then cost one encoding and one copy of its image tokens)."""
+    kinds = [f"{k}-{split}" for k in ("captions", "pairs", "chats") for split in ("train", "test")] + ["train", "test"]
     if kind not in kinds:
         raise DataError(f"easy-vqa: unknown kind {kind!r}; expected one of {', '.join(kinds)}")
     spec = importlib.util.find_spec("easy_vqa")
     if spec is None:
         raise DataError("easy-vqa data needs the PyPI package easy-vqa: pip install easy-vqa")
-    split = kind.removeprefix("captions-").removeprefix("pairs-")
+    split = kind.split("-")[-1]
     root = Path(spec.submodule_search_locations[0], "data", split)
     questions = json.loads((root / "questions.json").read_text())  # [[question, answer, image_id], ...]
     image = {i: str(root / "images" / f"{i}.png") for _, _, i in questions}
@@ -53,6 +55,15 @@ def easy_vqa_records(kind):
                 }
             )
         return records
+    if kind.startswith("chats"):
+        turns = {}  # image id -> [user, assistant, user, assistant, ...]
+        for q, a, i in questions:
+            content = ([] if i in turns else [{"type": "image", "image": image[i]}]) + [{"type": "text", "text": q}]
+            turns.setdefault(i, []).extend([{"role": "user", "content": content}, {"role": "assistant", "content": a}])
+        return [
+            {"messages": m, "_where": f"easy-vqa:{kind}[{n}] (image {i})", "_dir": str(root)}
+            for n, (i, m) in enumerate(turns.items())
+        ]
     if not kind.startswith("captions"):
         return [
             {

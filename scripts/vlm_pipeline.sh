@@ -3,7 +3,8 @@
 #   0. pretrain_siglip.py     contrastive image-caption pretraining of a random-init siglip-tiny encoder (exported
 #                             to $RUNS/siglip/model, the folder stage 1 takes as --vision-encoder)
 #   1. pretrain_captioner.py  caption pretraining of the projector under frozen SmolLM2-135M, encoder frozen
-#   2. sft.py                 question answering: projector + LM trained, encoder frozen
+#   2. sft.py                 question answering, one multi-turn chat per image (easy-vqa:chats-train): projector +
+#                             LM trained, encoder frozen
 #   3. eval_vqa.py            VQA accuracy on 1000 easy-vqa test questions (colour, shape, yes/no)
 #   4. grpo.py + eval_vqa.py  (only with GRPO=1) RL with the VQA reward from the stage-2 model, evaluated again
 #
@@ -37,9 +38,9 @@ stage 1 captioner python pretrain_captioner.py --vision-encoder "$RUNS/siglip/mo
   --max-steps 40 --max-len 256 --batch-size 2 --warmup-steps 5 --eval-every 0 --eval-size 50 --eval-samples 30 \
   --save-every 0 --output-dir "$RUNS/captioner" ${CAPTIONER_ARGS:-}
 # shellcheck disable=SC2086
-stage 2 sft python sft.py --model-path "$RUNS/captioner/model" --dataset easy-vqa:train --dataset-records 6000 \
-  --eval-dataset easy-vqa:test --eval-dataset-records 50 --eval-samples 0 --max-len 256 --batch-size 4 \
-  --max-steps 100 --warmup-steps 5 --lr 1e-4 --lr-projector 1e-3 --lr-vision 0 --eval-every 0 --save-every 0 \
+stage 2 sft python sft.py --model-path "$RUNS/captioner/model" --dataset easy-vqa:chats-train --dataset-records 2000 \
+  --eval-dataset easy-vqa:chats-test --eval-dataset-records 20 --eval-samples 0 --max-len 512 --batch-size 2 \
+  --max-steps 300 --warmup-steps 5 --lr 1e-4 --lr-projector 1e-3 --lr-vision 0 --eval-every 0 --save-every 0 \
   --output-dir "$RUNS/vqa_sft" ${SFT_ARGS:-}
 # shellcheck disable=SC2086
 stage 3 eval python eval_vqa.py --model-path "$RUNS/vqa_sft/model" --max-new-tokens 4 --output-dir "$RUNS/eval_vqa" \
