@@ -7,6 +7,7 @@ import re
 import sys
 import types
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -146,6 +147,26 @@ def test_easy_vqa_source_real():
     assert len(records) > 1000 and records[0]["_where"] == "easy-vqa:test[0]"
     with pytest.raises(DataError, match="unknown kind 'validation'"):
         load_records("easy-vqa:validation")
+
+
+def test_easy_vqa_chats_hold_each_images_questions_in_order():
+    """One chat per image: its questions and answers as questions.json lists them (read here directly), the image only
+    in the first user turn, every question in exactly one chat."""
+    easy_vqa = pytest.importorskip("easy_vqa")
+    root = Path(easy_vqa.__file__).parent / "data" / "test"
+    by_image = {}
+    for q, a, i in json.loads((root / "questions.json").read_text()):
+        by_image.setdefault(i, []).append((q, a))
+    chats = load_records("easy-vqa:chats-test")
+    assert len(chats) == len(by_image) and sum(len(c["messages"]) for c in chats) == 2 * sum(
+        map(len, by_image.values())
+    )
+    for chat in chats[:50]:
+        i = int(chat["_where"].split("(image ")[1].rstrip(")"))
+        users, answers = chat["messages"][0::2], chat["messages"][1::2]
+        assert [(u["content"][-1]["text"], a["content"]) for u, a in zip(users, answers)] == by_image[i]
+        assert users[0]["content"][0] == {"type": "image", "image": str(root / "images" / f"{i}.png")}
+        assert all(len(u["content"]) == 1 for u in users[1:]) and {m["role"] for m in answers} == {"assistant"}
 
 
 def test_repeated_dataset_flags_become_one_mixture_spec():
