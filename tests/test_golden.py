@@ -177,13 +177,13 @@ def curve(out, *keys) -> list[float]:
     return [row[k] for row in read_metrics(out) for k in keys if k in row]
 
 
-def check(name, values):
+def check(name, values, abs_tol=ABS):
     values = [float(v) for v in values]
     if os.environ.get("CLEANPOST_RECORD_GOLDEN"):
         print(f"\nGOLDEN {name!r}: {values!r},")
         return
     assert name in GOLDEN, f"no golden values recorded for {name}"
-    assert values == pytest.approx(GOLDEN[name], rel=REL, abs=ABS), name
+    assert values == pytest.approx(GOLDEN[name], rel=REL, abs=abs_tol), name
 
 
 @pytest.fixture(scope="module")
@@ -370,6 +370,9 @@ def test_ppo(sharper_tiny_model_dir, arith_small, tmp_path):
             mini_batches=2,
         )
     )
+    # ppo's policy loss is a mean of whitened advantages x ratios: terms of size ~1 that cancel to ~1e-2, so its float
+    # error follows the terms, not the result (step 3 reads -0.0056789 on an AVX-512 CPU, -0.0056693 on the AVX2 one
+    # that recorded it, after two updates at lr 1e-2). An absolute 2e-5 still catches any change of what a step computes.
     check(
         "ppo",
         curve(tmp_path, "train/policy_loss", "train/value_loss", "reward/mean", "train/kl", "train/kl_coef")
@@ -377,6 +380,7 @@ def test_ppo(sharper_tiny_model_dir, arith_small, tmp_path):
             update_l1(sharper_tiny_model_dir, tmp_path / "model"),
             update_l1(sharper_tiny_model_dir, tmp_path / "critic"),
         ],
+        abs_tol=2e-5,
     )
 
 
