@@ -34,6 +34,13 @@ def easy_vqa_records(kind):
     root = Path(spec.submodule_search_locations[0], "data", split)
     questions = json.loads((root / "questions.json").read_text())  # [[question, answer, image_id], ...]
     image = {i: str(root / "images" / f"{i}.png") for _, _, i in questions}
+
+    def user_turn(question, image_id):
+        return {
+            "role": "user",
+            "content": [{"type": "image", "image": image[image_id]}, {"type": "text", "text": question}],
+        }
+
     if kind.startswith("pairs"):
         records = []
         for n, (q, a, i) in enumerate(questions):
@@ -43,10 +50,9 @@ def easy_vqa_records(kind):
                     f"easy-vqa:{kind}[{n}]: answer {a!r} is no yes/no, colour or shape: no wrong answer to pair"
                 )
             wrong = [w for w in group if w != a]
-            user = {"role": "user", "content": [{"type": "image", "image": image[i]}, {"type": "text", "text": q}]}
             records.append(
                 {
-                    "prompt": [user],
+                    "prompt": [user_turn(q, i)],
                     "chosen": a,
                     "rejected": wrong[n % len(wrong)],
                     "answer": a,
@@ -68,7 +74,7 @@ def easy_vqa_records(kind):
         return [
             {
                 "messages": [
-                    {"role": "user", "content": [{"type": "image", "image": image[i]}, {"type": "text", "text": q}]},
+                    user_turn(q, i),
                     {"role": "assistant", "content": a},
                 ],
                 "answer": a,
