@@ -8,8 +8,10 @@ Writes `train.jsonl`, `test.jsonl` and `ood.jsonl`, one conversation per line:
                   {"role": "assistant", "content": "Tom starts with 23 apples. 23 + 14 = 37. 37 - 9 = 28.\\n#### 28"}],
      "answer": "28"}
 
-The user turn is the bare problem; the answer format ("#### <integer>" on the last line) is taught by SFT,
-so a base model is scored with a last-number fallback (see common/rewards.py). Every step of a solution is
+The user turn is the problem, on a third of them after a preamble ("Solve this word problem.") and on a third
+followed by an answer-format instruction ("Think step by step."); twelve stories with one, two or three steps. The
+answer format ("#### <integer>" on the last line) is taught by SFT, so a base model is scored with a last-number
+fallback (see common/rewards.py). Every step of a solution is
 written as "a op b = c" with op in + - * / so tests can re-check the arithmetic without the generator.
 All intermediate values are non-negative integers and every division is exact.
 
@@ -17,8 +19,8 @@ The test split is drawn first from the same random stream and train skips any pr
 so the two never share a problem and the test split does not change when --n-train does.
 
 `ood.jsonl` is an out-of-distribution split: OOD_TEMPLATES, which training never uses (other stories and phrasings,
-one-step problems asked differently, three-step problems), and for half of them an answer-format instruction that
-training never shows. It comes from its own random stream, so adding it changed neither train nor test. The scripts
+one-step problems asked differently, 43% three-step problems against training's 17%), and for half of them an
+answer-format instruction that training never shows. It comes from its own random stream, so adding it changed neither train nor test. The scripts
 answer it before and after training beside test.jsonl: a gain on test that does not carry over to it is the model
 learning the bundled phrasing rather than the arithmetic.
 """
@@ -173,7 +175,109 @@ def compare_together(rng, max_n):
     return problem, f"{y} has {eq1[:-1]} {obj}. {eq2}", together
 
 
-TEMPLATES = [buy_and_give, sell_twice, buy_items, share_equally, containers, compare_together]
+# Broadened in issue 18 (SFT learned the six stories above and nothing beyond them: 0.10 on the OOD split): six more
+# stories, one- and three-step structures, and on part of the problems a preamble and an answer-format instruction.
+# None of them is an OOD story or instruction; the OOD split still mixes its structures differently (two of its five
+# templates are three-step, two of these twelve).
+def library_books(rng, max_n):
+    """two steps: a library lends some books out and gets others back."""
+    a = rng.randint(20, max_n + 40)
+    out = rng.randint(1, a - 1)
+    b = rng.randint(1, out)
+    mid, eq1 = _op(a, "-", out)
+    now, eq2 = _op(mid, "+", b)
+    problem = (
+        f"A library has {a} books on its shelves. On Monday it lends out {out} books, and on Tuesday {b} of them are "
+        "returned. How many books are on the shelves now?"
+    )
+    return problem, f"{eq1} {eq2}", now
+
+
+def earn_and_spend(rng, max_n):
+    """three steps: hourly pay, then two purchases."""
+    name = rng.choice(NAMES)
+    wage, hours = rng.randint(3, 12), rng.randint(2, 8)
+    pay, eq1 = _op(wage, "*", hours)
+    lunch = rng.randint(1, pay - 2)  # pay >= 6, so something is left for the ticket
+    mid, eq2 = _op(pay, "-", lunch)
+    ticket = rng.randint(1, mid - 1)
+    left, eq3 = _op(mid, "-", ticket)
+    problem = (
+        f"{name} earns {wage} dollars an hour and works for {hours} hours. {name} spends {lunch} dollars on lunch "
+        f"and {ticket} dollars on a ticket. How many dollars does {name} have left?"
+    )
+    return problem, f"{name} earns {eq1} {eq2} {eq3}", left
+
+
+def packs_collection(rng, max_n):
+    """three steps: a collection grows by packs, then some are given away."""
+    name, other, obj = rng.choice(NAMES), rng.choice(NAMES), rng.choice(OBJECTS)
+    while other == name:
+        other = rng.choice(NAMES)
+    a, packs, per = rng.randint(2, max_n), rng.randint(2, 6), rng.randint(2, 10)
+    bought, eq1 = _op(packs, "*", per)
+    total, eq2 = _op(a, "+", bought)
+    given = rng.randint(1, total - 1)
+    left, eq3 = _op(total, "-", given)
+    problem = (
+        f"{name} has {a} {obj}. {name} buys {packs} packs with {per} {obj} in each, then gives {given} {obj} to "
+        f"{other}. How many {obj} does {name} have now?"
+    )
+    return problem, f"{eq1} {eq2} {eq3}", left
+
+
+def picked_in_all(rng, max_n):
+    """one step: two amounts added."""
+    name, obj = rng.choice(NAMES), rng.choice(["apples", "strawberries", "flowers", "shells", "cherries"])
+    a, b = rng.randint(2, max_n), rng.randint(2, max_n)
+    total, eq = _op(a, "+", b)
+    return (
+        f"{name} picked {a} {obj} in the morning and {b} in the afternoon. How many {obj} did {name} pick in all?",
+        (eq),
+        total,
+    )
+
+
+def price_difference(rng, max_n):
+    """one step: how much more one thing costs than another."""
+    good, other = rng.sample(GOODS, 2)
+    b = rng.randint(2, max_n)
+    a = b + rng.randint(1, max_n)
+    diff, eq = _op(a, "-", b)
+    problem = f"A {good} costs {a} dollars and a {other} costs {b} dollars. How many more dollars does the {good} cost?"
+    return problem, eq, diff
+
+
+def album_pages(rng, max_n):
+    """one step: exact division into pages."""
+    name, obj = rng.choice(NAMES), rng.choice(["stickers", "stamps", "cards", "photos"])
+    pages, per = rng.randint(2, 12), rng.randint(2, 9)
+    total = pages * per
+    n, eq = _op(total, "/", per)
+    return f"{name} puts {total} {obj} into an album, {per} on each page. How many pages does {name} fill?", eq, n
+
+
+TEMPLATES = [
+    buy_and_give,
+    sell_twice,
+    buy_items,
+    share_equally,
+    containers,
+    compare_together,
+    library_books,
+    earn_and_spend,
+    packs_collection,
+    picked_in_all,
+    price_difference,
+    album_pages,
+]
+TRAIN_PREAMBLES = ["Solve this word problem.", "Here is a math question.", "Please help me with this problem."]
+TRAIN_INSTRUCTIONS = [
+    "Think step by step.",
+    "Write each calculation as an equation.",
+    "Finish with the answer as a whole number.",
+    "Explain your reasoning briefly.",
+]
 
 
 def record(problem, steps, answer):
@@ -185,8 +289,13 @@ def record(problem, steps, answer):
 
 
 def make_record(rng, max_n):
-    """One record from a uniformly chosen template."""
-    return record(*rng.choice(TEMPLATES)(rng, max_n))
+    """One record from a uniformly chosen template; a third get a preamble, a third an answer-format instruction."""
+    problem, steps, answer = rng.choice(TEMPLATES)(rng, max_n)
+    if rng.random() < 1 / 3:
+        problem = rng.choice(TRAIN_PREAMBLES) + " " + problem
+    if rng.random() < 1 / 3:
+        problem += " " + rng.choice(TRAIN_INSTRUCTIONS)
+    return record(problem, steps, answer)
 
 
 def draw_unique(make, n, seen, what="unique problems"):

@@ -121,9 +121,16 @@ def test_ood_split_uses_stories_structures_and_instructions_training_never_shows
     with_instruction = [r for r in ood if any(i in r["messages"][0]["content"] for i in make_arith.OOD_INSTRUCTIONS)]
     assert 0.3 < len(with_instruction) / len(ood) < 0.7
     assert not any(i in train_text for i in make_arith.OOD_INSTRUCTIONS)
-    # problem structures mixed differently: training has 1- and 2-step problems only, OOD also 3-step ones
-    steps = lambda rs: {len(EQUATION.findall(r["messages"][1]["content"])) for r in rs}  # noqa: E731
-    assert steps(train) == {1, 2} and steps(ood) == {1, 2, 3}
+    # training shows its own preambles and instructions (a third of the problems each), none of which OOD uses
+    ood_text = " ".join(r["messages"][0]["content"] for r in ood)
+    for phrases in (make_arith.TRAIN_INSTRUCTIONS, make_arith.TRAIN_PREAMBLES):
+        share = sum(any(p in r["messages"][0]["content"] for p in phrases) for r in train) / len(train)
+        assert 0.25 < share < 0.42 and not any(p in ood_text for p in phrases)
+    # problem structures mixed differently: both have 1-, 2- and 3-step problems, OOD over twice the share of 3-step
+    steps = lambda rs: [len(EQUATION.findall(r["messages"][1]["content"])) for r in rs]  # noqa: E731
+    assert set(steps(train)) == set(steps(ood)) == {1, 2, 3}
+    three_step_share = lambda rs: steps(rs).count(3) / len(rs)  # noqa: E731
+    assert three_step_share(ood) > 2 * three_step_share(train)
 
 
 def test_generator_is_deterministic_and_matches_bundled_files(tmp_path):
