@@ -11,18 +11,19 @@ Writes `train.jsonl`, `test.jsonl` and `ood.jsonl`, one conversation per line:
 The user turn is the problem, on a third of them after a preamble ("Solve this word problem.") and on a third
 followed by an answer-format instruction ("Think step by step."); twelve stories with one, two or three steps. The
 answer format ("#### <integer>" on the last line) is taught by SFT, so a base model is scored with a last-number
-fallback (see common/rewards.py). Every step of a solution is
-written as "a op b = c" with op in + - * / so tests can re-check the arithmetic without the generator.
-All intermediate values are non-negative integers and every division is exact.
+fallback (see common/rewards.py). Every step of a solution is written as "a op b = c" with op in + - * / so tests
+can re-check the arithmetic without the generator. All intermediate values are non-negative integers and every
+division is exact.
 
 The test split is drawn first from the same random stream and train skips any problem text already in test,
 so the two never share a problem and the test split does not change when --n-train does.
 
 `ood.jsonl` is an out-of-distribution split: OOD_TEMPLATES, which training never uses (other stories and phrasings,
 one-step problems asked differently, 43% three-step problems against training's 17%), and for half of them an
-answer-format instruction that training never shows. It comes from its own random stream, so adding it changed neither train nor test. The scripts
-answer it before and after training beside test.jsonl: a gain on test that does not carry over to it is the model
-learning the bundled phrasing rather than the arithmetic.
+answer-format instruction that training never shows. It comes from its own random stream: the training templates
+can change without changing it. The scripts answer it before and after training beside
+test.jsonl: a gain on test that does not carry over to it is the model learning the bundled phrasing rather than the
+arithmetic.
 """
 
 import argparse
@@ -231,11 +232,8 @@ def picked_in_all(rng, max_n):
     name, obj = rng.choice(NAMES), rng.choice(["apples", "strawberries", "flowers", "shells", "cherries"])
     a, b = rng.randint(2, max_n), rng.randint(2, max_n)
     total, eq = _op(a, "+", b)
-    return (
-        f"{name} picked {a} {obj} in the morning and {b} in the afternoon. How many {obj} did {name} pick in all?",
-        (eq),
-        total,
-    )
+    problem = f"{name} picked {a} {obj} in the morning and {b} in the afternoon. How many {obj} did {name} pick in all?"
+    return problem, eq, total
 
 
 def price_difference(rng, max_n):
