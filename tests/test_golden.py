@@ -374,8 +374,8 @@ def test_ppo(sharper_tiny_model_dir, arith_small, tmp_path):
         )
     )
     # ppo's policy loss is a mean of whitened advantages x ratios: terms of size ~1 that cancel to ~1e-2, so its float
-    # error follows the terms, not the result (step 3 reads -0.0056789 on an AVX-512 CPU, -0.0056693 on the AVX2 one
-    # that recorded it, after two updates at lr 1e-2). An absolute 2e-5 still catches any change of what a step computes.
+    # error follows the terms, not the result (on the earlier data step 3 read -0.0056789 on an AVX-512 CPU and
+    # -0.0056693 on an AVX2 one, after two updates at lr 1e-2). An absolute 2e-5 still catches any change of a step.
     check(
         "ppo",
         curve(tmp_path, "train/policy_loss", "train/value_loss", "reward/mean", "train/kl", "train/kl_coef")
