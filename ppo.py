@@ -3,7 +3,8 @@
 One step (PPO: Schulman et al. 2017, arXiv:1707.06347; GAE: Schulman et al. 2016, arXiv:1506.02438; the LM recipe:
 Ziegler et al. 2019, arXiv:1909.08593, Ouyang et al. 2022, arXiv:2203.02155):
 
-    prompts --generate one completion each--> score r (verifiers | reward model | URL)
+    prompts --generate G completions each (default 1)--> score r (verifiers | reward model | URL)
+    G > 1: r <- r - mean of the prompt's other G - 1 scores                  (RLOO's baseline; see below)
     no grad: log pi_old, log pi_ref, V_old at every response token
     token rewards   r_t = -beta * kl_t, plus r on the last response token        kl_t = log pi_old - log pi_ref (k1)
     A_t, R_t = gae(r_t, V_old, gamma, lambda);   A <- whiten(A)
@@ -46,6 +47,12 @@ Where this departs from the textbook / TRL's PPOTrainer / OpenRLHF:
     small mini-batches: Adam's normalised step is as large from 8 samples as from 64, so small mini-batches are noise
     (docs/results.md: 16 prompts x mu 2 x 2 mini-batches left the bundled task at 0.745; 64 x 1 x 1 raised it to 0.800).
     With one update per batch the ratio is 1 at that update and the clip never binds; --mu or --mini-batches > 1 use it.
+  * --group-size G > 1 samples G completions per prompt and subtracts from each score the mean of its prompt's other
+    G - 1 (RLOO's leave-one-out baseline, Ahmadian et al. 2024) before GAE, as OpenRLHF can with
+    n_samples_per_prompt: the critic then has only the within-prompt part of the return to explain. With one
+    completion per prompt the baseline is the critic alone, and a critic that cannot yet tell hard prompts from easy
+    ones (explained variance about 0 here) leaves a whitened batch mean: every token of a wrong answer to a hard
+    prompt is pushed down, structure and all (docs/results.md measures what that does out of distribution).
   * A VLM's critic is a second copy of the VLM plus a zero linear head on its final hidden states (common/value.py's
     VLMCritic), so values see the image; it trains at --critic-lr throughout (--lr-projector/--lr-vision set the
     actor's lrs only).
@@ -141,7 +148,10 @@ class Args:
     max_steps: int = 12
     """rollout steps"""
     prompts_per_step: int = 64
-    """prompts per rollout step over all processes, one completion each"""
+    """prompts per rollout step over all processes"""
+    group_size: int = 1
+    """completions sampled per prompt (as grpo.py's G); with G > 1 each completion's score is centred by the mean score
+    of its prompt's other G - 1 completions (RLOO's baseline) before the critic and GAE see it"""
     max_new_tokens: int = 96
     """completion budget; longer completions are cut"""
     temperature: float = 1.0
@@ -406,9 +416,12 @@ def check_args(args: Args, world_size: int) -> int:
     if args.model_path == Args.model_path and not Path(args.model_path).exists():
         raise SystemExit(f"error: {args.model_path} not found: run `python sft.py` first (its default run exports there), "
                          "or pass --model-path smollm2-135m")  # fmt: skip
-    if args.prompts_per_step % world_size or (args.prompts_per_step // world_size) % args.mini_batches:
+    per_process = args.prompts_per_step // world_size * args.group_size
+    if args.prompts_per_step % world_size or per_process % args.mini_batches:
         raise SystemExit(f"error: --prompts-per-step {args.prompts_per_step} must split into {world_size} processes x "
                          f"--mini-batches {args.mini_batches}")  # fmt: skip
+    if args.group_size < 1:
+        raise SystemExit(f"error: --group-size must be >= 1, got {args.group_size}")
     if is_vlm(args.model_path) and args.critic_path and not is_vlm(args.critic_path):
         raise SystemExit(
             f"error: --critic-path {args.critic_path}: a VLM policy needs a VLM critic (or no --critic-path)"
@@ -418,9 +431,20 @@ def check_args(args: Args, world_size: int) -> int:
     return args.prompts_per_step // world_size
 
 
+def loo_centred(scores, n):
+    """[rows] scores, prompt-major in groups of n: each minus the mean of its group's other n - 1 (RLOO's baseline,
+    Kool et al. 2019; Ahmadian et al. 2024). It depends only on the other samples, so the policy gradient stays
+    unbiased; n = 1 returns the scores as they are."""
+    if n == 1:
+        return scores
+    groups = scores.view(-1, n)  # [prompts, n]
+    return (groups - (groups.sum(1, keepdim=True) - groups) / (n - 1)).reshape(-1)
+
+
 def main(args: Args):
     run = setup(args.seed, args.dtype, args.cpu_offload)
-    rows = check_args(args, run.world_size)  # completions per process per step
+    n_prompts = check_args(args, run.world_size)  # prompts per process per step
+    rows = n_prompts * args.group_size  # completions per process per step
 
     # ---- prompts, rewards, plan ----
     reward_names, reward_fns, weights = reward_setup(args)  # --rewards, --reward-url, --reward-model; their weights
@@ -433,7 +457,8 @@ def main(args: Args):
     weights = torch.tensor(weights, dtype=torch.float32)
     run.print(f"[plan] ppo | model {args.model_path} | critic {args.critic_path or 'policy + zero head'} | "
               f"{len(train_items)} prompts, {len(eval_items)} held-out | {args.max_steps} steps x {args.prompts_per_step} "
-              f"prompts | mu={args.mu}, {args.mini_batches} mini-batch(es), critic warm-up {args.critic_warmup_steps} | "
+              f"prompts x {args.group_size} | mu={args.mu}, {args.mini_batches} mini-batch(es), critic warm-up "
+              f"{args.critic_warmup_steps} | "
               f"rewards {', '.join(reward_names)} | kl {args.kl_estimator} x {args.kl_coef}"
               f"{f' -> target {args.kl_target}' if args.kl_target else ''} | world size {run.world_size} | "
               f"{run.device} {run.dtype}")  # fmt: skip
@@ -503,15 +528,26 @@ def main(args: Args):
         # -- rollouts and their scores --
         picker = torch.Generator().manual_seed(derive_seed(args.seed, step, "prompts"))
         chosen = torch.randperm(len(train_items), generator=picker)[: args.prompts_per_step].tolist()
-        mine = [train_items[i] for i in chosen[run.rank * rows : (run.rank + 1) * rows]]
-        prompt_msgs, answers = [m for m, _ in mine], [a for _, a in mine]
-        encoded = [processor(m, add_generation_prompt=True) for m in prompt_msgs]  # token ids (+ a VLM's images)
+        mine = [train_items[i] for i in chosen[run.rank * n_prompts : (run.rank + 1) * n_prompts]]
+        encoded = [processor(m, add_generation_prompt=True) for m, _ in mine]  # token ids (+ a VLM's images)
         if engine is not None:  # the policy's current weights, streamed one parameter at a time from the FSDP2 shards
             sync_weights(engine, fsdp_named_tensors(model))
         with autocast:
             completions, truncated, sampler_logps = sample_completions(
-                model, processor, encoded, prompt_msgs, engine=engine, max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature, top_p=args.top_p, gather=args.unshard_for_generation)  # fmt: skip
+                model,
+                processor,
+                encoded,
+                [m for m, _ in mine],
+                n=args.group_size,
+                engine=engine,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                gather=args.unshard_for_generation,
+            )  # fmt: skip  prompt-major: prompt i's j-th at i * n + j
+        encoded = [p for p in encoded for _ in range(args.group_size)]  # one entry per row from here on
+        prompt_msgs = [m for m, _ in mine for _ in range(args.group_size)]
+        answers = [a for _, a in mine for _ in range(args.group_size)]
         if engine is not None:
             sleep_engine(engine)  # GPU: the engine's memory goes back to training until the next rollout phase
         texts = processor.tokenizer.batch_decode(completions, skip_special_tokens=True)
@@ -535,7 +571,7 @@ def main(args: Args):
         kl_tok = kl_penalty(old_logps, ref_logps, args.kl_estimator) * mask if args.kl_coef > 0 else 0 * old_logps
         token_rewards = -kl_coef * kl_tok  # [rows, L]
         last = (mask * torch.arange(mask.shape[1])).argmax(1)  # [rows]: each row's last response position
-        token_rewards[torch.arange(rows), last] += scores
+        token_rewards[torch.arange(rows), last] += loo_centred(scores, args.group_size)
         advantages, returns = gae(token_rewards, old_values, mask, args.gamma, args.lam)
         if args.whiten_advantages:
             advantages = whiten(advantages, mask, all_reduce=True)
@@ -596,15 +632,16 @@ def main(args: Args):
                                   "residual_sq": residual.square().sum(), "resp": mask.sum(), "value": old_values.sum(),
                                   **{f"{name}_sum": v for name, v in zip(reward_names, per_fn.sum(0).tolist())},
                                   **{f"{name}_failures": v for name, v in zip(reward_names, failures)}}, run)  # fmt: skip
-        metrics = step_metrics(totals, reward_names, float(args.prompts_per_step), n_updates, train_actor, kl_coef)
+        n_samples = float(args.prompts_per_step * args.group_size)
+        metrics = step_metrics(totals, reward_names, n_samples, n_updates, train_actor, kl_coef)
         metrics.update({"train/critic_grad_norm": sum(critic_norms) / len(critic_norms),
                         "train/lr": scheduler.get_last_lr()[0], "time/rollout_share": t_rollout / (t_end - t0),
                         "time/step_s": t_end - t0})  # fmt: skip
         if train_actor:
             metrics["train/actor_grad_norm"] = sum(actor_norms) / len(actor_norms)
         if args.kl_target is not None and args.kl_coef > 0:
-            n = float(args.prompts_per_step)
-            state.kl_coef.fill_(adaptive_kl_coef(kl_coef, totals["kl"] / n, args.kl_target, n, args.kl_horizon))
+            kl_seq = totals["kl"] / n_samples
+            state.kl_coef.fill_(adaptive_kl_coef(kl_coef, kl_seq, args.kl_target, n_samples, args.kl_horizon))
         logger.log(metrics, step)
         progress.update(1)
         progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", kl=f"{metrics['train/kl']:.3f}")

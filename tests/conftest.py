@@ -108,6 +108,12 @@ def vowel_fraction(completions, prompts=None, answers=None, **kwargs):
     return out
 
 
+def answer_digits(completions, prompts=None, answers=None, **kwargs):
+    """A reward that ignores the completion: the number of digits of the reference answer (equal across a prompt's
+    completions, different across prompts)."""
+    return [float(len(str(a))) for a in answers]
+
+
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), "yellow": (230, 210, 30)}
 QUESTIONS = ("what color is the shape?", "what is the color of the shape in this picture?", "which colour?")
 

@@ -356,3 +356,22 @@ def test_token_budget_micro_batches_change_no_number(tiny_model_dir, arith_small
     assert len(curves["packed"]) == 2
     for a, b in zip(curves["padded"], curves["packed"]):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+
+
+def test_loo_centred_by_hand():
+    scores = torch.tensor([1.0, 0.0, 0.0, 2.0, 2.0, 2.0])  # two prompts x n = 3
+    # prompt 0: 1 - (0 + 0) / 2 = 1, 0 - (1 + 0) / 2 = -0.5 (twice); prompt 1: all equal, so all 0
+    assert torch.allclose(ppo.loo_centred(scores, 3), torch.tensor([1.0, -0.5, -0.5, 0.0, 0.0, 0.0]))
+    assert torch.equal(ppo.loo_centred(scores, 1), scores)
+
+
+def test_group_size_centres_each_prompts_scores(tiny_model_dir, arith_small, tmp_path):
+    """A reward equal across a prompt's completions: with G = 2 the leave-one-out baseline removes all of it, so the
+    returns are 0 and the zero-initialised critic (values 0) has nothing to fit; with G = 1 the returns are the reward."""
+    common = dict(max_steps=1, rewards=("conftest:answer_digits",), kl_coef=0.0, mu=1, mini_batches=1)
+    ppo.main(tiny_args(tiny_model_dir, arith_small, tmp_path / "g2", group_size=2, **common))
+    ppo.main(tiny_args(tiny_model_dir, arith_small, tmp_path / "g1", group_size=1, **common))
+    g2, g1 = read_metrics(tmp_path / "g2")[0], read_metrics(tmp_path / "g1")[0]
+    assert g2["reward/mean"] >= 1.0 and g1["reward/mean"] >= 1.0  # the raw reward is logged as it is
+    assert g2["train/return_mean"] == 0.0 and g2["train/value_loss"] == 0.0
+    assert g1["train/return_mean"] >= 1.0 and g1["train/value_loss"] > 0.4  # 0.5 * mean(R^2) with R >= 1
