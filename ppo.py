@@ -50,9 +50,8 @@ Where this departs from the textbook / TRL's PPOTrainer / OpenRLHF:
   * --group-size G > 1 samples G completions per prompt and subtracts from each score the mean of its prompt's other
     G - 1 (RLOO's leave-one-out baseline, Ahmadian et al. 2024) before GAE, as OpenRLHF can with
     n_samples_per_prompt: the critic then has only the within-prompt part of the return to explain. With one
-    completion per prompt the baseline is the critic alone, and a critic that cannot yet tell hard prompts from easy
-    ones (explained variance about 0 here) leaves a whitened batch mean: every token of a wrong answer to a hard
-    prompt is pushed down, structure and all (docs/results.md measures what that does out of distribution).
+    completion per prompt the baseline is the critic alone. On the bundled task G = 4 did worse than the default
+    (docs/results.md), so the default stays at 1.
   * A VLM's critic is a second copy of the VLM plus a zero linear head on its final hidden states (common/value.py's
     VLMCritic), so values see the image; it trains at --critic-lr throughout (--lr-projector/--lr-vision set the
     actor's lrs only).
