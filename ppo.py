@@ -532,18 +532,10 @@ def main(args: Args):
         if engine is not None:  # the policy's current weights, streamed one parameter at a time from the FSDP2 shards
             sync_weights(engine, fsdp_named_tensors(model))
         with autocast:
-            completions, truncated, sampler_logps = sample_completions(
-                model,
-                processor,
-                encoded,
-                [m for m, _ in mine],
-                n=args.group_size,
-                engine=engine,
-                max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                gather=args.unshard_for_generation,
-            )  # fmt: skip  prompt-major: prompt i's j-th at i * n + j
+            completions, truncated, sampler_logps = sample_completions(  # prompt-major: prompt i's j-th at i * G + j
+                model, processor, encoded, [m for m, _ in mine], n=args.group_size, engine=engine,
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                gather=args.unshard_for_generation)  # fmt: skip
         encoded = [p for p in encoded for _ in range(args.group_size)]  # one entry per row from here on
         prompt_msgs = [m for m, _ in mine for _ in range(args.group_size)]
         answers = [a for _, a in mine for _ in range(args.group_size)]
