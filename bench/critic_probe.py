@@ -18,14 +18,13 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common.models import load_model, load_processor  # noqa: E402
-from common.rewards import reward_setup, score_completions  # noqa: E402
+from common.rewards import reward_functions, score_completions  # noqa: E402
 from common.rollout import generate, prompt_records  # noqa: E402
 from common.run import setup  # noqa: E402
 
@@ -63,9 +62,7 @@ def main(args: Args):
     processor, model = load_processor(args.model_path), load_model(args.model_path, device=run.device)
     items = prompt_records(args.dataset, processor, script="critic_probe.py")
     chosen = torch.randperm(len(items), generator=torch.Generator().manual_seed(args.seed))[: args.prompts].tolist()
-    spec = SimpleNamespace(rewards=("math", "format"), reward_url=None, reward_timeout=30.0, reward_retries=0,
-                           reward_model=None, reward_weights=None, model_path=args.model_path)  # fmt: skip
-    _, reward_fns, _ = reward_setup(spec)
+    _, reward_fns = reward_functions(("math", "format"), None, 30.0, 0)  # ppo.py's default verifiers
     rows = []  # (prompt index, token ids of prompt + completion, prompt length, score)
     for start in range(0, len(chosen), 16):
         batch = [items[i] for i in chosen[start : start + 16]]
