@@ -9,7 +9,8 @@ Writes `train.jsonl`, `test.jsonl` and `ood.jsonl`, one conversation per line:
      "answer": "28"}
 
 The user turn is the problem, on a third of them after a preamble ("Solve this word problem.") and on a third
-followed by an answer-format instruction ("Think step by step."); twelve stories with one, two or three steps. The
+followed by an answer-format instruction ("Think step by step."); twelve stories in 20 templates of one, two or three
+steps, most stories told with more than one number of steps (so the steps are counted from the stated quantities). The
 answer format ("#### <integer>" on the last line) is taught by SFT, so a base model is scored with a last-number
 fallback (see common/rewards.py). Every step of a solution is written as "a op b = c" with op in + - * / so tests
 can re-check the arithmetic without the generator. All intermediate values are non-negative integers and every
@@ -19,7 +20,7 @@ The test split is drawn first from the same random stream and train skips any pr
 so the two never share a problem and the test split does not change when --n-train does.
 
 `ood.jsonl` is an out-of-distribution split: OOD_TEMPLATES, which training never uses (other stories and phrasings,
-one-step problems asked differently, 43% three-step problems against training's 17%), and for half of them an
+one-step problems asked differently, 43% three-step problems against training's 16%), and for half of them an
 answer-format instruction that training never shows. It comes from its own random stream: the training templates
 can change without changing it. The scripts answer it before and after training beside
 test.jsonl: a gain on test that does not carry over to it is the model learning the bundled phrasing rather than the
@@ -255,6 +256,109 @@ def album_pages(rng, max_n):
     return f"{name} puts {total} {obj} into an album, {per} on each page. How many pages does {name} fill?", eq, n
 
 
+# Structure variants (issue 18, second broadening): each story above came with one fixed number of steps, so the SFT
+# model read the structure off the story, not off the problem (out of distribution it answered every three-step baker
+# problem with too few steps, and after PPO appended a spurious step to one-step ones). Here the same stories come
+# with fewer or more steps, so how many steps a problem takes must be read from the quantities it states.
+def give_away(rng, max_n):
+    """one step: buy_and_give without the buying."""
+    name, other, obj = rng.choice(NAMES), rng.choice(NAMES), rng.choice(OBJECTS)
+    while other == name:
+        other = rng.choice(NAMES)
+    a = rng.randint(3, max_n)
+    c = rng.randint(1, a - 1)
+    left, eq = _op(a, "-", c)
+    return f"{name} has {a} {obj} and gives {c} to {other}. How many {obj} does {name} have now?", eq, left
+
+
+def sell_once(rng, max_n):
+    """one step: sell_twice with one sale."""
+    obj = rng.choice(OBJECTS)
+    a = rng.randint(5, max_n + 20)
+    b = rng.randint(1, a - 1)
+    left, eq = _op(a, "-", b)
+    problem = f"A shop has {a} {obj}. It sells {b} in the morning. How many {obj} are left?"
+    return problem, f"The shop starts with {a} {obj}. {eq}", left
+
+
+def sell_three_times(rng, max_n):
+    """three steps: sell_twice with an evening sale."""
+    obj = rng.choice(OBJECTS)
+    a = rng.randint(10, max_n + 30)
+    b = rng.randint(1, a // 3)
+    c = rng.randint(1, a // 3)
+    d = rng.randint(1, a - b - c)
+    mid, eq1 = _op(a, "-", b)
+    mid2, eq2 = _op(mid, "-", c)
+    left, eq3 = _op(mid2, "-", d)
+    problem = (
+        f"A shop has {a} {obj}. It sells {b} in the morning, {c} in the afternoon and {d} in the evening. "
+        f"How many {obj} are left?"
+    )
+    return problem, f"The shop starts with {a} {obj}. {eq1} {eq2} {eq3}", left
+
+
+def library_lends(rng, max_n):
+    """one step: library_books without the returns."""
+    a = rng.randint(20, max_n + 40)
+    out = rng.randint(1, a - 1)
+    now, eq = _op(a, "-", out)
+    problem = (
+        f"A library has {a} books on its shelves. On Monday it lends out {out} books. "
+        "How many books are on the shelves now?"
+    )
+    return problem, eq, now
+
+
+def picked_three_times(rng, max_n):
+    """two steps: picked_in_all with an evening."""
+    name, obj = rng.choice(NAMES), rng.choice(["apples", "strawberries", "flowers", "shells", "cherries"])
+    a, b, c = rng.randint(2, max_n), rng.randint(2, max_n), rng.randint(2, max_n)
+    mid, eq1 = _op(a, "+", b)
+    total, eq2 = _op(mid, "+", c)
+    problem = (
+        f"{name} picked {a} {obj} in the morning, {b} in the afternoon and {c} in the evening. "
+        f"How many {obj} did {name} pick in all?"
+    )
+    return problem, f"{eq1} {eq2}", total
+
+
+def earn_only(rng, max_n):
+    """one step: earn_and_spend without the spending."""
+    name = rng.choice(NAMES)
+    wage, hours = rng.randint(3, 12), rng.randint(2, 8)
+    pay, eq = _op(wage, "*", hours)
+    problem = f"{name} earns {wage} dollars an hour and works for {hours} hours. How many dollars does {name} earn?"
+    return problem, f"{name} earns {eq}", pay
+
+
+def earn_and_spend_once(rng, max_n):
+    """two steps: earn_and_spend with one purchase."""
+    name = rng.choice(NAMES)
+    wage, hours = rng.randint(3, 12), rng.randint(2, 8)
+    pay, eq1 = _op(wage, "*", hours)
+    lunch = rng.randint(1, pay - 1)
+    left, eq2 = _op(pay, "-", lunch)
+    problem = (
+        f"{name} earns {wage} dollars an hour and works for {hours} hours. {name} spends {lunch} dollars on lunch. "
+        f"How many dollars does {name} have left?"
+    )
+    return problem, f"{name} earns {eq1} {eq2}", left
+
+
+def packs_bought(rng, max_n):
+    """two steps: packs_collection without the giving."""
+    name, obj = rng.choice(NAMES), rng.choice(OBJECTS)
+    a, packs, per = rng.randint(2, max_n), rng.randint(2, 6), rng.randint(2, 10)
+    bought, eq1 = _op(packs, "*", per)
+    total, eq2 = _op(a, "+", bought)
+    problem = (
+        f"{name} has {a} {obj}. {name} buys {packs} packs with {per} {obj} in each. "
+        f"How many {obj} does {name} have now?"
+    )
+    return problem, f"{eq1} {eq2}", total
+
+
 TEMPLATES = [
     buy_and_give,
     sell_twice,
@@ -268,6 +372,14 @@ TEMPLATES = [
     picked_in_all,
     price_difference,
     album_pages,
+    give_away,
+    sell_once,
+    sell_three_times,
+    library_lends,
+    picked_three_times,
+    earn_only,
+    earn_and_spend_once,
+    packs_bought,
 ]
 TRAIN_PREAMBLES = ["Solve this word problem.", "Here is a math question.", "Please help me with this problem."]
 TRAIN_INSTRUCTIONS = [

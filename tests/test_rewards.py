@@ -133,6 +133,24 @@ def test_ood_split_uses_stories_structures_and_instructions_training_never_shows
     assert three_step_share(ood) > 2 * three_step_share(train)
 
 
+def test_training_stories_come_with_different_numbers_of_steps():
+    # a story whose opening always meant the same number of steps lets SFT read the structure off the story; the
+    # structure variants tell most stories with one, two and three steps, so only the stated quantities decide
+    steps_by_story = {}
+    for r in _read(ARITH_DIR / "train.jsonl"):
+        problem = r["messages"][0]["content"]
+        for preamble in make_arith.TRAIN_PREAMBLES:
+            problem = problem.removeprefix(preamble + " ")
+        opening = re.sub("|".join(make_arith.NAMES), "X", re.sub(r"\d+", "N", problem))
+        n_steps = len(EQUATION.findall(r["messages"][1]["content"]))
+        steps_by_story.setdefault(" ".join(opening.split()[:3]), set()).add(n_steps)  # "A shop has", "X has N"
+    assert steps_by_story["A shop has"] == {1, 2, 3}
+    assert steps_by_story["X earns N"] == {1, 2, 3}
+    assert steps_by_story["X has N"] == {1, 2, 3}  # give_away, buy_and_give / containers, packs_collection
+    assert steps_by_story["X picked N"] == {1, 2}
+    assert steps_by_story["A library has"] == {1, 2}
+
+
 def test_generator_is_deterministic_and_matches_bundled_files(tmp_path):
     args = ["--seed", "0", "--n-train", "50", "--n-test", "20", "--n-ood", "200"]
     make_arith_main(args + ["--out", str(tmp_path / "a")])
