@@ -180,7 +180,7 @@ def compare_together(rng, max_n):
 # Broadened in issue 18 (SFT learned the six stories above and nothing beyond them: 0.10 on the OOD split): six more
 # stories, one- and three-step structures, and on part of the problems a preamble and an answer-format instruction.
 # None of them is an OOD story or instruction; the OOD split still mixes its structures differently (two of its five
-# templates are three-step, two of these twelve).
+# templates are three-step, three of the twenty in TEMPLATES).
 def library_books(rng, max_n):
     """two steps: a library lends some books out and gets others back."""
     a = rng.randint(20, max_n + 40)
