@@ -104,18 +104,20 @@ def test_bundled_splits_do_not_overlap():
     assert not set(train) & set(test)
 
 
+def _skeleton(text):
+    """A problem's first sentence with its numbers and names taken out: the story it opens."""
+    text = re.sub(r"\d+", "N", text)
+    return re.sub("|".join(make_arith.NAMES), "X", text).split(".")[0]
+
+
 def test_ood_split_uses_stories_structures_and_instructions_training_never_shows():
     def records(split):
         return _read(ARITH_DIR / f"{split}.jsonl")
 
-    def skeleton(text):  # the problem's wording with its numbers and names taken out
-        text = re.sub(r"\d+", "N", text)
-        return re.sub("|".join(make_arith.NAMES), "X", text).split(".")[0]
-
     train, ood = records("train"), records("ood")
-    train_openings = {skeleton(r["messages"][0]["content"]) for r in train}
+    train_openings = {_skeleton(r["messages"][0]["content"]) for r in train}
     assert (
-        not {skeleton(r["messages"][0]["content"]) for r in ood} & train_openings
+        not {_skeleton(r["messages"][0]["content"]) for r in ood} & train_openings
     )  # no training story opens an OOD one
     train_text = " ".join(r["messages"][0]["content"] for r in train)
     with_instruction = [r for r in ood if any(i in r["messages"][0]["content"] for i in make_arith.OOD_INSTRUCTIONS)]
@@ -141,9 +143,9 @@ def test_training_stories_come_with_different_numbers_of_steps():
         problem = r["messages"][0]["content"]
         for preamble in make_arith.TRAIN_PREAMBLES:
             problem = problem.removeprefix(preamble + " ")
-        opening = re.sub("|".join(make_arith.NAMES), "X", re.sub(r"\d+", "N", problem))
+        opening = " ".join(_skeleton(problem).split()[:3])  # "A shop has", "X has N"
         n_steps = len(EQUATION.findall(r["messages"][1]["content"]))
-        steps_by_story.setdefault(" ".join(opening.split()[:3]), set()).add(n_steps)  # "A shop has", "X has N"
+        steps_by_story.setdefault(opening, set()).add(n_steps)
     assert steps_by_story["A shop has"] == {1, 2, 3}
     assert steps_by_story["X earns N"] == {1, 2, 3}
     assert steps_by_story["X has N"] == {1, 2, 3}  # give_away, buy_and_give / containers, packs_collection
